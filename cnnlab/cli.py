@@ -1,0 +1,280 @@
+"""The command line: the only module that reads argv. Heavy imports (torch, matplotlib) happen
+inside the command functions so `cnnlab --help` stays fast."""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from .errors import CnnlabError, UsageError
+
+HELP = {
+    "data": "dataset: mnist-5k (default, embedded), mnist, fashion-mnist, kmnist, cifar10, cifar100, cifar2, "
+            "npz:PATH, folder:PATH, synthetic[:CxHxW:K:N] (see `cnnlab datasets`)",
+    "data_dir": "root folder of torchvision-style datasets (default: data)",
+    "classes": "keep only these classes, comma-separated names or indices (e.g. airplane,bird)",
+    "model": "network name (see `cnnlab models`; default mnist_cnn, seed 003's CNN)",
+    "batch_size": "GLOBAL batch size: under DDP each of N processes takes batch_size/N",
+    "augment": "auto (crop for digits, crop+flip for photos), none, flip, crop, crop+flip",
+    "lr": "peak learning rate",
+    "l2": "seed 002's explicit L2 penalty l2*sum(w^2) added to the loss (differs from --weight-decay for Adam)",
+    "weight_decay": "the optimizer's weight decay (decoupled for adamw)",
+    "schedule": "constant, step (x gamma every --step-epochs), cosine, onecycle",
+    "ema": "keep an exponential moving average of the weights with this decay (e.g. 0.999); it is what is evaluated and saved",
+    "amp": "auto (bf16 on CUDA, off on CPU), off, bf16, fp16",
+    "patience": "early stopping: stop after this many epochs without a better val accuracy (0 = off)",
+    "save_every_steps": "also write last.pt every N steps inside epochs",
+    "log_every": "print loss and elapsed time every fraction of an epoch (e.g. 0.25)",
+    "out": "run folder (default runs/<model>-<data>-<time>)",
+    "device": "auto, cpu or cuda",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) instead of the usage block."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def add_train_flags(p):
+    from .config import FIELD_TYPES, TrainConfig
+
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        text = HELP.get(f.name, "") + (f" [default: {default}]" if f.name not in HELP or "default" not in HELP[f.name] else "")
+        if FIELD_TYPES[f.name] is bool:
+            p.add_argument(flag, dest=f.name, nargs="?", const="true", default=None, metavar="BOOL", help=text)
+        elif f.name == "model_args":
+            p.add_argument("--model-arg", dest="model_args", action="append", default=None, metavar="KEY=VALUE",
+                           help="a model knob, e.g. n_chans1=64 or n_blocks=20 (repeatable)")
+        else:
+            p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=text)
+    p.add_argument("--config", help="a YAML recipe (e.g. recipes/seed003_mnist.yaml); flags override it")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last.pt, exactly")
+    p.add_argument("--nproc", type=int, default=0, help="launch N processes with torchrun on this machine (DDP)")
+
+
+def train_overrides(args):
+    """Flags the user actually gave (argparse defaults are None), as config keys."""
+    from .config import FIELD_TYPES
+
+    given = {k: v for k, v in vars(args).items() if k in FIELD_TYPES and v is not None}
+    if "model_args" in given:
+        pairs = {}
+        for item in given["model_args"]:
+            if "=" not in item:
+                raise UsageError(f"--model-arg takes KEY=VALUE, got '{item}'.")
+            key, value = item.split("=", 1)
+            pairs[key.strip()] = value.strip()
+        given["model_args"] = pairs
+    return given
+
+
+def cmd_train(args):
+    from .config import load_yaml, make_config
+
+    overrides = train_overrides(args)
+    if args.nproc:
+        from .distributed import launch
+
+        return launch(args.nproc, args.argv)
+    from .train import fit
+
+    if args.resume:
+        if args.config:
+            raise UsageError("--resume takes the run's own config; drop --config.")
+        fit(resume=args.resume, **overrides)
+        return 0
+    base = make_config(load_yaml(args.config)) if args.config else None
+    cfg = make_config(overrides, base=base)
+    fit(cfg)
+    return 0
+
+
+def cmd_evaluate(args):
+    from .report import evaluate_path
+
+    m = evaluate_path(args.run, data=args.data, split=args.split)
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    print(f"{args.split}: {m['samples']} images  loss {m['loss']:.4f}  accuracy {m['accuracy']:.2%}"
+          + (f"  top-5 {m['top5_accuracy']:.2%}" if m.get("top5_accuracy") is not None else ""))
+    width = max(len(r["class"]) for r in m["per_class"])
+    print(f"{'class':<{width}}  precision  recall     f1  support")
+    for r in m["per_class"]:
+        print(f"{r['class']:<{width}}  {r['precision']:9.3f}  {r['recall']:6.3f}  {r['f1']:5.3f}  {r['support']:7d}")
+    for name in ("macro_avg", "weighted_avg"):
+        a = m[name]
+        print(f"{name:<{width}}  {a['precision']:9.3f}  {a['recall']:6.3f}  {a['f1']:5.3f}")
+    return 0
+
+
+def cmd_report(args):
+    from .report import write_report
+
+    write_report(args.run)
+    return 0
+
+
+def cmd_compare(args):
+    from .report import compare
+
+    rows = compare(args.runs, args.out)
+    header = ("run", "model", "params", "epochs", "best val", "test acc", "seconds")
+    print("  ".join(f"{h:>10}" for h in header))
+    for r in rows:
+        print(f"{r[0]:>10}  {r[1]:>10}  {r[2]:>10,}  {r[3]:>10}  {r[4]:>10.2%}  {r[5]:>10.2%}  {r[6]:>10.1f}")
+    print(f"validation curves: {args.out}")
+    return 0
+
+
+def cmd_predict(args):
+    from .predict import predict_files
+
+    return predict_files(args.checkpoint, args.paths, top_k=args.top_k, as_json=args.json, invert=args.invert)
+
+
+def cmd_export(args):
+    from .export import export
+
+    export(args.checkpoint, args.format, args.out)
+    return 0
+
+
+def cmd_serve(args):
+    from .serve import serve
+
+    serve(args.checkpoint, host=args.host, port=args.port, top_k=args.top_k, max_bytes=args.max_bytes)
+    return 0
+
+
+def cmd_models(args):
+    from .zoo import describe_model, list_models
+
+    if args.name:
+        print(describe_model(args.name, args.data, args.data_dir))
+    else:
+        print(list_models(args.data, args.data_dir))
+    return 0
+
+
+def cmd_datasets(args):
+    from .data import DATASETS
+
+    print(f"{'name':<22} {'shape':<12} {'classes':<8} {'train / test':<15} description")
+    for name, (text, shape, k, sizes) in DATASETS.items():
+        print(f"{name:<22} {shape:<12} {str(k):<8} {sizes:<15} {text}")
+    return 0
+
+
+def cmd_data_check(args):
+    from .datacheck import check
+
+    return check(args.data, args.data_dir)
+
+
+def cmd_lr_find(args):
+    from .config import load_yaml, make_config
+    from .lr_find import lr_find
+
+    base = make_config(load_yaml(args.config)) if args.config else None
+    cfg = make_config(train_overrides(args), base=base)
+    lr_find(cfg, out=args.plot)
+    return 0
+
+
+def build_parser():
+    p = Parser(prog="cnnlab", description="Train, evaluate, explain and export CNN image classifiers.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    t = sub.add_parser("train", help="train a model (no arguments: seed 003's CNN on embedded MNIST)")
+    add_train_flags(t)
+    t.set_defaults(fn=cmd_train, argv=None)
+    e = sub.add_parser("evaluate", help="metrics of a run or checkpoint on its test (or val) split")
+    e.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
+    e.add_argument("--data", help="evaluate on another dataset instead of the run's own")
+    e.add_argument("--split", default="test", choices=("val", "test"))
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(fn=cmd_evaluate)
+    r = sub.add_parser("report", help="write the pictures and report.html of a run folder")
+    r.add_argument("run", metavar="RUN_DIR")
+    r.set_defaults(fn=cmd_report)
+    c = sub.add_parser("compare", help="compare runs: a table and overlaid validation curves")
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    c.add_argument("--out", default="compare.png", help="where to write the overlay plot")
+    c.set_defaults(fn=cmd_compare)
+    pr = sub.add_parser("predict", help="classify image files and folders")
+    pr.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR")
+    pr.add_argument("paths", nargs="+", metavar="PATH")
+    pr.add_argument("--top-k", type=int, default=3)
+    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--invert", action="store_true", help="invert images (dark digits on light paper)")
+    pr.set_defaults(fn=cmd_predict)
+    ex = sub.add_parser("export", help="export to ONNX or TorchScript and verify against PyTorch")
+    ex.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR")
+    ex.add_argument("--format", required=True, choices=("onnx", "torchscript"))
+    ex.add_argument("--out", help="output file (default: beside the checkpoint)")
+    ex.set_defaults(fn=cmd_export)
+    s = sub.add_parser("serve", help="an HTTP prediction API and a drawing page")
+    s.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--top-k", type=int, default=5)
+    s.add_argument("--max-bytes", type=int, default=5 * 2**20, help="request size cap (413 above it)")
+    s.set_defaults(fn=cmd_serve)
+    m = sub.add_parser("models", help="list the model zoo, or summarise one model layer by layer")
+    m.add_argument("name", nargs="?")
+    m.add_argument("--data", default="mnist-5k", help="dataset whose input shape to use")
+    m.add_argument("--data-dir", default="data")
+    m.set_defaults(fn=cmd_models)
+    d = sub.add_parser("datasets", help="list the datasets")
+    d.set_defaults(fn=cmd_datasets)
+    dc = sub.add_parser("data", help="data tools: `cnnlab data check DATA`")
+    dsub = dc.add_subparsers(dest="data_command", metavar="check", parser_class=Parser, required=True)
+    chk = dsub.add_parser("check", help="class counts, sizes, modes, unreadable files, duplicates across splits")
+    chk.add_argument("data")
+    chk.add_argument("--data-dir", default="data")
+    chk.set_defaults(fn=cmd_data_check)
+    lf = sub.add_parser("lr-find", help="LR range test: plot and suggested learning rate")
+    add_train_flags(lf)
+    lf.add_argument("--plot", default="lr_find.png", help="where to write the plot")
+    lf.set_defaults(fn=cmd_lr_find)
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        if args.command == "train":  # the train flags as typed, for --nproc to hand to torchrun
+            args.argv = [a for a in argv[argv.index("train") + 1:] if a != "--debug"]
+        return args.fn(args) or 0
+    except CnnlabError as e:
+        if debug:
+            raise
+        print(f"cnnlab: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("cnnlab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an unexpected failure: still one line, and a way to see more
+        from .engine import Interrupted
+
+        if isinstance(e, Interrupted):
+            print(f"\ncnnlab: stopped by signal {e.signum}; last.pt written. Resume with:\n"
+                  f"  cnnlab train --resume {e.run_dir}", file=sys.stderr)
+            return 130 if e.signum == 2 else 143
+        if debug:
+            raise
+        print(f"cnnlab: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,171 @@
+"""The training configuration: one typed dataclass, defaults in one place, YAML in and out.
+
+CLI flags are generated from these fields (cli.py), so a flag and a YAML key are always the same
+name (`--batch-size` <-> `batch_size`). Unknown keys, wrong types and out-of-range values raise
+UsageError with the culprit named.
+"""
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+from .errors import UsageError, unknown
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = "mnist-5k"
+    data_dir: str = "data"
+    classes: list = field(default_factory=list)   # keep only these classes (names or indices)
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2                    # only for sources without an official test split
+    train_samples: int = 0                         # 0 = all
+    val_samples: int = 0
+    test_samples: int = 0
+    image_size: int = 0                            # 0 = chosen from the data
+    augment: str = "auto"
+    on_bad_image: str = "error"
+    # model
+    model: str = "mnist_cnn"
+    model_args: dict = field(default_factory=dict)
+    # optimisation
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    l2: float = 0.0
+    schedule: str = "constant"
+    step_epochs: int = 0
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0
+    ema: float = 0.0
+    patience: int = 0
+    # machinery
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    threads: int = 0
+    sync_bn: bool = False
+    eval_batch_size: int = 1000
+    # output
+    out: str = ""
+    save_every_steps: int = 0
+    log_every: float = 0.0
+    tensorboard: bool = False
+    report: bool = True
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "optimizer": ("sgd", "adam", "adamw"),
+    "schedule": ("constant", "step", "cosine", "onecycle"),
+    "amp": ("auto", "off", "bf16", "fp16"),
+    "device": ("auto", "cpu", "cuda"),
+    "augment": ("auto", "none", "flip", "crop", "crop+flip"),
+    "on_bad_image": ("error", "skip"),
+}
+POSITIVE = ("epochs", "batch_size", "lr", "eval_batch_size")
+NON_NEGATIVE = ("train_samples", "val_samples", "test_samples", "image_size", "weight_decay", "l2",
+                "step_epochs", "warmup_epochs", "label_smoothing", "grad_clip", "patience",
+                "threads", "save_every_steps", "log_every", "momentum", "seed")
+FIELD_TYPES = {f.name: typing.get_type_hints(TrainConfig)[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def coerce(key, value):
+    """Convert a YAML or CLI value to the field's type, or raise UsageError naming the key."""
+    kind = FIELD_TYPES[key]
+    if value is None:
+        raise UsageError(f"'{key}' needs a value of type {kind.__name__}.")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+    elif kind is int and not isinstance(value, bool):
+        if isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit()):
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    elif kind is list:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            return [str(v) for v in value]
+    elif kind is dict and isinstance(value, dict):
+        return dict(value)
+    raise UsageError(f"'{key}' must be of type {kind.__name__}, got {value!r}.")
+
+
+def validate(cfg):
+    """Range and choice checks; returns cfg so calls chain."""
+    for key, choices in CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise unknown(f"value for '{key}'", getattr(cfg, key), choices)
+    for key in POSITIVE:
+        if not getattr(cfg, key) > 0:
+            raise UsageError(f"'{key}' must be positive, got {getattr(cfg, key)}.")
+    for key in NON_NEGATIVE:
+        if getattr(cfg, key) < 0:
+            raise UsageError(f"'{key}' must not be negative, got {getattr(cfg, key)}.")
+    if not 0 <= cfg.val_fraction < 1 or not 0 < cfg.test_fraction < 1:
+        raise UsageError("'val_fraction' must be in [0, 1) and 'test_fraction' in (0, 1).")
+    if cfg.label_smoothing >= 1:
+        raise UsageError(f"'label_smoothing' must be below 1, got {cfg.label_smoothing}.")
+    if not 0 <= cfg.ema < 1:
+        raise UsageError(f"'ema' is a decay in [0, 1) (e.g. 0.999), got {cfg.ema}.")
+    if cfg.schedule == "step" and cfg.step_epochs == 0:
+        raise UsageError("'schedule: step' needs 'step_epochs' (divide the LR by 1/gamma every N epochs).")
+    if cfg.amp == "fp16" and cfg.device == "cpu":
+        raise UsageError("'amp: fp16' needs CUDA; use 'amp: bf16' or 'off' on the CPU.")
+    return cfg
+
+
+def make_config(overrides=None, base=None):
+    """A validated TrainConfig from a dict of overrides on top of `base` (or the defaults)."""
+    values = (base or TrainConfig()).to_dict()
+    for key, value in (overrides or {}).items():
+        if key not in FIELD_TYPES:
+            raise unknown("configuration key", key, FIELD_TYPES)
+        values[key] = coerce(key, value)
+    return validate(TrainConfig(**values))
+
+
+def load_yaml(path):
+    """The dict in a YAML recipe file; errors name the file."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"{path} must hold a mapping of settings, got {type(values).__name__}.")
+    return values
+
+
+def dump_yaml(cfg, path):
+    import yaml
+
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg, f, sort_keys=False)

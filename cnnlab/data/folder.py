@@ -1,0 +1,146 @@
+"""`folder:PATH`: class subfolders of image files, decoded once in parallel and cached.
+
+Layouts: PATH/<class>/... (cnnlab cuts the splits), or PATH/train/<class>/... with PATH/test/
+(or PATH/val/) beside it as the official held-out split.
+"""
+import hashlib
+import os
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from ..errors import CnnlabError, UsageError
+from .images import IMAGE_SUFFIXES, is_grayscale, load_array
+from .sources import Source
+
+
+def list_images(root):
+    """Image files below `root`, sorted; directory symlinks are not followed (no loops)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_SUFFIXES)]
+    return found
+
+
+def scan_classes(root, warn=print):
+    """{class name: [files]} for the class subfolders of `root`; empty classes are dropped with a warning."""
+    if not os.path.isdir(root):
+        raise UsageError(f"image folder not found: {root}")
+    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    classes = {}
+    for name in names:
+        files = list_images(os.path.join(root, name))
+        if files:
+            classes[name] = files
+        else:
+            warn(f"warning: class folder '{os.path.join(root, name)}' holds no images; it is left out.")
+    if len(classes) < 2:
+        raise CnnlabError(f"{root}: found {len(classes)} class folder(s) with images; a classifier needs "
+                          "at least 2 (one subfolder of images per class).")
+    return classes
+
+
+def split_folders(root):
+    """(train root, test root or None)."""
+    train = os.path.join(root, "train")
+    for held_out in ("test", "val"):
+        if os.path.isdir(train) and os.path.isdir(os.path.join(root, held_out)):
+            return train, os.path.join(root, held_out)
+    return root, None
+
+
+def choose_format(files, image_size):
+    """(channels, size): grayscale only if every image is; size from the data unless given."""
+    from PIL import Image
+
+    def header(path):
+        try:
+            with Image.open(path) as img:
+                return is_grayscale(path), img.size
+        except Exception:
+            return True, None  # unreadable: decided (and reported) when decoded
+    heads = list(ThreadPoolExecutor(8).map(header, files))
+    channels = 1 if all(g for g, _ in heads) else 3
+    if image_size:
+        return channels, image_size
+    sizes = Counter(s for _, s in heads if s)
+    (w, h), _ = sizes.most_common(1)[0] if sizes else ((32, 32), 0)
+    return channels, min(max(min(w, h), 8), 128)
+
+
+def cache_path(files, channels, size):
+    """Cache key: the file list with sizes and mtimes, and the decoded format."""
+    h = hashlib.sha256(f"{channels}x{size}".encode())
+    for f in files:
+        try:
+            st = os.stat(f)
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{f}\0missing\n".encode())
+    base = os.environ.get("CNNLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cnnlab")
+    return os.path.join(base, "folders", h.hexdigest()[:24] + ".npz")
+
+
+def decode_all(files, channels, size, on_bad_image):
+    """Decode every file in parallel -> (uint8 array (N, C, S, S), ok mask, bad messages)."""
+    def one(path):
+        try:
+            return load_array(path, channels, size), None
+        except CnnlabError as e:
+            return None, str(e)
+    workers = min(32, (os.cpu_count() or 1) * 4)
+    results = list(ThreadPoolExecutor(workers).map(one, files))
+    bad = [msg for _, msg in results if msg]
+    if bad and on_bad_image == "error":
+        more = f" (and {len(bad) - 1} more bad files)" if len(bad) > 1 else ""
+        raise CnnlabError(f"{bad[0]}{more}. Remove it, or pass --on-bad-image skip.")
+    ok = np.array([a is not None for a, _ in results], dtype=bool)
+    arrays = [a for a, _ in results if a is not None]
+    x = np.stack(arrays) if arrays else np.zeros((0, channels, size, size), np.uint8)
+    return x, ok, bad
+
+
+def load_pool(class_files, classes, channels, size, on_bad_image):
+    files = [f for c in classes for f in class_files.get(c, [])]
+    labels = np.array([i for i, c in enumerate(classes) for _ in class_files.get(c, [])], dtype=np.int64)
+    path = cache_path(files, channels, size)
+    if os.path.exists(path):
+        with np.load(path, allow_pickle=False) as z:
+            x, ok, bad = z["x"], z["ok"], list(z["bad"])
+    else:
+        x, ok, bad = decode_all(files, channels, size, on_bad_image)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + f".{os.getpid()}.tmp.npz"
+        np.savez(tmp, x=x, ok=ok, bad=np.array(bad, dtype=str))
+        os.replace(tmp, path)
+    if bad and on_bad_image == "error":
+        raise CnnlabError(f"{bad[0]}. Remove it, or pass --on-bad-image skip.")
+    kept = [f for f, good in zip(files, ok) if good]
+    return torch.from_numpy(x), torch.from_numpy(labels[ok]), kept, bad
+
+
+def folder(path, cfg, warn=None):
+    warn = warn or (lambda m: print(m, file=sys.stderr))
+    train_root, test_root = split_folders(path)
+    train_classes = scan_classes(train_root, warn)
+    classes = list(train_classes)
+    test_classes = scan_classes(test_root, warn) if test_root else {}
+    extra = sorted(set(test_classes) - set(classes))
+    if extra:
+        raise CnnlabError(f"{test_root} has class folders not in {train_root}: {', '.join(extra)}.")
+    all_files = [f for fs in list(train_classes.values()) + list(test_classes.values()) for f in fs]
+    channels, size = choose_format(all_files, cfg.image_size)
+    train_x, train_y, train_files, bad = load_pool(train_classes, classes, channels, size, cfg.on_bad_image)
+    src = Source(train_x, train_y, classes=classes, files={"train": train_files})
+    if test_root:
+        src.test_x, src.test_y, src.files["test"], bad_test = load_pool(
+            test_classes, classes, channels, size, cfg.on_bad_image)
+        bad += bad_test
+    if bad:
+        warn(f"warning: skipped {len(bad)} unreadable image(s); the list is in bad_images.txt in the run folder.")
+    src.files["bad"] = bad
+    return src

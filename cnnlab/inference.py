@@ -1,0 +1,86 @@
+"""Using a trained model: `cnnlab.load(path)` rebuilds it from a checkpoint alone and applies
+exactly its evaluation preprocessing (mode conversion, resize, normalisation, optional inversion)."""
+import os
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .errors import CnnlabError
+from .models import create_model
+
+
+class Model:
+    """A loaded classifier: `predict(items)`, `classes`, `preprocess`, and the torch `net`."""
+
+    def __init__(self, ckpt, device="cpu", path=""):
+        spec = ckpt["model"]
+        try:
+            self.net = create_model(spec["name"], spec["in_shape"], spec["num_classes"], **spec.get("args", {}))
+            self.net.load_state_dict(ckpt["state_dict"])
+        except (RuntimeError, KeyError) as e:
+            raise CnnlabError(f"{path}: weights do not fit model '{spec.get('name')}' with "
+                              f"{spec.get('num_classes')} classes ({str(e).splitlines()[0][:160]}).") from None
+        self.device = torch.device(device)
+        self.net.to(self.device).eval()
+        self.classes, self.preprocess = list(ckpt["classes"]), dict(ckpt["preprocess"])
+        self.metrics, self.config, self.path = ckpt.get("metrics", {}), ckpt.get("config", {}), path
+        self.in_shape = tuple(spec["in_shape"])
+        p = self.preprocess
+        std = torch.tensor(p["std"], dtype=torch.float32).view(1, -1, 1, 1)
+        self.scale, self.shift = (1 / (255 * std)).to(self.device), (-torch.tensor(p["mean"]).view(1, -1, 1, 1) / std).to(self.device)
+
+    def __repr__(self):
+        return f"cnnlab.Model({self.preprocess and self.config.get('model')}, classes={self.classes})"
+
+    def to_uint8(self, item, invert=None, name=None):
+        """One image (path, PIL image, or uint8/float array HW, HWC or CHW) -> (C, S, S) uint8."""
+        from PIL import Image
+
+        from .data.images import load_array, to_mode
+
+        c, size = self.preprocess["channels"], self.preprocess["image_size"]
+        if isinstance(item, (str, os.PathLike)):
+            a = load_array(item, c, size, name)
+        else:
+            if isinstance(item, np.ndarray) or torch.is_tensor(item):
+                arr = np.asarray(item)
+                if arr.dtype != np.uint8:
+                    arr = np.clip(arr * (255 if arr.max() <= 1.0 else 1) + 0.5, 0, 255).astype(np.uint8)
+                if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+                    arr = arr.transpose(1, 2, 0)
+                item = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+            img = to_mode(item, c).resize((size, size), Image.BILINEAR) if item.size != (size, size) else to_mode(item, c)
+            a = np.asarray(img, dtype=np.uint8)
+            a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        if invert if invert is not None else self.preprocess.get("invert"):
+            a = 255 - a
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+    @torch.inference_mode()
+    def logits(self, batch_uint8):
+        """(B, C, S, S) uint8 -> (B, K) logits, with the training normalisation."""
+        x = batch_uint8.to(self.device).float() * self.scale + self.shift
+        return self.net(x).float()
+
+    def predict(self, items, top_k=5, invert=None, batch_size=256):
+        """Top-k predictions per item: a list of lists of {label, index, probability}."""
+        if not isinstance(items, (list, tuple)):
+            items = [items]
+        out = []
+        for i in range(0, len(items), batch_size):
+            batch = torch.stack([self.to_uint8(it, invert) for it in items[i:i + batch_size]])
+            out += self.top_k(self.logits(batch), top_k)
+        return out
+
+    def top_k(self, logits, k):
+        probs = logits.softmax(1)
+        values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
+        return [[{"label": self.classes[j], "index": int(j), "probability": float(p)} for p, j in zip(vs, ix)]
+                for vs, ix in zip(values.tolist(), indices.tolist())]
+
+
+def load(path, device="cpu"):
+    """A checkpoint file or run folder (its best.pt) -> Model."""
+    resolved = checkpoint.resolve(str(path))
+    return Model(checkpoint.load(resolved), device=device, path=resolved)

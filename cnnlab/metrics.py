@@ -1,0 +1,42 @@
+"""Classification metrics as pure tensor functions of a confusion matrix (rows = true class)."""
+import torch
+
+
+def confusion_matrix(preds, targets, num_classes):
+    """(K, K) int64 counts; row i, column j = true class i predicted as j."""
+    idx = targets.to(torch.int64) * num_classes + preds.to(torch.int64)
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def _safe_div(a, b):
+    return torch.where(b > 0, a / b.clamp_min(1), torch.zeros_like(a))
+
+
+def per_class(cm):
+    """Precision, recall, F1 and support per class. A class never predicted has precision 0 (as
+    scikit-learn's zero_division=0)."""
+    cm = cm.double()
+    tp = cm.diag()
+    support = cm.sum(1)
+    precision = _safe_div(tp, cm.sum(0))
+    recall = _safe_div(tp, support)
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    return precision, recall, f1, support
+
+
+def summarize(cm, classes, loss=None, top5=None):
+    """The report dict: accuracy, loss, per-class rows, macro and weighted averages, the matrix."""
+    precision, recall, f1, support = per_class(cm)
+    total = support.sum().clamp_min(1)
+    weights = support / total
+    rows = [{"class": c, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for c, p, r, f, s in zip(classes, precision, recall, f1, support)]
+    out = {"accuracy": float(cm.diag().sum() / total), "loss": loss, "samples": int(support.sum()),
+           "per_class": rows,
+           "macro_avg": {"precision": float(precision.mean()), "recall": float(recall.mean()), "f1": float(f1.mean())},
+           "weighted_avg": {"precision": float((precision * weights).sum()),
+                            "recall": float((recall * weights).sum()), "f1": float((f1 * weights).sum())},
+           "confusion_matrix": cm.tolist()}
+    if top5 is not None:
+        out["top5_accuracy"] = top5
+    return out

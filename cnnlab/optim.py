@@ -1,0 +1,51 @@
+"""Optimizers and learning-rate schedules.
+
+The schedule is a pure function of the global step (`lr_factor`), applied by setting each group's
+lr before the step. Nothing to save or restore, so resume is exact by construction.
+
+`weight_decay` is the optimizer's own decay (decoupled for AdamW, added to the gradient for SGD and
+Adam); `l2` is seed 002's explicit penalty `l2 * sum(w^2)` added to the loss, which Adam then
+rescales per parameter, so the two differ for adaptive optimizers and coincide (up to a factor 2)
+for plain SGD.
+"""
+import math
+
+import torch
+
+
+def build_optimizer(cfg, model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg, step, steps_per_epoch):
+    """Multiplier of cfg.lr at global `step` (0-based): warmup, then the chosen schedule."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    epoch = step / steps_per_epoch
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        # linear ramp to the peak over the warmup (default 25% of training), linear decay to 0
+        ramp = warmup or 0.25 * total
+        return (step + 1) / ramp if step < ramp else max(0.0, (total - step) / max(1, total - ramp))
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "step":
+        return cfg.gamma ** int(epoch // cfg.step_epochs)
+    if cfg.schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def l2_penalty(model):
+    """Seed 002's explicit L2: the sum of squared parameters."""
+    return sum(p.pow(2).sum() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,142 @@
+"""Pictures of a run. These functions only read results; they never train."""
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path):
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def curves_figure(history):
+    """Loss and accuracy, train vs val, per epoch (the tutorials' two plots, side by side)."""
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
+        ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label="train")
+        ax.plot(epochs, [row[f"val_{key}"] for row in history], "o-", label="val")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return fig
+
+
+def save_curves(history, path):
+    return _save(curves_figure(history), path)
+
+
+def save_confusion(cm, classes, path):
+    """Counts and the row-normalised view (recall per true class) side by side."""
+    cm = np.asarray(cm)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    k = len(classes)
+    size = min(max(5, 0.45 * k + 2), 30)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
+    for ax, values, title, fmt in ((axes[0], cm, "counts", "d"), (axes[1], norm, "row-normalised", ".2f")):
+        ax.imshow(values, cmap="Blues")
+        ax.set_title(f"confusion matrix ({title})")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ticks = range(k)
+        labels = classes if k <= 40 else [""] * k
+        ax.set_xticks(ticks, labels, rotation=90 if k > 10 or max(map(len, classes)) > 3 else 0)
+        ax.set_yticks(ticks, labels)
+        if k <= 20:
+            top = values.max() or 1
+            for i in range(k):
+                for j in range(k):
+                    ax.text(j, i, format(values[i, j], fmt), ha="center", va="center", fontsize=8,
+                            color="white" if values[i, j] > top / 2 else "black")
+    return _save(fig, path)
+
+
+def _show(ax, img, mean=None, std=None):
+    """Show a (C, H, W) uint8 image."""
+    img = np.asarray(img)
+    if img.shape[0] == 1:
+        ax.imshow(img[0], cmap="gray", vmin=0, vmax=255)
+    else:
+        ax.imshow(img[:3].transpose(1, 2, 0))
+    ax.axis("off")
+
+
+def save_samples(images, labels, classes, path, n=20):
+    """A 2x10 grid of training images with their labels (seed 003's picture)."""
+    n = min(n, len(labels))
+    cols = min(10, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2.2 * rows), squeeze=False)
+    for ax, img, y in zip(axes.flat, images[:n], labels[:n]):
+        _show(ax, img)
+        ax.set_title(classes[int(y)], fontsize=10)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def save_mistakes(images, labels, probs, losses, classes, path, n=16):
+    """The highest-loss test images: true label, predicted label and its probability
+    (fastai's plot_top_losses)."""
+    order = np.argsort(-np.asarray(losses))[:n]
+    cols = min(8, max(1, len(order)))
+    rows = max(1, math.ceil(len(order) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, i in zip(axes.flat, order):
+        pred = int(np.argmax(probs[i]))
+        _show(ax, images[i])
+        ax.set_title(f"true {classes[int(labels[i])]}\npred {classes[pred]} {probs[i][pred]:.0%}",
+                     fontsize=9, color="red" if pred != int(labels[i]) else "black")
+    for ax in list(axes.flat)[len(order):]:
+        ax.axis("off")
+    fig.suptitle("highest-loss test images")
+    return _save(fig, path)
+
+
+def save_per_class(rows, path):
+    """Per-class recall (accuracy within the class) and F1 as bars."""
+    names = [r["class"] for r in rows]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
+    ax.bar(x - 0.2, [r["recall"] for r in rows], 0.4, label="accuracy (recall)")
+    ax.bar(x + 0.2, [r["f1"] for r in rows], 0.4, label="F1")
+    ax.set_xticks(x, names if len(names) <= 40 else [""] * len(names), rotation=90 if len(names) > 10 else 0)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("per-class test metrics")
+    ax.legend(loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def save_compare(histories, path):
+    """Validation accuracy and loss of several runs, overlaid."""
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4))
+    for name, history in histories.items():
+        epochs = [row["epoch"] for row in history]
+        ax_acc.plot(epochs, [row["val_acc"] for row in history], "o-", label=name)
+        ax_loss.plot(epochs, [row["val_loss"] for row in history], "o-", label=name)
+    for ax, title in ((ax_acc, "validation accuracy"), (ax_loss, "validation loss")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def save_lr_find(lrs, losses, suggestion, path):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(lrs, losses)
+    ax.set_xscale("log")
+    ax.axvline(suggestion, color="red", linestyle="--", label=f"suggested lr {suggestion:.2e}")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("smoothed training loss")
+    ax.set_title("LR range test")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

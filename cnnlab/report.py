@@ -1,0 +1,148 @@
+"""`cnnlab evaluate`, `cnnlab report` and `cnnlab compare`: metrics, pictures and one
+self-contained report.html, all computed from a run folder or checkpoint."""
+import base64
+import html
+import json
+import os
+import platform
+
+import torch
+
+from . import plots
+from .config import make_config
+from .data import load_data
+from .data.loader import BatchLoader
+from .errors import CnnlabError, UsageError
+from .metrics import summarize
+from .run import read_json, read_metrics
+from .runtime import Context
+
+
+def run_data(model, run_dir=None, data=None):
+    """The data a checkpoint was trained on, with the run's saved split; or `data` (a --data name)."""
+    cfg = make_config(model.config) if model.config else make_config({})
+    splits = None
+    if data:
+        cfg = make_config({"data": data, "classes": [], "image_size": model.preprocess["image_size"]}, base=cfg)
+    elif run_dir and os.path.exists(os.path.join(run_dir, "splits.json")):
+        splits = read_json(os.path.join(run_dir, "splits.json"))
+    loaded = load_data(cfg, splits=splits)
+    if loaded.shape[0] != model.preprocess["channels"]:
+        raise UsageError(f"data '{cfg.data}' has {loaded.shape[0]} channel(s); the model expects "
+                         f"{model.preprocess['channels']}.")
+    return loaded
+
+
+def evaluate_model(model, data, split="test", collect=False):
+    """Metrics of `model` on a split of `data`, normalised with the MODEL's statistics."""
+    from .engine import evaluate
+
+    x, y = getattr(data, split)
+    if len(y) == 0:
+        raise UsageError(f"the {split} split is empty.")
+    if data.classes != model.classes and len(data.classes) != len(model.classes):
+        raise UsageError(f"data has {len(data.classes)} classes, the model {len(model.classes)}.")
+    loader = BatchLoader(x, y, 1000, model.preprocess["mean"], model.preprocess["std"], model.device)
+    ctx = Context(device=model.device)
+    raw = evaluate(model.net, loader, ctx, len(model.classes), collect=collect)
+    out = summarize(raw["cm"], model.classes, loss=raw["loss"], top5=raw["top5"])
+    out["split"] = split
+    if collect:
+        out["_probs"], out["_losses"] = raw["probs"], raw["losses"]
+    return out
+
+
+def evaluate_path(path, data=None, split="test"):
+    from .inference import load
+
+    model = load(path)
+    run_dir = path if os.path.isdir(path) else os.path.dirname(path)
+    return evaluate_model(model, run_data(model, run_dir, data), split)
+
+
+def _embed(path):
+    with open(path, "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode()
+
+
+def write_pictures(run_dir, model, data, metrics):
+    history = read_metrics(run_dir)
+    paths = {"curves": plots.save_curves(history, os.path.join(run_dir, "curves.png"))}
+    paths["confusion"] = plots.save_confusion(metrics["confusion_matrix"], model.classes, os.path.join(run_dir, "confusion.png"))
+    paths["samples"] = plots.save_samples(data.train[0][:20].numpy(), data.train[1][:20], model.classes,
+                                          os.path.join(run_dir, "samples.png"))
+    paths["mistakes"] = plots.save_mistakes(data.test[0].numpy(), data.test[1].numpy(), metrics["_probs"].numpy(),
+                                            metrics["_losses"].numpy(), model.classes, os.path.join(run_dir, "mistakes.png"))
+    paths["per_class"] = plots.save_per_class(metrics["per_class"], os.path.join(run_dir, "per_class.png"))
+    return paths, history
+
+
+def write_report(run_dir, data=None, quiet=False):
+    """Every picture plus report.html for a run folder; returns the report's path."""
+    from .inference import load
+
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"not a run folder: {run_dir}")
+    model = load(run_dir)
+    data = data or run_data(model, run_dir)
+    metrics = evaluate_model(model, data, "test", collect=True)
+    paths, history = write_pictures(run_dir, model, data, metrics)
+    summary = read_json(os.path.join(run_dir, "summary.json")) if os.path.exists(os.path.join(run_dir, "summary.json")) else {}
+    page = render_html(run_dir, summary, model, metrics, paths, history)
+    out = os.path.join(run_dir, "report.html")
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(page)
+    if not quiet:
+        print(f"wrote {out} and {', '.join(os.path.basename(p) for p in paths.values())}")
+    return out
+
+
+def _table(rows, header):
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(run_dir, summary, model, metrics, paths, history):
+    env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+           "device": summary.get("device", "cpu"), "cuda": torch.version.cuda or "none"}
+    keys = ("model", "data", "num_params", "epochs", "best_val_acc", "best_epoch", "test_acc", "test_loss",
+            "train_seconds", "samples_per_second", "device", "global_batch_size")
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else v
+    per_class = [(r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"])
+                 for r in metrics["per_class"]]
+    diag = summary.get("diagnostics") or ["No problems detected."]
+    img = lambda key, alt: f'<figure><img src="{_embed(paths[key])}" alt="{alt}"><figcaption>{alt}</figcaption></figure>'
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>cnnlab report: {html.escape(os.path.basename(os.path.abspath(run_dir)))}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}
+img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}figure{{margin:1em 0}}</style></head>
+<body><h1>cnnlab report</h1><p>{html.escape(os.path.abspath(run_dir))}</p>
+<h2>Summary</h2>{_table([(k, fmt(summary[k])) for k in keys if k in summary], ["key", "value"])}
+<h2>Diagnostics</h2><ul>{"".join(f"<li>{html.escape(d)}</li>" for d in diag)}</ul>
+<h2>Training curves</h2>{img("curves", "loss and accuracy per epoch")}
+<h2>Confusion matrix (test)</h2>{img("confusion", "confusion matrix")}
+<h2>Per-class metrics (test)</h2>{_table(per_class, ["class", "precision", "recall", "f1", "support"])}
+{img("per_class", "per-class accuracy and F1")}
+<h2>Mistakes</h2>{img("mistakes", "highest-loss test images")}
+<h2>Training samples</h2>{img("samples", "training images with labels")}
+<h2>History</h2>{_table([[fmt(row[k]) for k in row] for row in history], list(history[0]) if history else [])}
+<h2>Configuration</h2><pre>{html.escape(json.dumps(model.config, indent=2))}</pre>
+<h2>Environment</h2>{_table(list(env.items()), ["", ""])}
+</body></html>"""
+
+
+def compare(run_dirs, out="compare.png"):
+    """Rows of (run, model, params, epochs, best val, test acc, seconds) and an overlay plot."""
+    rows, histories = [], {}
+    for d in run_dirs:
+        path = os.path.join(d, "summary.json")
+        if not os.path.exists(path):
+            raise CnnlabError(f"{d} has no summary.json; is it a finished cnnlab run folder?")
+        s = read_json(path)
+        name = os.path.basename(os.path.normpath(d))
+        histories[name] = read_metrics(d)
+        rows.append((name, s["model"], s["num_params"], s["epochs"], s["best_val_acc"], s["test_acc"], s["train_seconds"]))
+    plots.save_compare(histories, out)
+    return rows
