@@ -266,6 +266,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("cnnlab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed: not an error of ours
+        sys.stderr.close()
+        return 0
     except Exception as e:  # an unexpected failure: still one line, and a way to see more
         from .engine import Interrupted
 

@@ -29,7 +29,7 @@ class TrainConfig:
     model: str = "mnist_cnn"
     model_args: dict = field(default_factory=dict)
     # optimisation
-    epochs: int = 5
+    epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3
     optimizer: str = "adam"

@@ -55,7 +55,7 @@ class Model:
             a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
         if invert if invert is not None else self.preprocess.get("invert"):
             a = 255 - a
-        return torch.from_numpy(np.ascontiguousarray(a))
+        return torch.from_numpy(np.array(a, dtype=np.uint8))  # a writable copy
 
     @torch.inference_mode()
     def logits(self, batch_uint8):

@@ -1,0 +1,59 @@
+"""`cnnlab data check DATA`: what is in a dataset before training on it."""
+import hashlib
+import os
+from collections import Counter
+
+import torch
+
+from .config import make_config
+from .data import load_data
+
+
+def image_modes(files):
+    """Counter of (mode, WxH) from the file headers."""
+    from PIL import Image
+
+    seen = Counter()
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                seen[(img.mode, f"{img.size[0]}x{img.size[1]}")] += 1
+        except Exception:
+            pass
+    return seen
+
+
+def duplicates_across(data):
+    """Images whose exact pixels appear in more than one split (train/val/test leakage)."""
+    where = {}
+    for split in ("train", "val", "test"):
+        for img in getattr(data, split)[0]:
+            where.setdefault(hashlib.sha1(img.numpy().tobytes()).hexdigest(), set()).add(split)
+    return sum(len(s) > 1 for s in where.values())
+
+
+def check(name, data_dir="data"):
+    cfg = make_config({"data": name, "data_dir": data_dir, "on_bad_image": "skip", "val_fraction": 0.1})
+    data = load_data(cfg)
+    k = len(data.classes)
+    print(f"{name}: {k} classes, image {'x'.join(map(str, data.shape))} as decoded, "
+          f"splits train/val/test {len(data.train[1])}/{len(data.val[1])}/{len(data.test[1])}")
+    counts = {s: torch.bincount(getattr(data, s)[1], minlength=k).tolist() for s in ("train", "val", "test")}
+    width = max(5, max(len(c) for c in data.classes))
+    print(f"{'class':<{width}}  {'train':>7}  {'val':>7}  {'test':>7}")
+    for i, c in enumerate(data.classes):
+        print(f"{c:<{width}}  {counts['train'][i]:>7}  {counts['val'][i]:>7}  {counts['test'][i]:>7}")
+    files = [f for key in ("train", "test") for f in data.files.get(key, [])]
+    if files:
+        modes = image_modes(files)
+        print("file modes and sizes: " + ", ".join(f"{m} {s}: {n}" for (m, s), n in modes.most_common(8)))
+    bad = data.files.get("bad", [])
+    for msg in bad:
+        print(f"unreadable: {msg}")
+    dups = duplicates_across(data)
+    print(f"exact duplicates across splits: {dups}" + ("  (warning: leakage between splits)" if dups else ""))
+    train = [n for n in counts["train"] if n]
+    if train and max(train) > 3 * min(train):
+        print(f"warning: strong class imbalance: largest class {max(train)} vs smallest {min(train)} training images")
+    print(f"unreadable files: {len(bad)}")
+    return 1 if bad else 0

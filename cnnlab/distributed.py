@@ -1,0 +1,37 @@
+"""`cnnlab train --nproc N`: launch torchrun on this machine for the user.
+
+The training code itself only reads RANK / WORLD_SIZE (runtime.setup); this module just builds
+the torchrun command line and passes signals on, so a Ctrl-C or SIGTERM reaches every rank and
+each one saves before it exits."""
+import signal
+import subprocess
+import sys
+
+from .errors import UsageError
+
+
+def launch(nproc, train_argv):
+    if nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {nproc}.")
+    argv = []
+    skip = False
+    for i, a in enumerate(train_argv):  # drop --nproc N / --nproc=N
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if not a.startswith("--nproc="):
+            argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "cnnlab", "train", *argv]
+    child = subprocess.Popen(cmd)
+    forward = lambda signum, frame: child.send_signal(signum)
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return code
