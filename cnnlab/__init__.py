@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 def train(config=None, resume=None, quiet=False, **settings):
     """Train with the CLI's settings as keyword arguments (train(data="cifar10", epochs=5, lr=0.01))."""
-    from .train import fit
+    from .training import fit
 
     return fit(config, resume=resume, quiet=quiet, **settings)
 

@@ -81,7 +81,7 @@ def cmd_train(args):
         from .distributed import launch
 
         return launch(args.nproc, args.argv)
-    from .train import fit
+    from .training import fit
 
     if args.resume:
         if args.config:

@@ -19,18 +19,19 @@ def default_name(cfg):
 
 
 def check_writable(path, need_bytes):
-    """Fail before training if `path` can't be written or the disk is nearly full."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise UsageError(f"output folder '{path}' is not writable ({e.strerror or e}); choose another with --out.") from None
-    free = shutil.disk_usage(path).free
+    """Fail before training, and before creating anything, if `path` can't be written or the disk
+    is nearly full: better now than after an hour of training."""
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"output folder '{path}' cannot be created: '{parent}' is a file; choose another --out.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"output folder '{path}' is not writable (no write permission on '{parent}'); "
+                         "choose another with --out.")
+    free = shutil.disk_usage(parent).free
     if free < need_bytes:
-        raise CnnlabError(f"only {free / 2**20:.0f} MiB free under '{path}', need about {need_bytes / 2**20:.0f} MiB "
+        raise CnnlabError(f"only {free / 2**20:.0f} MiB free under '{parent}', need about {need_bytes / 2**20:.0f} MiB "
                           "for checkpoints; free some space or choose another --out.")
 
 
@@ -53,8 +54,13 @@ class RunFolder:
             with open(self.file(name), "w", encoding="utf-8") as f:
                 f.write(text)
 
-    def write_config(self, cfg):
+    def create(self, cfg):
+        """Make the folder and write config.yaml: the first thing a run writes."""
         if self.enabled:
+            try:
+                os.makedirs(self.path, exist_ok=True)
+            except OSError as e:
+                raise UsageError(f"cannot create output folder '{self.path}': {e.strerror or e}.") from None
             dump_yaml(cfg, self.file("config.yaml"))
 
     def write_metrics(self, history):

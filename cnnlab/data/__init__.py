@@ -1,7 +1,5 @@
 """Datasets by name: `load_data(cfg)` turns a `--data` string into train/val/test tensors with
 class names and normalisation statistics. `DATASETS` is what `cnnlab datasets` lists."""
-import os
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -46,8 +44,18 @@ class Data:
         return sum(part[0].numel() + part[1].numel() * 8 for part in (self.train, self.val, self.test))
 
 
+NAMES = ["mnist-5k", "mnist", "fashion-mnist", "kmnist", "cifar10", "cifar100", "cifar2", "synthetic"]
+PREFIXES = ("npz:", "folder:", "synthetic:")
+
+
+def check_data_name(name):
+    if name not in NAMES and not name.startswith(PREFIXES):
+        raise unknown("dataset", name, NAMES + [p + "PATH" for p in PREFIXES[:2]])
+
+
 def open_source(cfg):
     name = cfg.data
+    check_data_name(name)
     if name == "mnist-5k":
         return sources.mnist_5k(cfg)
     if name in sources.TORCHVISION:
@@ -60,10 +68,7 @@ def open_source(cfg):
         from .folder import folder
 
         return folder(name[7:], cfg)
-    if name == "synthetic" or name.startswith("synthetic:"):
-        return sources.synthetic(name, cfg)
-    raise unknown("dataset", name, [re.sub(r"[:\[].*", "", k) + (":" if ":" in k and "[" not in k else "")
-                                     for k in DATASETS])
+    return sources.synthetic(name, cfg)
 
 
 def channel_stats(x):

@@ -71,6 +71,7 @@ def _fit(cfg, ctx, resume, log):
     if cfg.batch_size % ctx.world:
         raise UsageError(f"--batch-size {cfg.batch_size} (global) must be divisible by the {ctx.world} processes.")
     run_dir = resume or cfg.out or os.path.join("runs", default_name(cfg))
+    check_names(cfg)
     if ctx.is_main:
         check_writable(run_dir, need_bytes=64 * 2**20)
     splits = read_json(os.path.join(resume, "splits.json")) if resume else None
@@ -88,7 +89,7 @@ def _fit(cfg, ctx, resume, log):
     meta = run_metadata(cfg, data, model, ctx, augment)
     print_settings(log, cfg, data, meta, run_dir, resumed=bool(resume))
     if not resume:
-        run.write_config(cfg)
+        run.create(cfg)
         run.write_json("splits.json", data.splits)
         if data.files.get("bad"):
             run.write_text("bad_images.txt", "\n".join(data.files["bad"]) + "\n")
@@ -136,6 +137,17 @@ def _fit(cfg, ctx, resume, log):
                     f"at epoch {progress.best_epoch})")
                 break
     return finish(model, best_state, data, cfg, ctx, run, meta, progress, log, loader)
+
+
+def check_names(cfg):
+    """Unknown dataset or model names fail before anything is written or loaded."""
+    from .data import check_data_name
+    from .models import model_names
+    from .errors import unknown
+
+    check_data_name(cfg.data)
+    if cfg.model not in model_names():
+        raise unknown("model", cfg.model, model_names())
 
 
 def agreed_stop(stop, ctx):

@@ -1,0 +1,44 @@
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared", "datasets")
+
+
+def run_cli(*args, cwd=None, timeout=600, env=None):
+    """Run `python -m cnnlab ARGS` in a subprocess; returns CompletedProcess with text output."""
+    return subprocess.run([sys.executable, "-m", "cnnlab", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """One short real training run on the embedded sample, shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("runs") / "demo"
+    result = run_cli("train", "--epochs", 4, "--out", out)
+    assert result.returncode == 0, result.stderr
+    return str(out)
+
+
+@pytest.fixture
+def shared_datasets():
+    if not os.path.isdir(SHARED):
+        pytest.skip(f"../shared/datasets is absent ({SHARED})")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's chromium, installed by the test setup when missing (needs root and the package registry)."""
+    path = shutil.which("chromium")
+    if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium",
+                       shell=True, capture_output=True, timeout=900)
+        path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("chromium is not installed and could not be installed here")
+    return path

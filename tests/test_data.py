@@ -1,0 +1,188 @@
+"""Every data source on small files the test writes itself, plus the real MNIST when present."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnlab.config import make_config
+from cnnlab.data import default_augment, load_data
+from cnnlab.data.loader import BatchLoader, augment_batch
+from cnnlab.errors import CnnlabError, UsageError
+
+
+def write_idx(root, prefix, images, labels):
+    raw = os.path.join(root, "MNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    n, h, w = images.shape
+    with open(os.path.join(raw, f"{prefix}-images-idx3-ubyte"), "wb") as f:
+        f.write(np.array([0x803, n, h, w], dtype=">i4").tobytes() + images.astype(np.uint8).tobytes())
+    with open(os.path.join(raw, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
+        f.write(np.array([0x801, n], dtype=">i4").tobytes() + labels.astype(np.uint8).tobytes())
+
+
+def test_mnist_from_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    write_idx(tmp_path, "train", rng.integers(0, 256, (200, 28, 28)), np.arange(200) % 10)
+    write_idx(tmp_path, "t10k", rng.integers(0, 256, (50, 28, 28)), np.arange(50) % 10)
+    data = load_data(make_config({"data": "mnist", "data_dir": str(tmp_path)}))
+    assert data.shape == (1, 28, 28) and data.classes == [str(i) for i in range(10)]
+    assert len(data.test[1]) == 50                      # the official test split stays the test split
+    assert len(data.train[1]) + len(data.val[1]) == 200
+    assert len(data.val[1]) == 20                       # 10% of the training pool, stratified
+    assert torch.bincount(data.val[1]).tolist() == [2] * 10
+
+
+def write_cifar(root, n_train=60, n_test=20):
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    for name, n in [(f"data_batch_{i}", n_train // 5) for i in range(1, 6)] + [("test_batch", n_test)]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(np.arange(n) % 10)}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({b"label_names": [c.encode() for c in names]}, f)
+
+
+def test_cifar10_and_cifar2_from_python_batches(tmp_path):
+    write_cifar(tmp_path)
+    data = load_data(make_config({"data": "cifar10", "data_dir": str(tmp_path), "val_fraction": 0.0}))
+    assert data.shape == (3, 32, 32) and data.classes[2] == "bird" and len(data.test[1]) == 20
+    two = load_data(make_config({"data": "cifar2", "data_dir": str(tmp_path), "val_fraction": 0.0}))
+    assert two.classes == ["airplane", "bird"]
+    assert sorted(torch.unique(two.train[1]).tolist()) == [0, 1] and len(two.train[1]) == 15   # 5 batches x (2 airplanes + 1 bird)
+
+
+def test_cifar_batch_with_code_is_refused(tmp_path):
+    write_cifar(tmp_path)
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({b"data": Evil()}, f)
+    with pytest.raises(CnnlabError, match="refused"):
+        load_data(make_config({"data": "cifar10", "data_dir": str(tmp_path)}))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_offline_message_names_files(tmp_path):
+    with pytest.raises(CnnlabError, match="cifar-10-batches-py"):
+        load_data(make_config({"data": "cifar10", "data_dir": str(tmp_path)}))
+
+
+def test_npz_nhwc_with_classes(tmp_path):
+    rng = np.random.default_rng(1)
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (100, 8, 8, 3), dtype=np.uint8), y_train=np.arange(100) % 4,
+             x_test=rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8), y_test=np.arange(20) % 4,
+             classes=np.array(["a", "b", "c", "d"]))
+    data = load_data(make_config({"data": f"npz:{path}", "train_samples": 40}))
+    assert data.shape == (3, 8, 8) and data.classes == ["a", "b", "c", "d"]
+    assert len(data.train[1]) == 40 and torch.bincount(data.train[1]).tolist() == [10] * 4
+
+
+def test_npz_missing_arrays(tmp_path):
+    np.savez(tmp_path / "bad.npz", x=np.zeros(3))
+    with pytest.raises(CnnlabError, match="x_train"):
+        load_data(make_config({"data": f"npz:{tmp_path / 'bad.npz'}"}))
+
+
+def test_splits_deterministic_stratified_disjoint():
+    cfg = make_config({"data": "mnist-5k"})
+    a, b = load_data(cfg), load_data(cfg)
+    assert a.splits == b.splits
+    train, val, test = (set(a.splits[k]) for k in ("train", "val", "test"))
+    assert not (train & val) and not (train & test) and not (val & test)
+    assert len(train | val | test) == 5000
+    assert torch.bincount(a.test[1]).tolist() == [100] * 10       # stratified: 20% of 500 per class
+    other = load_data(make_config({"data": "mnist-5k", "seed": 1}))
+    assert other.splits["test"] != a.splits["test"]
+
+
+def test_unknown_dataset_suggests_closest():
+    with pytest.raises(UsageError, match="Did you mean 'mnist'"):
+        load_data(make_config({"data": "mnsit"}))
+
+
+def make_folder(root, split=None, n=6, size=(20, 16)):
+    base = root / split if split else root
+    for cls, color in (("cat", (200, 50, 50)), ("dog", (50, 50, 200))):
+        os.makedirs(base / cls, exist_ok=True)
+        for i in range(n):
+            img = Image.new("RGB", size, color)
+            img.save(base / cls / f"{i}.png" if i % 2 else base / cls / f"{i}.jpg")
+
+
+def test_folder_with_train_test_and_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    make_folder(tmp_path / "imgs", "train")
+    make_folder(tmp_path / "imgs", "test", n=2)
+    cfg = make_config({"data": f"folder:{tmp_path / 'imgs'}", "image_size": 12})
+    data = load_data(cfg)
+    assert data.classes == ["cat", "dog"] and data.shape == (3, 12, 12) and len(data.test[1]) == 4
+    assert data.test[0][0, 0].float().mean() > data.test[0][0, 2].float().mean()  # cats are red
+    assert len(os.listdir(tmp_path / "cache" / "folders")) == 2
+    again = load_data(cfg)                                                     # from the cache
+    assert torch.equal(again.train[0], data.train[0])
+
+
+def test_folder_bad_image_error_and_skip(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    make_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "cat" / "broken.jpg").write_text("not an image")
+    with pytest.raises(CnnlabError, match="broken.jpg"):
+        load_data(make_config({"data": f"folder:{tmp_path / 'imgs'}"}))
+    data = load_data(make_config({"data": f"folder:{tmp_path / 'imgs'}", "on_bad_image": "skip"}))
+    assert len(data.files["bad"]) == 1 and "broken.jpg" in data.files["bad"][0]
+    assert len(data.train[1]) + len(data.val[1]) + len(data.test[1]) == 12
+
+
+def test_loader_batches_cover_epoch_once_and_resume_exactly():
+    x = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1).expand(50, 1, 4, 4).contiguous()
+    y = torch.arange(50) % 5
+    loader = BatchLoader(x, y, 8, [0.0], [1 / 255], shuffle=True, seed=3, augment="crop+flip")
+    batches = list(loader.batches(epoch=2))
+    seen = torch.cat([b[1] for b in batches])
+    assert len(seen) == 50 and len(batches) == 7
+    resumed = list(loader.batches(epoch=2, start=4))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches[4:], resumed))
+    assert not torch.equal(torch.cat([b[1] for b in loader.batches(epoch=3)]), seen)
+
+
+def test_ddp_shards_are_disjoint_and_complete():
+    x, y = torch.zeros(40, 1, 2, 2, dtype=torch.uint8), torch.arange(40)
+    shards = [BatchLoader(x, y, 8, [0.0], [1.0], shuffle=True, seed=0, rank=r, world=2) for r in range(2)]
+    single = BatchLoader(x, y, 8, [0.0], [1.0], shuffle=True, seed=0)
+    for (a, b, s) in zip(*(l.batches(1) for l in shards), single.batches(1)):
+        assert sorted(a[1].tolist() + b[1].tolist()) == sorted(s[1].tolist())
+        assert not set(a[1].tolist()) & set(b[1].tolist())
+
+
+def test_crop_augmentation_is_a_shift():
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 4, 4] = 1
+    out = augment_batch(x.repeat(16, 1, 1, 1), "crop", torch.Generator().manual_seed(0))
+    assert out.shape == (16, 1, 8, 8) and torch.all(out.sum((1, 2, 3)) <= 1)
+    assert len({tuple(o.nonzero()[0].tolist()) for o in out if o.sum()}) > 1
+
+
+def test_digits_are_never_flipped_by_default():
+    data = load_data(make_config({"data": "mnist-5k"}))
+    assert default_augment(data, "auto") == "crop"
+
+
+def test_full_mnist(shared_datasets):
+    data = load_data(make_config({"data": "mnist", "data_dir": shared_datasets, "val_fraction": 0.0}))
+    assert len(data.train[1]) == 60000 and len(data.test[1]) == 10000
+    assert torch.bincount(data.train[1]).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+
+def test_seed004_caps(shared_datasets):
+    cfg = make_config({"data": "mnist", "data_dir": shared_datasets, "train_samples": 20000,
+                       "val_samples": 5000, "test_samples": 5000})
+    data = load_data(cfg)
+    assert (len(data.train[1]), len(data.val[1]), len(data.test[1])) == (20000, 5000, 5000)

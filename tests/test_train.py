@@ -1,0 +1,173 @@
+"""Training: the CLI demo's run folder, determinism, exact resume, signals, NaN, optimizers."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cnnlab.training
+from cnnlab.checkpoint import load as load_checkpoint
+from cnnlab.config import make_config
+from cnnlab.engine import Interrupted
+from cnnlab.errors import CnnlabError
+from cnnlab.training import fit
+
+from .conftest import ROOT, run_cli
+
+SMALL = dict(data="mnist-5k", train_samples=600, val_samples=200, test_samples=200, batch_size=50,
+             model="net_dropout", epochs=3, schedule="onecycle", ema=0.9, augment="crop", report=False)
+
+
+def test_cli_demo_run_folder(demo_run):
+    for name in ("config.yaml", "metrics.csv", "summary.json", "best.pt", "last.pt", "curves.png", "splits.json"):
+        assert os.path.getsize(os.path.join(demo_run, name)) > 0, name
+    summary = json.load(open(os.path.join(demo_run, "summary.json")))
+    for key in ("best_val_acc", "test_acc", "test_loss", "epochs", "train_seconds", "samples_per_second",
+                "device", "model", "data", "num_params"):
+        assert key in summary, key
+    assert summary["test_acc"] > 0.5 and summary["best_val_acc"] > 0.5   # chance is 0.1
+    assert summary["num_params"] == 121930 and summary["epochs"] == 4
+    rows = list(csv.DictReader(open(os.path.join(demo_run, "metrics.csv"))))
+    assert list(rows[0])[:7] == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+    assert len(rows) == 4 and all(0 <= float(r["val_acc"]) <= 1 for r in rows)
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+
+
+def weights(run_dir, name="last.pt"):
+    return load_checkpoint(os.path.join(run_dir, name), name)["state_dict"]
+
+
+def metric_rows(run_dir):
+    """metrics.csv without the wall-clock column, which no two runs share."""
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(open(os.path.join(run_dir, "metrics.csv")))]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_seeded_runs_are_identical(tmp_path):
+    fit(make_config({**SMALL, "epochs": 2, "out": str(tmp_path / "a")}), quiet=True)
+    fit(make_config({**SMALL, "epochs": 2, "out": str(tmp_path / "b")}), quiet=True)
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    assert metric_rows(tmp_path / "a") == metric_rows(tmp_path / "b")
+
+
+def interrupt_at_step(monkeypatch, n):
+    calls = {"n": 0}
+
+    def fake_stop(stop, ctx):
+        calls["n"] += 1
+        if calls["n"] == n:
+            stop.signum = signal.SIGINT
+            return True
+        return False
+    monkeypatch.setattr(cnnlab.training, "agreed_stop", fake_stop)
+
+
+@pytest.mark.parametrize("stop_step", [12, 17], ids=["epoch-boundary", "mid-epoch"])
+def test_resume_is_exact(tmp_path, monkeypatch, stop_step):
+    """12 steps per epoch: stopping after step 12 is an epoch boundary, after 17 mid-epoch."""
+    fit(make_config({**SMALL, "out": str(tmp_path / "full")}), quiet=True)
+    interrupt_at_step(monkeypatch, stop_step)
+    with pytest.raises(Interrupted):
+        fit(make_config({**SMALL, "out": str(tmp_path / "cut")}), quiet=True)
+    state = load_checkpoint(tmp_path / "cut" / "last.pt", "last.pt")["train_state"]["progress"]
+    assert state["global_step"] == stop_step
+    monkeypatch.undo()
+    fit(resume=str(tmp_path / "cut"), quiet=True)
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
+    assert_same_weights(weights(tmp_path / "full", "best.pt"), weights(tmp_path / "cut", "best.pt"))
+    assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "cut")
+
+
+def test_resume_refuses_a_changed_model(tmp_path):
+    fit(make_config({**SMALL, "epochs": 1, "out": str(tmp_path / "r")}), quiet=True)
+    result = run_cli("train", "--resume", tmp_path / "r", "--model", "lenet5")
+    assert result.returncode == 2 and "model: 'net_dropout' -> 'lenet5'" in result.stderr
+
+
+def test_sigint_leaves_a_resumable_checkpoint(tmp_path):
+    out = tmp_path / "sig"
+    proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", "--epochs", "30", "--out", str(out),
+                             "--train-samples", "1000", "--report", "false"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:      # wait for the first finished epoch, then interrupt
+        if line.startswith("epoch"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"cnnlab train --resume {out}" in err
+    ckpt = load_checkpoint(out / "last.pt", "last.pt")
+    assert ckpt["train_state"]["progress"]["global_step"] > 0
+    resumed = run_cli("train", "--resume", out, "--epochs", ckpt["train_state"]["progress"]["epoch"] + 1)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "(resumed)" in resumed.stdout
+
+
+def test_nan_loss_stops_cleanly(tmp_path):
+    result = run_cli("train", "--optimizer", "sgd", "--lr", "1e8", "--train-samples", "500", "--out", tmp_path / "nan")
+    assert result.returncode == 1
+    assert "non-finite" in result.stderr and "lr" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("settings", [
+    dict(optimizer="sgd", momentum=0.9, nesterov=True, schedule="step", step_epochs=1),
+    dict(optimizer="adam", schedule="cosine", warmup_epochs=0.5),
+    dict(optimizer="adamw", weight_decay=0.05, schedule="onecycle", label_smoothing=0.1, grad_clip=1.0),
+    dict(optimizer="sgd", l2=1e-3, schedule="constant", amp="bf16", channels_last=True),
+])
+def test_optimizers_and_schedules_take_steps(tmp_path, settings):
+    cfg = make_config({**SMALL, "model": "mnist_cnn", "ema": 0.0, "epochs": 2, "lr": 0.01, **settings,
+                       "out": str(tmp_path / "o")})
+    before = fit(make_config({**cfg.to_dict(), "epochs": 1, "out": str(tmp_path / "o1")}), quiet=True)
+    result = fit(cfg, quiet=True)
+    lrs = [row["lr"] for row in result.history]
+    assert result.summary["test_acc"] > 0.3 and before.summary["test_acc"] > 0.1
+    if settings["schedule"] == "step":
+        assert lrs[1] == pytest.approx(lrs[0] * 0.1)
+
+
+def test_early_stopping(tmp_path):
+    result = fit(make_config({**SMALL, "epochs": 8, "lr": 1e-9, "optimizer": "sgd", "schedule": "constant",
+                              "patience": 1, "out": str(tmp_path / "p")}), quiet=True)
+    assert result.summary["stopped_early"] and result.summary["epochs"] < 8
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--data", "mnsit"], "Did you mean 'mnist'"),
+    (["--model", "lenet"], "Did you mean 'lenet5'"),
+    (["--epochs", "0"], "epochs"),
+    (["--batch-size", "-4"], "batch_size"),
+    (["--optimizer", "adan"], "optimizer"),
+    (["--bogus-flag", "1"], "unrecognized arguments"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, needle):
+    out = tmp_path / "never"
+    result = run_cli("train", *args, "--out", out)
+    assert result.returncode == 2, result.stderr
+    assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_unwritable_out(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    result = run_cli("train", "--out", blocker / "run")
+    assert result.returncode == 2 and "is a file" in result.stderr
+
+
+def test_python_api(tmp_path):
+    import cnnlab
+
+    result = cnnlab.train(**{**SMALL, "epochs": 1}, out=str(tmp_path / "api"), quiet=True)
+    assert os.path.exists(os.path.join(result.run_dir, "best.pt")) and len(result.history) == 1
+    assert result.plot() is not None
