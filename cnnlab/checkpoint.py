@@ -8,7 +8,6 @@ the resolved config and the metrics (nanoGPT's habit of storing the model's own 
 """
 import os
 import pickle
-import zipfile
 
 import torch
 
@@ -62,7 +61,7 @@ def load(path, name="best.pt"):
         detail = str(e).split("\n")[0][:160]
         raise CnnlabError(f"{path} holds objects other than plain tensors and numbers, so it was refused "
                           f"unopened (it could run code); nothing in it was executed. ({detail})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as e:
+    except Exception as e:  # truncated or foreign bytes fail in many ways inside torch.load and zipfile
         raise CnnlabError(f"{path} is not a readable checkpoint (truncated or another kind of file: "
                           f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__}).") from None
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:

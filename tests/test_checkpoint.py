@@ -1,0 +1,131 @@
+"""Self-describing safe checkpoints; predict; export parity."""
+import glob
+import json
+import os
+import pickle
+import re
+
+import pytest
+import torch
+
+import cnnlab
+from cnnlab.checkpoint import load as load_checkpoint
+from cnnlab.errors import CnnlabError
+
+from .conftest import SHARED, run_cli
+
+
+def test_load_gives_identical_logits(demo_run):
+    model = cnnlab.load(demo_run)
+    ckpt = load_checkpoint(demo_run)
+    x = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    again = cnnlab.load(os.path.join(demo_run, "best.pt"))
+    assert torch.equal(model.logits(x), again.logits(x))
+    assert model.classes == [str(i) for i in range(10)] and ckpt["model"]["name"] == "mnist_cnn"
+    assert set(ckpt["preprocess"]) >= {"channels", "image_size", "mean", "std", "invert"}
+    assert ckpt["config"]["data"] == "mnist-5k"
+
+
+def test_predict_api_accepts_arrays_images_and_paths(demo_run, shared_datasets):
+    from PIL import Image
+
+    model = cnnlab.load(demo_run)
+    path = os.path.join(shared_datasets, "samples", "mnist_07_9.png")
+    img = Image.open(path)
+    import numpy as np
+
+    arr = np.asarray(img)
+    outs = model.predict([path, img, arr, arr / 255.0], top_k=2)
+    assert len(outs) == 4 and all(len(o) == 2 for o in outs)
+    assert len({o[0]["label"] for o in outs}) == 1
+    assert abs(sum(p["probability"] for p in model.predict(path, top_k=10)[0]) - 1) < 1e-5
+
+
+def test_predict_cli_on_real_samples(demo_run, shared_datasets):
+    files = sorted(glob.glob(os.path.join(shared_datasets, "samples", "mnist_*.png")))
+    result = run_cli("predict", demo_run, *files, "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    right = sum(r["predictions"][0]["label"] == re.findall(r"_(\d+)\.png$", r["path"])[0] for r in rows)
+    assert len(rows) == 20 and right >= 17, right
+
+
+def test_predict_reports_bad_files_and_goes_on(demo_run, tmp_path):
+    from PIL import Image
+
+    Image.new("L", (28, 28), 0).save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"")
+    result = run_cli("predict", demo_run, tmp_path, "--json")
+    assert result.returncode == 1
+    rows = {os.path.basename(r["path"]): r for r in json.loads(result.stdout)}
+    assert "predictions" in rows["good.png"] and "error" in rows["bad.png"]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_parity(demo_run, tmp_path, fmt):
+    out = tmp_path / f"model.{fmt}"
+    result = run_cli("export", demo_run, "--format", fmt, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "parity check passed" in result.stdout and out.exists()
+    diff = float(re.search(r"difference ([0-9.e+-]+)", result.stdout).group(1))
+    assert diff <= 1e-4
+
+
+def test_onnx_has_dynamic_batch(demo_run, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    out = tmp_path / "m.onnx"
+    run_cli("export", demo_run, "--format", "onnx", "--out", out)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for n in (1, 7):
+        assert session.run(None, {"images": np.zeros((n, 1, 28, 28), np.float32)})[0].shape == (n, 10)
+
+
+class Marker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "marker"
+    bad = tmp_path / "evil.pt"
+    torch.save({"format": "cnnlab-checkpoint", "payload": Marker(str(marker))}, bad)
+    assert not marker.exists()
+    with pytest.raises(CnnlabError, match="refused"):
+        load_checkpoint(str(bad))
+    assert not marker.exists()
+    with open(tmp_path / "raw.pkl", "wb") as f:
+        pickle.dump(Marker(str(marker)), f)
+    result = run_cli("predict", tmp_path / "raw.pkl", os.path.join(SHARED, "samples", "mnist_07_9.png"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr and not marker.exists()
+
+
+def test_truncated_and_foreign_files(demo_run, tmp_path):
+    data = open(os.path.join(demo_run, "best.pt"), "rb").read()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CnnlabError, match="not a readable checkpoint"):
+        load_checkpoint(str(tmp_path / "cut.pt"))
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(CnnlabError, match="not a readable checkpoint"):
+        load_checkpoint(str(tmp_path / "text.pt"))
+    torch.save({"a": 1}, tmp_path / "dict.pt")
+    with pytest.raises(CnnlabError, match="not a cnnlab checkpoint"):
+        load_checkpoint(str(tmp_path / "dict.pt"))
+
+
+def test_bare_state_dict_gets_a_helpful_message(tmp_path):
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(CnnlabError, match="bare state_dict.*load_state_dict"):
+        load_checkpoint(str(tmp_path / "bare.pt"))
+
+
+def test_checkpoint_for_a_different_class_count(demo_run, tmp_path):
+    ckpt = load_checkpoint(demo_run)
+    ckpt["model"]["num_classes"] = 7
+    torch.save(ckpt, tmp_path / "wrong.pt")
+    with pytest.raises(CnnlabError, match="do not fit"):
+        cnnlab.load(tmp_path / "wrong.pt")
