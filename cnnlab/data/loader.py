@@ -45,33 +45,39 @@ class BatchLoader:
         disjoint and together are exactly the single-process batch."""
         order = self.order(epoch)
         for step in range(start, len(self)):
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size][self.rank::self.world]
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
             yield self.make_batch(idx, epoch, step)
 
     def make_batch(self, idx, epoch=0, step=0):
-        xb = self.x[idx].float().mul_(self.scale).add_(self.shift)
+        """The rank's share of global batch `idx`: its images, normalised and augmented with the
+        random draws the single-process run would give those same images."""
+        mine = slice(self.rank, None, self.world)
+        xb = self.x[idx[mine]].float().mul_(self.scale).add_(self.shift)
         if self.augment != "none":
-            xb = augment_batch(xb, self.augment, _generator(self.seed, epoch, step, 7))
+            xb = augment_batch(xb, self.augment, _generator(self.seed, epoch, step, 7), len(idx), mine)
         if self.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        return xb, self.y[idx]
+        return xb, self.y[idx[mine]]
 
 
-def augment_batch(x, kind, gen):
+def augment_batch(x, kind, gen, drawn=None, mine=slice(None)):
     """Random crop with zero padding and/or horizontal
-    flip, drawn per image but applied to the whole batch with one gather."""
+    flip, drawn per image but applied to the whole batch with one gather. Draws are made for the
+    `drawn` images of the global batch and the `mine` share is used, so DDP ranks augment exactly as
+    one process would."""
     b, c, h, w = x.shape
+    drawn = drawn or b
     if "crop" in kind:
         pad = 2 if h <= 28 else h // 8   # 2 px for digits, 4 px for CIFAR (He et al. 2016)
         padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
-        dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
+        dy = torch.randint(0, 2 * pad + 1, (drawn,), generator=gen)[mine].to(x.device)
+        dx = torch.randint(0, 2 * pad + 1, (drawn,), generator=gen)[mine].to(x.device)
         rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]   # (B, 1, H, 1)
         cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]   # (B, 1, 1, W)
         bi = torch.arange(b, device=x.device)[:, None, None, None]
         ci = torch.arange(c, device=x.device)[None, :, None, None]
         x = padded[bi, ci, rows, cols]
     if "flip" in kind:
-        flip = (torch.rand(b, generator=gen) < 0.5).to(x.device)
+        flip = (torch.rand(drawn, generator=gen)[mine] < 0.5).to(x.device)
         x = torch.where(flip[:, None, None, None], x.flip(3), x)
     return x

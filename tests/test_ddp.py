@@ -1,0 +1,62 @@
+"""torch.distributed with 2 CPU processes (gloo on loopback), bounded in time."""
+import csv
+import json
+import os
+
+import pytest
+
+import cnnlab
+from cnnlab.config import make_config
+from cnnlab.training import fit
+
+from .conftest import run_cli
+
+ARGS = dict(data="mnist-5k", model="mnist_cnn", train_samples=600, val_samples=200, test_samples=200,
+            batch_size=50, epochs=2, augment="crop", lr=0.002, report=False)
+
+
+def flags(settings):
+    return [part for k, v in settings.items() for part in (f"--{k.replace('_', '-')}", str(v))]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    result = run_cli("train", "--nproc", 2, "--device", "cpu", *flags(ARGS), "--out", out, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_ddp_matches_single_process(ddp_run, tmp_path):
+    out, _ = ddp_run
+    single = fit(make_config({**ARGS, "out": str(tmp_path / "single")}), quiet=True)
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert len(rows) == len(single.history) == 2
+    for ddp_row, one in zip(rows, single.history):
+        assert abs(float(ddp_row["train_loss"]) - one["train_loss"]) < 1e-4
+        assert abs(float(ddp_row["val_acc"]) - one["val_acc"]) < 1e-6 + 1 / 200
+
+
+def test_only_rank_zero_prints_and_writes(ddp_run):
+    out, result = ddp_run
+    assert result.stdout.count("epoch   1/2") == 1 and result.stdout.count("===== cnnlab train") == 1
+    assert sorted(os.listdir(out)) == ["best.pt", "config.yaml", "last.pt", "metrics.csv", "splits.json", "summary.json"]
+    summary = json.load(open(out / "summary.json"))
+    assert summary["world_size"] == 2 and summary["global_batch_size"] == 50
+
+
+def test_ddp_checkpoint_loads_in_one_process(ddp_run):
+    out, _ = ddp_run
+    model = cnnlab.load(out)
+    from cnnlab.report import evaluate_path
+
+    m = evaluate_path(str(out))
+    assert m["accuracy"] == pytest.approx(json.load(open(out / "summary.json"))["test_acc"])
+    assert model.classes[0] == "0"
+
+
+def test_resume_under_ddp(ddp_run):
+    out, _ = ddp_run
+    result = run_cli("train", "--nproc", 2, "--resume", out, "--epochs", 3, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(csv.DictReader(open(out / "metrics.csv")))) == 3
