@@ -8,6 +8,7 @@ the resolved config and the metrics (nanoGPT's habit of storing the model's own 
 """
 import os
 import pickle
+import re
 
 import torch
 
@@ -58,9 +59,11 @@ def load(path, name="best.pt"):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = str(e).split("\n")[0][:160]
-        raise CnnlabError(f"{path} holds objects other than plain tensors and numbers, so it was refused "
-                          f"unopened (it could run code); nothing in it was executed. ({detail})") from None
+        refused = re.search(r"(unsupported GLOBAL [^\s]+|Unsupported global: [^\s]+)", str(e), re.IGNORECASE)
+        if not refused:
+            raise CnnlabError(f"{path} is not a readable checkpoint (not a torch.save file, or damaged).") from None
+        raise CnnlabError(f"{path} was refused: it asks to load a Python object ({refused.group(1)}) that "
+                          "could run code. Nothing in it was executed; cnnlab only opens plain tensors and numbers.") from None
     except Exception as e:  # truncated or foreign bytes fail in many ways inside torch.load and zipfile
         raise CnnlabError(f"{path} is not a readable checkpoint (truncated or another kind of file: "
                           f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__}).") from None

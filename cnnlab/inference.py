@@ -34,28 +34,25 @@ class Model:
         return f"cnnlab.Model({self.preprocess and self.config.get('model')}, classes={self.classes})"
 
     def to_uint8(self, item, invert=None, name=None):
-        """One image (path, PIL image, or uint8/float array HW, HWC or CHW) -> (C, S, S) uint8."""
+        """One image (path, file object, PIL image, or uint8/float array HW, HWC or CHW) ->
+        (C, S, S) uint8, converted and resized exactly as the training data was."""
         from PIL import Image
 
-        from .data.images import load_array, to_mode
+        from .data.images import open_image, to_mode
 
         c, size = self.preprocess["channels"], self.preprocess["image_size"]
-        if isinstance(item, (str, os.PathLike)):
-            a = load_array(item, c, size, name)
-        else:
-            if isinstance(item, np.ndarray) or torch.is_tensor(item):
-                arr = np.asarray(item)
-                if arr.dtype != np.uint8:
-                    arr = np.clip(arr * (255 if arr.max() <= 1.0 else 1) + 0.5, 0, 255).astype(np.uint8)
-                if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
-                    arr = arr.transpose(1, 2, 0)
-                item = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
-            img = to_mode(item, c).resize((size, size), Image.BILINEAR) if item.size != (size, size) else to_mode(item, c)
-            a = np.asarray(img, dtype=np.uint8)
-            a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+        if isinstance(item, (str, os.PathLike)) or hasattr(item, "read"):
+            item = open_image(item, name)
+        elif isinstance(item, np.ndarray) or torch.is_tensor(item):
+            item = array_to_image(np.asarray(item))
+        img = to_mode(item, c)
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        a = np.array(img, dtype=np.uint8)  # a writable copy
+        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
         if invert if invert is not None else self.preprocess.get("invert"):
             a = 255 - a
-        return torch.from_numpy(np.array(a, dtype=np.uint8))  # a writable copy
+        return torch.from_numpy(np.ascontiguousarray(a))
 
     @torch.inference_mode()
     def logits(self, batch_uint8):
@@ -78,6 +75,17 @@ class Model:
         values, indices = probs.topk(min(k, probs.shape[1]), dim=1)
         return [[{"label": self.classes[j], "index": int(j), "probability": float(p)} for p, j in zip(vs, ix)]
                 for vs, ix in zip(values.tolist(), indices.tolist())]
+
+
+def array_to_image(arr):
+    """uint8 0..255 or float 0..1 arrays, HW / HWC / CHW -> PIL image."""
+    from PIL import Image
+
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr * (255 if arr.max() <= 1.0 else 1) + 0.5, 0, 255).astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(1, 2, 0)
+    return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
 
 
 def load(path, device="cpu"):

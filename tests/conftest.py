@@ -42,3 +42,18 @@ def chromium():
     if path is None:
         pytest.skip("chromium is not installed and could not be installed here")
     return path
+
+
+def bomb_png(width=30000, height=30000):
+    """A tiny valid-looking PNG whose header claims width x height pixels (a decompression bomb)."""
+    import io
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")   # keep the IHDR checksum valid
+    return bytes(data)
