@@ -12,6 +12,7 @@ from . import plots
 from .config import make_config
 from .data import load_data
 from .data.loader import BatchLoader
+from .data.splits import stratified_order
 from .errors import CnnlabError, UsageError
 from .metrics import summarize
 from .run import read_json, read_metrics
@@ -69,7 +70,8 @@ def write_pictures(run_dir, model, data, metrics):
     history = read_metrics(run_dir)
     paths = {"curves": plots.save_curves(history, os.path.join(run_dir, "curves.png"))}
     paths["confusion"] = plots.save_confusion(metrics["confusion_matrix"], model.classes, os.path.join(run_dir, "confusion.png"))
-    paths["samples"] = plots.save_samples(data.train[0][:20].numpy(), data.train[1][:20], model.classes,
+    pick = stratified_order(data.train[1], seed=0)[:20]   # a mix of classes, not the first rows
+    paths["samples"] = plots.save_samples(data.train[0][pick].numpy(), data.train[1][pick], model.classes,
                                           os.path.join(run_dir, "samples.png"))
     paths["mistakes"] = plots.save_mistakes(data.test[0].numpy(), data.test[1].numpy(), metrics["_probs"].numpy(),
                                             metrics["_losses"].numpy(), model.classes, os.path.join(run_dir, "mistakes.png"))
@@ -108,7 +110,7 @@ def render_html(run_dir, summary, model, metrics, paths, history):
            "device": summary.get("device", "cpu"), "cuda": torch.version.cuda or "none"}
     keys = ("model", "data", "num_params", "epochs", "best_val_acc", "best_epoch", "test_acc", "test_loss",
             "train_seconds", "samples_per_second", "device", "global_batch_size")
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else v
+    fmt = lambda v: (f"{v:.4f}" if not float(v).is_integer() else int(v)) if isinstance(v, float) else v
     per_class = [(r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"])
                  for r in metrics["per_class"]]
     diag = summary.get("diagnostics") or ["No problems detected."]
