@@ -13,6 +13,7 @@ HELP = {
             "npz:PATH, folder:PATH, synthetic[:CxHxW:K:N] (see `cnnlab datasets`)",
     "data_dir": "root folder of torchvision-style datasets (default: data)",
     "classes": "keep only these classes, comma-separated names or indices (e.g. airplane,bird)",
+    "class_names": "comma-separated names for data that carries none (an npz without a `classes` array)",
     "model": "network name (see `cnnlab models`; default mnist_cnn, seed 003's CNN)",
     "batch_size": "GLOBAL batch size: under DDP each of N processes takes batch_size/N",
     "augment": "auto (crop for digits, crop+flip for photos), none, flip, crop, crop+flip",

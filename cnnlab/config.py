@@ -17,6 +17,7 @@ class TrainConfig:
     data: str = "mnist-5k"
     data_dir: str = "data"
     classes: list = field(default_factory=list)   # keep only these classes (names or indices)
+    class_names: list = field(default_factory=list)  # names for sources that carry none (npz without `classes`)
     val_fraction: float = 0.1
     test_fraction: float = 0.2                    # only for sources without an official test split
     train_samples: int = 0                         # 0 = all

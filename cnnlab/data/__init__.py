@@ -88,6 +88,10 @@ def resize(x, size):
 def load_data(cfg, splits=None):
     """Decode the source, cut or reuse the splits, and compute the normalisation statistics."""
     src = open_source(cfg)
+    if cfg.class_names:
+        if len(cfg.class_names) != len(src.classes):
+            raise UsageError(f"--class-names gives {len(cfg.class_names)} names for {len(src.classes)} classes.")
+        src.classes = list(cfg.class_names)
     if cfg.classes:
         files = src.files
         src = sources.select_classes(src, cfg.classes)

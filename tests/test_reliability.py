@@ -1,0 +1,172 @@
+"""Messy real-world inputs: every bad image kind, bad folders, random bytes, and kill -9 during
+training. Counts are printed so the test log states how many faults were injected."""
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from cnnlab.config import make_config
+from cnnlab.data import load_data
+from cnnlab.data.images import load_array
+from cnnlab.errors import CnnlabError
+
+from .conftest import ROOT, bomb_png, run_cli
+
+
+def png(img):
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def jpeg(img):
+    buf = io.BytesIO()
+    img.save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def digit(value=200):
+    img = Image.new("L", (28, 28), 0)
+    img.paste(value, (10, 4, 18, 24))
+    return img
+
+
+BAD = {  # file name -> bytes that no decoder should accept (or a bomb)
+    "zero.png": b"",
+    "truncated.png": png(digit())[:60],
+    "truncated.jpg": jpeg(digit())[:200],
+    "text.jpg": b"this is not a jpeg\n",
+    "bomb.png": bomb_png(),
+}
+
+
+def good_files():
+    rgb = Image.new("RGB", (28, 28), (200, 30, 30))
+    sixteen = Image.fromarray((np.arange(28 * 28, dtype=np.uint16).reshape(28, 28) * 80))
+    rgba = Image.new("RGBA", (28, 28), (255, 255, 255, 0))
+    return {
+        "cmyk.jpg": jpeg(rgb.convert("CMYK")),
+        "sixteen.png": png(sixteen),
+        "palette.png": png(rgb.convert("P")),
+        "rgba.png": png(rgba),
+        "one pixel.png": png(Image.new("L", (1, 1), 255)),
+        "ünïcode digit.png": png(digit()),
+    }
+
+
+def make_messy_folder(root):
+    for cls in ("a", "b"):
+        os.makedirs(root / cls)
+        for i in range(4):
+            (root / cls / f"{i}.png").write_bytes(png(digit(100 + 40 * i)))
+    for name, data in {**BAD, **good_files()}.items():
+        (root / "a" / name).write_bytes(data)
+    os.symlink(root / "a" / "loop.png", root / "a" / "loop.png")   # a symlink to itself
+    os.makedirs(root / "empty")
+    return root
+
+
+@pytest.fixture
+def messy(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    return make_messy_folder(tmp_path / "messy")
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_each_bad_file_is_one_clear_error(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(BAD[name])
+    with pytest.raises(CnnlabError) as err:
+        load_array(str(path), 1, 28)
+    assert name in str(err.value) and "\n" not in str(err.value)
+
+
+def test_symlink_loop_is_one_clear_error(tmp_path):
+    os.symlink(tmp_path / "loop.png", tmp_path / "loop.png")
+    with pytest.raises(CnnlabError, match="loop.png"):
+        load_array(str(tmp_path / "loop.png"), 1, 28)
+
+
+@pytest.mark.parametrize("name", sorted(good_files()))
+def test_odd_but_valid_images_decode(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(good_files()[name])
+    for channels in (1, 3):
+        a = load_array(str(path), channels, 28)
+        assert a.shape == (channels, 28, 28) and a.dtype == np.uint8
+    if name == "sixteen.png":   # 16-bit is scaled, not clipped to white
+        assert 0 < load_array(str(path), 1, 28).mean() < 255
+
+
+def test_training_on_a_messy_folder(messy, tmp_path):
+    out = tmp_path / "run"
+    strict = run_cli("train", "--data", f"folder:{messy}", "--epochs", 1, "--out", out)
+    assert strict.returncode == 1 and "Traceback" not in strict.stderr
+    assert "--on-bad-image skip" in strict.stderr and "(and" in strict.stderr
+    result = run_cli("train", "--data", f"folder:{messy}", "--epochs", 1, "--on-bad-image", "skip",
+                     "--out", out, "--val-fraction", "0.2")
+    assert result.returncode == 0, result.stderr
+    assert "empty' holds no images" in result.stderr and "skipped 6 unreadable" in result.stderr
+    bad = (out / "bad_images.txt").read_text().splitlines()
+    assert len(bad) == 6 and any("bomb.png" in b and "limit" in b for b in bad)
+    print(f"bad inputs tried: {len(BAD) + 1} unreadable files, {len(good_files())} odd valid ones, 1 empty class")
+
+
+def test_data_check_lists_unreadable(messy):
+    result = run_cli("data", "check", f"folder:{messy}")
+    assert result.returncode == 1
+    assert result.stdout.count("unreadable:") == 6 and "truncated.jpg" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_predict_on_a_messy_folder(messy, demo_run):
+    result = run_cli("predict", demo_run, messy, "--json")
+    import json
+
+    rows = json.loads(result.stdout)
+    errors = [r for r in rows if "error" in r]
+    assert result.returncode == 1 and len(errors) == 6 and len(rows) == 8 + 6 + len(good_files())
+    assert all(os.path.basename(r["path"]) in r["error"] for r in errors)
+
+
+def test_single_class_folder(tmp_path):
+    os.makedirs(tmp_path / "only" / "cats")
+    Image.new("RGB", (8, 8)).save(tmp_path / "only" / "cats" / "x.png")
+    result = run_cli("train", "--data", f"folder:{tmp_path / 'only'}", "--out", tmp_path / "r")
+    assert result.returncode == 1 and "at least 2" in result.stderr and not (tmp_path / "r").exists()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=2000))
+def test_random_bytes_never_crash_the_decoder(data):
+    try:
+        a = load_array(io.BytesIO(data), 1, 8, name="fuzz")
+    except CnnlabError as e:
+        assert "fuzz" in str(e)
+    else:
+        assert a.shape == (1, 8, 8)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(min_size=8, max_size=400))
+def test_random_bytes_after_a_png_signature(data):
+    try:
+        load_array(io.BytesIO(b"\x89PNG\r\n\x1a\n" + data), 3, 8, name="fuzz.png")
+    except CnnlabError as e:
+        assert "fuzz.png" in str(e)
+
+
+def test_kill_and_resume_small():
+    """CI's short version of benchmarks/crash_resume.py (which does 20 kills)."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "crash_resume.py"), "--kills", "2",
+                             "--epochs", "4", "--min-delay", "3.5", "--max-delay", "4.5"],
+                            capture_output=True, text=True, timeout=400, cwd=ROOT)
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "unreadable after 0" in result.stdout and "equal to the uninterrupted run: yes" in result.stdout
