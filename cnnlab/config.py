@@ -50,7 +50,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"
-    channels_last: bool = False
+    channels_last: bool = True                    # NHWC: faster convolutions on CPU (oneDNN) and GPU
     compile: bool = False
     threads: int = 0
     sync_bn: bool = False

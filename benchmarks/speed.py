@@ -1,0 +1,181 @@
+"""cnnlab vs the seed 003 tutorial, side by side, in ONE run on the same machine and data.
+
+    python benchmarks/speed.py [--data-dir ../shared/datasets] [--tutorial-epochs 5] [--seeds 0 1 2]
+
+(a) the tutorial as written (benchmarks/tutorial_seed003.py, in its own process)
+(b) cnnlab training the same model at batch 32
+(c) cnnlab's fastest MNIST recipe (recipes/mnist_fast.yaml), 3 seeds, wall time of the whole command
+(d) achieved training GFLOP/s of the seed model at cnnlab's default batch vs fp32 matmul GFLOP/s
+(e) inference images/s of `evaluate`, and the wall time of `cnnlab --help`
+(f) the data loader alone vs the tutorial's DataLoader (issue: loader >= 20x)
+Each ratio is printed on its own line. Results are recorded in benchmarks/README.md."""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def sh(*cmd, **kw):
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True, **kw)
+
+
+def tutorial(data_dir, epochs):
+    out = sh(sys.executable, os.path.join(HERE, "tutorial_seed003.py"), data_dir, str(epochs)).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def fastest_recipe(data_dir, seed):
+    """Wall time of the whole command, imports and data loading included."""
+    start = time.perf_counter()
+    out_dir = os.path.join(ROOT, "runs", f"bench-mnist-fast-{seed}")
+    sh(sys.executable, "-m", "cnnlab", "train", "--config", "recipes/mnist_fast.yaml", "--data-dir", data_dir,
+       "--seed", str(seed), "--out", out_dir, "--report", "false")
+    wall = time.perf_counter() - start
+    with open(os.path.join(out_dir, "summary.json")) as f:
+        return wall, json.load(f)["test_acc"]
+
+
+def matmul_gflops(n=2048, reps=10):
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def training_gflops(data_dir, batch_size, steps=150):
+    """Steps/s of cnnlab's own training step on real MNIST batches, times FLOPs per step counted by
+    torch's FlopCounterMode over a forward AND backward pass."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cnnlab.config import make_config
+    from cnnlab.data import load_data
+    from cnnlab.data.loader import BatchLoader
+    from cnnlab.engine import make_step
+    from cnnlab.models import create_model
+    from cnnlab.optim import build_optimizer
+    from cnnlab.runtime import setup
+
+    cfg = make_config({"data": "mnist", "data_dir": data_dir, "batch_size": batch_size, "val_fraction": 0.0,
+                       "augment": "none"})
+    ctx = setup(cfg)
+    data = load_data(cfg)
+    model = create_model("mnist_cnn", data.shape, 10).to(memory_format=torch.channels_last)
+    step = make_step(model, model, build_optimizer(cfg, model), cfg, ctx, None)
+    loader = BatchLoader(*data.train, batch_size, data.mean, data.std, shuffle=True, channels_last=True)
+    batches = [b for _, b in zip(range(steps + 10), loader.batches(0))]
+    with FlopCounterMode(display=False) as counter:
+        step(*batches[0], cfg.lr)
+    flops_per_step = counter.get_total_flops()
+    for b in batches[1:10]:
+        step(*b, cfg.lr)
+    t = time.perf_counter()
+    for b in batches[10:]:
+        step(*b, cfg.lr)
+    seconds = time.perf_counter() - t
+    return flops_per_step * steps / seconds / 1e9, batch_size * steps / seconds
+
+
+def evaluate_speed(data_dir, run_dir):
+    import torch
+
+    from cnnlab.inference import load
+    from cnnlab.report import evaluate_model, run_data
+
+    model = load(run_dir)
+    data = run_data(model, run_dir, data="mnist")
+    evaluate_model(model, data)          # warm-up
+    t = time.perf_counter()
+    evaluate_model(model, data)
+    return len(data.test[1]) / (time.perf_counter() - t), torch.get_num_threads()
+
+
+def help_seconds(reps=5):
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        sh(sys.executable, "-m", "cnnlab", "--help")
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def loader_speed(data_dir, batches=200):
+    """Images/s of the tutorial's DataLoader(MNIST + ToTensor, 32) and of cnnlab's loader
+    (normalised float batches of 256 with crop augmentation)."""
+    import torch
+    import torchvision
+
+    from cnnlab.config import make_config
+    from cnnlab.data import load_data
+    from cnnlab.data.loader import BatchLoader
+
+    ds = torchvision.datasets.MNIST(data_dir, train=True, transform=torchvision.transforms.ToTensor())
+    dl = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=True)
+    t = time.perf_counter()
+    n = sum(len(y) for _, (x, y) in zip(range(batches * 4), dl))
+    tutorial_rate = n / (time.perf_counter() - t)
+    data = load_data(make_config({"data": "mnist", "data_dir": data_dir, "val_fraction": 0.0}))
+    loader = BatchLoader(*data.train, 256, data.mean, data.std, shuffle=True, augment="crop")
+    t = time.perf_counter()
+    n = sum(len(y) for _, (x, y) in zip(range(batches), loader.batches(0)))
+    return tutorial_rate, n / (time.perf_counter() - t)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data-dir", default=os.path.join("..", "shared", "datasets"))
+    ap.add_argument("--tutorial-epochs", type=int, default=5)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = ap.parse_args()
+    if not os.path.isdir(os.path.join(ROOT, args.data_dir, "MNIST")):
+        sys.exit(f"full MNIST not found under {args.data_dir}")
+    import torch
+
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    a = tutorial(args.data_dir, args.tutorial_epochs)
+    print(f"(a) tutorial: {a['train_images_per_second']:.0f} train img/s, {a['wall_seconds']:.1f} s for "
+          f"{args.tutorial_epochs} epochs, test acc {a['test_acc']:.2%}", flush=True)
+    from cnnlab.config import load_yaml, make_config
+    from cnnlab.training import fit
+
+    b = fit(make_config({**load_yaml(os.path.join(ROOT, "recipes", "seed003_mnist.yaml")), "data_dir": args.data_dir,
+                         "epochs": 1, "out": os.path.join(ROOT, "runs", "bench-b"), "report": False}), quiet=True)
+    b_rate = b.summary["samples_per_second"]
+    print(f"(b) cnnlab, same model, batch 32: {b_rate:.0f} train img/s", flush=True)
+    runs = [fastest_recipe(args.data_dir, s) for s in args.seeds]
+    walls, accs = [w for w, _ in runs], [acc for _, acc in runs]
+    print(f"(c) fastest recipe: wall {', '.join(f'{w:.1f}' for w in walls)} s (median {statistics.median(walls):.1f}); "
+          f"test acc mean {statistics.mean(accs):.2%}, min {min(accs):.2%}", flush=True)
+    default_batch = make_config().batch_size
+    gflops, rate = training_gflops(args.data_dir, default_batch)
+    mm = matmul_gflops()
+    print(f"(d) seed model training at batch {default_batch}: {gflops:.1f} GFLOP/s ({rate:.0f} img/s); "
+          f"fp32 matmul {mm:.1f} GFLOP/s", flush=True)
+    eval_rate, _ = evaluate_speed(args.data_dir, os.path.join(ROOT, "runs", "bench-b"))
+    help_s = help_seconds()
+    print(f"(e) evaluate: {eval_rate:.0f} img/s; `cnnlab --help`: {help_s:.2f} s", flush=True)
+    tut_loader, our_loader = loader_speed(args.data_dir)
+    print(f"(f) loader alone: tutorial DataLoader {tut_loader:.0f} img/s; cnnlab (256, crop, normalised) {our_loader:.0f} img/s")
+    print("ratios:")
+    print(f"time(a) / time(c) = {a['wall_seconds'] / statistics.median(walls):.1f}  (target >= 15, stretch 20; "
+          f"min acc {min(accs):.2%}, target >= 99.0%)")
+    print(f"(b) / (a) images/s = {b_rate / a['train_images_per_second']:.2f}  (target >= 1.5)")
+    print(f"(d) / matmul = {gflops / mm:.0%}  (target >= 35%)")
+    print(f"cnnlab --help = {help_s:.2f} s  (target < 1 s)")
+    print(f"loader / tutorial loader = {our_loader / tut_loader:.1f}  (target >= 20)")
+
+
+if __name__ == "__main__":
+    main()
