@@ -9,7 +9,7 @@ from PIL import Image
 
 from cnnlab.config import make_config
 from cnnlab.data import default_augment, load_data
-from cnnlab.data.loader import BatchLoader, augment_batch
+from cnnlab.data.loader import BatchLoader
 from cnnlab.errors import CnnlabError, UsageError
 
 
@@ -162,12 +162,19 @@ def test_ddp_shards_are_disjoint_and_complete():
         assert not set(a[1].tolist()) & set(b[1].tolist())
 
 
-def test_crop_augmentation_is_a_shift():
-    x = torch.zeros(1, 1, 8, 8)
-    x[0, 0, 4, 4] = 1
-    out = augment_batch(x.repeat(16, 1, 1, 1), "crop", torch.Generator().manual_seed(0))
-    assert out.shape == (16, 1, 8, 8) and torch.all(out.sum((1, 2, 3)) <= 1)
-    assert len({tuple(o.nonzero()[0].tolist()) for o in out if o.sum()}) > 1
+def test_crop_and_flip_are_shifts_and_mirrors():
+    x = torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
+    x[0, 0, 4, 5] = 255
+    loader = BatchLoader(x.repeat(64, 1, 1, 1), torch.zeros(64, dtype=torch.long), 64, [0.0], [1.0],
+                         shuffle=True, augment="crop+flip")
+    out, _ = next(loader.batches(0))
+    assert out.shape == (64, 1, 8, 8) and torch.all((out > 0).sum((1, 2, 3)) <= 1)
+    spots = {tuple(o.nonzero()[0].tolist()[1:]) for o in out if o.sum()}
+    assert len(spots) > 3
+    cols = {col for _, col in spots}
+    assert any(c <= 3 for c in cols) and any(c >= 4 for c in cols)   # mirrored copies land left of centre
+    plain = BatchLoader(x, torch.zeros(1, dtype=torch.long), 1, [0.0], [1.0])
+    assert torch.allclose(next(plain.batches())[0], x.float() / 255)
 
 
 def test_digits_are_never_flipped_by_default():

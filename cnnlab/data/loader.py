@@ -26,6 +26,10 @@ class BatchLoader:
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.augment, self.rank, self.world = augment, rank, world
         self.channels_last = channels_last
+        h = x.shape[2]
+        self.pad = (2 if h <= 28 else h // 8) if "crop" in augment else 0   # 2 px for digits, 4 for CIFAR
+        # Zero-padded once here, so a random crop is a plain gather with no per-batch padding.
+        self.padded = torch.nn.functional.pad(self.x, (self.pad,) * 4) if self.pad else self.x
         std = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         mean = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.scale, self.shift = 1 / (255 * std), -mean / std   # x/255 then normalise, fused
@@ -49,35 +53,37 @@ class BatchLoader:
             yield self.make_batch(idx, epoch, step)
 
     def make_batch(self, idx, epoch=0, step=0):
-        """The rank's share of global batch `idx`: its images, normalised and augmented with the
-        random draws the single-process run would give those same images."""
+        """The rank's share of global batch `idx`: its images, augmented (still as uint8, 4x less
+        memory traffic than floats) with the random draws one process would give those same images,
+        then converted and normalised in one pass."""
         mine = slice(self.rank, None, self.world)
-        xb = self.x[idx[mine]].float().mul_(self.scale).add_(self.shift)
-        if self.augment != "none":
-            xb = augment_batch(xb, self.augment, _generator(self.seed, epoch, step, 7), len(idx), mine)
+        if self.augment == "none":
+            xb = self.x[idx[mine]]
+        else:
+            xb = augment_gather(self.padded, idx[mine], self.x.shape[2:], self.pad, "flip" in self.augment,
+                                _generator(self.seed, epoch, step, 7), len(idx), mine)
+        xb = xb.float().mul_(self.scale).add_(self.shift)
         if self.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         return xb, self.y[idx[mine]]
 
 
-def augment_batch(x, kind, gen, drawn=None, mine=slice(None)):
-    """Random crop with zero padding and/or horizontal
-    flip, drawn per image but applied to the whole batch with one gather. Draws are made for the
-    `drawn` images of the global batch and the `mine` share is used, so DDP ranks augment exactly as
-    one process would."""
-    b, c, h, w = x.shape
-    drawn = drawn or b
-    if "crop" in kind:
-        pad = 2 if h <= 28 else h // 8   # 2 px for digits, 4 px for CIFAR (He et al. 2016)
-        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (drawn,), generator=gen)[mine].to(x.device)
-        dx = torch.randint(0, 2 * pad + 1, (drawn,), generator=gen)[mine].to(x.device)
-        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]   # (B, 1, H, 1)
-        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]   # (B, 1, 1, W)
-        bi = torch.arange(b, device=x.device)[:, None, None, None]
-        ci = torch.arange(c, device=x.device)[None, :, None, None]
-        x = padded[bi, ci, rows, cols]
-    if "flip" in kind:
-        flip = (torch.rand(drawn, generator=gen)[mine] < 0.5).to(x.device)
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    return x
+def augment_gather(padded, idx, size, pad, flip, gen, drawn, mine=slice(None)):
+    """Random crops (shifts of up to `pad` pixels with zero fill) and horizontal flips of the images
+    `idx` of `padded` (N, C, H+2p, W+2p), done as ONE gather: each output pixel's flat source index
+    is computed, then `take` reads them all. Draws are made for all `drawn` images of the global
+    batch and the `mine` share is used, so DDP ranks augment exactly as one process would."""
+    n, c, hp, wp = padded.shape
+    h, w = size
+    device = padded.device
+    dy = torch.randint(0, 2 * pad + 1, (drawn,), generator=gen)[mine].to(device)
+    dx = torch.randint(0, 2 * pad + 1, (drawn,), generator=gen)[mine].to(device)
+    cols = torch.arange(w, device=device).expand(len(idx), w)
+    if flip:
+        flipped = (torch.rand(drawn, generator=gen)[mine] < 0.5).to(device)
+        cols = torch.where(flipped[:, None], w - 1 - cols, cols)
+    rows = dy[:, None] + torch.arange(h, device=device)                     # (B, H)
+    cols = dx[:, None] + cols                                               # (B, W)
+    base = idx[:, None] * (c * hp * wp) + torch.arange(c, device=device) * (hp * wp)   # (B, C)
+    flat = base[:, :, None, None] + (rows * wp)[:, None, :, None] + cols[:, None, None, :]
+    return padded.reshape(-1).take(flat)                                    # (B, C, H, W)
