@@ -70,20 +70,34 @@ class BatchLoader:
 
 def augment_gather(padded, idx, size, pad, flip, gen, drawn, mine=slice(None)):
     """Random crops (shifts of up to `pad` pixels with zero fill) and horizontal flips of the images
-    `idx` of `padded` (N, C, H+2p, W+2p), done as ONE gather: each output pixel's flat source index
-    is computed, then `take` reads them all. Draws are made for all `drawn` images of the global
-    batch and the `mine` share is used, so DDP ranks augment exactly as one process would."""
+    `idx` of `padded` (N, C, H+2p, W+2p), done as ONE gather: every output pixel's flat source index
+    is a per-image offset plus a fixed (C, H, W) grid (mirrored for flipped images), and `take`
+    reads them all at once. Draws are made for all `drawn` images of the global batch and the
+    `mine` share is used, so DDP ranks augment exactly as one process would."""
     n, c, hp, wp = padded.shape
     h, w = size
     device = padded.device
     dy = torch.randint(0, 2 * pad + 1, (drawn,), generator=gen)[mine].to(device)
     dx = torch.randint(0, 2 * pad + 1, (drawn,), generator=gen)[mine].to(device)
-    cols = torch.arange(w, device=device).expand(len(idx), w)
+    offset = idx * (c * hp * wp) + dy * wp + dx                              # (B,)
+    grid = _grid(c, h, w, hp, wp, device)                                    # (2, C, H, W)
     if flip:
-        flipped = (torch.rand(drawn, generator=gen)[mine] < 0.5).to(device)
-        cols = torch.where(flipped[:, None], w - 1 - cols, cols)
-    rows = dy[:, None] + torch.arange(h, device=device)                     # (B, H)
-    cols = dx[:, None] + cols                                               # (B, W)
-    base = idx[:, None] * (c * hp * wp) + torch.arange(c, device=device) * (hp * wp)   # (B, C)
-    flat = base[:, :, None, None] + (rows * wp)[:, None, :, None] + cols[:, None, None, :]
+        flipped = (torch.rand(drawn, generator=gen)[mine] < 0.5).to(device).long()
+        flat = grid[flipped] + offset[:, None, None, None]
+    else:
+        flat = grid[0] + offset[:, None, None, None]
     return padded.reshape(-1).take(flat)                                    # (B, C, H, W)
+
+
+_GRIDS = {}
+
+
+def _grid(c, h, w, hp, wp, device):
+    """Flat source offsets of a (C, H, W) window in a (C, hp, wp) image, and its mirror image."""
+    key = (c, h, w, hp, wp, str(device))
+    if key not in _GRIDS:
+        rows = torch.arange(h, device=device)[:, None] * wp
+        plain = torch.arange(c, device=device)[:, None, None] * (hp * wp) + rows + torch.arange(w, device=device)
+        mirrored = torch.arange(c, device=device)[:, None, None] * (hp * wp) + rows + torch.arange(w - 1, -1, -1, device=device)
+        _GRIDS[key] = torch.stack([plain, mirrored])
+    return _GRIDS[key]
