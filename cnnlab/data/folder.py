@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import CnnlabError, UsageError
+from .cache import cached_arrays
 from .images import IMAGE_SUFFIXES, is_grayscale, load_array
 from .sources import Source
 
@@ -72,7 +73,7 @@ def choose_format(files, image_size):
     return channels, min(max(min(w, h), 8), 128)
 
 
-def cache_path(files, channels, size):
+def cache_key(files, channels, size):
     """Cache key: the file list with sizes and mtimes, and the decoded format."""
     h = hashlib.sha256(f"{channels}x{size}".encode())
     for f in files:
@@ -81,8 +82,7 @@ def cache_path(files, channels, size):
             h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(f"{f}\0missing\n".encode())
-    base = os.environ.get("CNNLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cnnlab")
-    return os.path.join(base, "folders", h.hexdigest()[:24] + ".npz")
+    return h.hexdigest()[:24]
 
 
 def decode_all(files, channels, size, on_bad_image):
@@ -107,16 +107,11 @@ def decode_all(files, channels, size, on_bad_image):
 def load_pool(class_files, classes, channels, size, on_bad_image):
     files = [f for c in classes for f in class_files.get(c, [])]
     labels = np.array([i for i, c in enumerate(classes) for _ in class_files.get(c, [])], dtype=np.int64)
-    path = cache_path(files, channels, size)
-    if os.path.exists(path):
-        with np.load(path, allow_pickle=False) as z:
-            x, ok, bad = z["x"], z["ok"], list(z["bad"])
-    else:
+    def decode():
         x, ok, bad = decode_all(files, channels, size, on_bad_image)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = path + f".{os.getpid()}.tmp.npz"
-        np.savez(tmp, x=x, ok=ok, bad=np.array(bad, dtype=str))
-        os.replace(tmp, path)
+        return {"x": x, "ok": ok, "bad": np.array(bad, dtype=str)}
+    arrays = cached_arrays(cache_key(files, channels, size), decode, kind="folders")
+    x, ok, bad = arrays["x"], arrays["ok"], [str(b) for b in arrays["bad"]]
     if bad and on_bad_image == "error":
         raise CnnlabError(f"{bad[0]}. Remove it, or pass --on-bad-image skip.")
     kept = [f for f, good in zip(files, ok) if good]

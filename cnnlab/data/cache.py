@@ -1,0 +1,44 @@
+"""A small on-disk cache of decoded uint8 arrays, keyed by the source files' names, sizes and
+mtimes: change a file and the key changes. Lives in $CNNLAB_CACHE or ~/.cache/cnnlab."""
+import hashlib
+import os
+
+import numpy as np
+
+
+def cache_dir():
+    return os.environ.get("CNNLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cnnlab")
+
+
+def files_key(label, *paths):
+    """A hash of every file under `paths` (name, size, mtime); None if none exists."""
+    h = hashlib.sha256(label.encode())
+    found = False
+    for root in paths:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for f in sorted(filenames):
+                st = os.stat(os.path.join(dirpath, f))
+                h.update(f"{os.path.abspath(os.path.join(dirpath, f))}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                found = True
+    return h.hexdigest()[:24] if found else None
+
+
+def cached_arrays(key, make, kind="sets"):
+    """The dict of arrays stored under `key`, or `make()`'s, saved atomically for next time."""
+    path = os.path.join(cache_dir(), kind, key + ".npz")
+    if os.path.exists(path):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError):
+            pass  # a damaged cache entry is rebuilt below
+    arrays = make()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home is no reason to fail; we just decode again next time
+    return arrays
