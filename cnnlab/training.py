@@ -105,7 +105,8 @@ def _fit(cfg, ctx, resume, log):
             "train_state": {"optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema else None,
                             "rng": rng_state(ctx.device), "progress": progress_state(progress)}}))
 
-    with StopSignal() as stop:
+    tensorboard = TensorBoard(run.file("tensorboard"), enabled=cfg.tensorboard and ctx.is_main)
+    with StopSignal() as stop, tensorboard:
         for epoch in range(progress.epoch, cfg.epochs):
             start = time.perf_counter()
             bar = ProgressBar(len(train_loader), epoch, progress.step, cfg, log, enabled=ctx.is_main)
@@ -130,6 +131,7 @@ def _fit(cfg, ctx, resume, log):
                 run.save_checkpoint("best.pt", payload(eval_weights(model, ema), meta, cfg,
                                                        metrics={"val_acc": row["val_acc"], "epoch": epoch + 1}))
             run.write_metrics(progress.history)
+            tensorboard.log(row)
             save_last()
             log(epoch_line(row, cfg.epochs, improved))
             if cfg.patience and progress.bad_epochs >= cfg.patience:
@@ -273,6 +275,33 @@ def epoch_line(row, epochs, improved):
     return (f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:7.2%}  "
             f"val loss {row['val_loss']:.4f} acc {row['val_acc']:7.2%}  lr {row['lr']:.2e}  "
             f"{row['seconds']:.1f}s" + ("  *" if improved else ""))
+
+
+class TensorBoard:
+    """--tensorboard: per-epoch scalars as TensorBoard event files in RUN/tensorboard; otherwise a
+    do-nothing logger, so the loop never asks whether it is on."""
+
+    def __init__(self, path, enabled):
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UsageError("--tensorboard needs the tensorboard package: pip install 'cnnlab[tensorboard]'") from None
+            self.writer = SummaryWriter(path)
+
+    def log(self, row):
+        if self.writer is not None:
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+                group = "loss" if "loss" in key else "accuracy" if "acc" in key else "lr"
+                self.writer.add_scalar(f"{group}/{key}", row[key], row["epoch"])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.writer is not None:
+            self.writer.close()
 
 
 class ProgressBar:

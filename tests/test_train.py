@@ -171,3 +171,20 @@ def test_python_api(tmp_path):
     result = cnnlab.train(**{**SMALL, "epochs": 1}, out=str(tmp_path / "api"), quiet=True)
     assert os.path.exists(os.path.join(result.run_dir, "best.pt")) and len(result.history) == 1
     assert result.plot() is not None
+
+
+def test_tensorboard_and_log_every(tmp_path):
+    result = run_cli("train", "--epochs", 1, "--train-samples", 500, "--tensorboard", "--log-every", 0.25,
+                     "--out", tmp_path / "tb", "--report", "false")
+    assert result.returncode == 0, result.stderr
+    events = os.listdir(tmp_path / "tb" / "tensorboard")
+    assert any(name.startswith("events.out.tfevents") for name in events)
+    assert result.stdout.count("took") == 4     # four timed progress lines in one epoch
+
+
+def test_lr_find(tmp_path):
+    result = run_cli("lr-find", "--train-samples", 1000, "--plot", tmp_path / "lr.png")
+    assert result.returncode == 0, result.stderr
+    assert "suggested lr" in result.stdout and os.path.getsize(tmp_path / "lr.png") > 5000
+    suggested = float(result.stdout.split("suggested lr ")[1].split()[0])
+    assert 1e-6 < suggested < 10
