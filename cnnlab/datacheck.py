@@ -1,6 +1,5 @@
 """`cnnlab data check DATA`: what is in a dataset before training on it."""
 import hashlib
-import os
 from collections import Counter
 
 import torch

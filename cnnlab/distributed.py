@@ -13,16 +13,9 @@ from .errors import UsageError
 def launch(nproc, train_argv):
     if nproc < 1:
         raise UsageError(f"--nproc must be at least 1, got {nproc}.")
-    argv = []
-    skip = False
-    for i, a in enumerate(train_argv):  # drop --nproc N / --nproc=N
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc":
-            skip = True
-            continue
-        if not a.startswith("--nproc="):
+    argv = []  # the user's train flags without --nproc N / --nproc=N
+    for a, before in zip(train_argv, [None] + train_argv[:-1]):
+        if a != "--nproc" and before != "--nproc" and not a.startswith("--nproc="):
             argv.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "cnnlab", "train", *argv]

@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.nn import functional as F
 
-from . import checkpoint
 from .errors import CnnlabError
 from .optim import l2_penalty, lr_factor, set_lr
 

@@ -3,7 +3,6 @@ from 1e-7 to 10 over up to 100 steps; we stop when the loss explodes and suggest
 steepest descent of the smoothed loss."""
 import math
 
-import torch
 from torch.nn import functional as F
 
 from .data import default_augment, load_data

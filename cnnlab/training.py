@@ -8,7 +8,7 @@ import time
 import torch
 
 from . import checkpoint
-from .config import TrainConfig, make_config
+from .config import make_config
 from .data import default_augment, load_data
 from .data.loader import BatchLoader
 from .engine import (Interrupted, Progress, StopSignal, evaluate, ema_model, eval_weights, make_step,

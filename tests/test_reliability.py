@@ -11,8 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cnnlab.config import make_config
-from cnnlab.data import load_data
 from cnnlab.data.images import load_array
 from cnnlab.errors import CnnlabError
 

@@ -13,7 +13,6 @@ import cnnlab.training
 from cnnlab.checkpoint import load as load_checkpoint
 from cnnlab.config import make_config
 from cnnlab.engine import Interrupted
-from cnnlab.errors import CnnlabError
 from cnnlab.training import fit
 
 from .conftest import ROOT, run_cli
