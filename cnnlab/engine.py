@@ -67,7 +67,13 @@ def train_one_epoch(step, loader, epoch, progress, ctx, cfg, on_step):
     check_every = 1 if device.type == "cpu" else 25   # a finiteness check syncs the GPU
     for xb, yb in loader.batches(epoch, start=progress.step):
         lr = cfg.lr * lr_factor(cfg, progress.global_step, steps_per_epoch)
-        batch_loss, batch_correct = step(xb, yb, lr)
+        try:
+            batch_loss, batch_correct = step(xb, yb, lr)
+        except torch.cuda.OutOfMemoryError:
+            raise CnnlabError(
+                f"--batch-size {cfg.batch_size} does not fit in GPU memory with model '{cfg.model}' "
+                f"(out of memory at epoch {epoch + 1}, step {progress.step + 1}); try --batch-size "
+                f"{max(1, cfg.batch_size // 2)}, or --amp bf16 to halve activation memory.") from None
         loss_sum += batch_loss
         correct += batch_correct
         seen += len(yb)

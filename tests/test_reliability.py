@@ -11,8 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from cnnlab.config import make_config
 from cnnlab.data.images import load_array
 from cnnlab.errors import CnnlabError
+
+import cnnlab.training  # noqa: F401  (monkeypatched below)
 
 from .conftest import ROOT, bomb_png, run_cli
 
@@ -168,3 +171,32 @@ def test_kill_and_resume_small():
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "unreadable after 0" in result.stdout and "equal to the uninterrupted run: yes" in result.stdout
+
+
+def test_full_disk_is_detected_before_training(tmp_path, monkeypatch):
+    import shutil
+
+    import cnnlab.run
+    from cnnlab.errors import CnnlabError as Error
+    from cnnlab.training import fit
+
+    monkeypatch.setattr(cnnlab.run.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(Error, match="MiB free"):
+        fit(make_config({"out": str(tmp_path / "full")}), quiet=True)
+    assert not (tmp_path / "full").exists()
+
+
+def test_out_of_memory_names_the_batch_size(monkeypatch, tmp_path):
+    """CUDA is not on CI machines; the step raises CUDA's out-of-memory error here instead."""
+    import torch
+
+    from cnnlab.errors import CnnlabError as Error
+    from cnnlab.training import fit
+
+    def exploding(*args, **kwargs):
+        def run(xb, yb, lr):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return run
+    monkeypatch.setattr(cnnlab.training, "make_step", exploding)
+    with pytest.raises(Error, match="--batch-size 512 does not fit.*try --batch-size 256"):
+        fit(make_config({"batch_size": 512, "out": str(tmp_path / "oom"), "train_samples": 600}), quiet=True)
