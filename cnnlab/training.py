@@ -62,9 +62,15 @@ def fit(cfg=None, resume=None, quiet=False, **overrides):
     ctx = setup(cfg)
     log = print if ctx.is_main and not quiet else (lambda *a, **k: None)
     try:
-        return _fit(cfg, ctx, resume, log)
-    finally:
-        teardown(ctx)
+        result = _fit(cfg, ctx, resume, log)
+    except Interrupted:
+        teardown(ctx)                 # every rank agreed to stop at the same step
+        raise
+    except BaseException:
+        teardown(ctx, together=False)
+        raise
+    teardown(ctx)
+    return result
 
 
 def _fit(cfg, ctx, resume, log):
