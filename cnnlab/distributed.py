@@ -20,11 +20,21 @@ def launch(nproc, train_argv):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "cnnlab", "train", *argv]
     child = subprocess.Popen(cmd)
-    forward = lambda signum, frame: child.send_signal(signum)
+    received = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        child.send_signal(signum)
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         code = child.wait()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    if received:
+        return 128 + received[0]
+    if code:
+        print(f"cnnlab: distributed training failed (torchrun exit {code}); its report above names the rank "
+              "that failed first. The run folder's last.pt, if written, resumes with --resume RUN_DIR.",
+              file=sys.stderr)
     return code
