@@ -3,6 +3,7 @@ inside the command functions so `cnnlab --help` stays fast."""
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from .errors import CnnlabError, UsageError
