@@ -104,13 +104,13 @@ def cmd_evaluate(args):
         return 0
     print(f"{args.split}: {m['samples']} images  loss {m['loss']:.4f}  accuracy {m['accuracy']:.2%}"
           + (f"  top-5 {m['top5_accuracy']:.2%}" if m.get("top5_accuracy") is not None else ""))
-    width = max(len(r["class"]) for r in m["per_class"])
+    width = max([len(r["class"]) for r in m["per_class"]] + [len("weighted avg")])
     print(f"{'class':<{width}}  precision  recall     f1  support")
     for r in m["per_class"]:
         print(f"{r['class']:<{width}}  {r['precision']:9.3f}  {r['recall']:6.3f}  {r['f1']:5.3f}  {r['support']:7d}")
     for name in ("macro_avg", "weighted_avg"):
         a = m[name]
-        print(f"{name:<{width}}  {a['precision']:9.3f}  {a['recall']:6.3f}  {a['f1']:5.3f}")
+        print(f"{name.replace('_', ' '):<{width}}  {a['precision']:9.3f}  {a['recall']:6.3f}  {a['f1']:5.3f}")
     return 0
 
 
