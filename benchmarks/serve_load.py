@@ -28,8 +28,12 @@ def payloads():
     buf = io.BytesIO()
     Image.new("L", (280, 280), 0).save(buf, "PNG")
     good.append(buf.getvalue())
-    bad = [b"", b"not an image at all", os.urandom(3000), b"\x89PNG\r\n\x1a\n" + os.urandom(100)]
-    return [("good", g) for g in good] + [("bad", b) for b in bad]
+    sys.path.insert(0, ROOT)
+    from tests.conftest import bomb_png
+
+    bad = [b"", b"not an image at all", os.urandom(3000), b"\x89PNG\r\n\x1a\n" + os.urandom(100),
+           bomb_png(), b"\0" * (6 * 2**20)]          # decompression bomb; over the 5 MiB request cap
+    return [("good", g) for g in good] + [("bad", b) for b in bad] * 6   # about 30% bad requests
 
 
 def main():
