@@ -54,7 +54,7 @@ class TrainConfig:
     compile: bool = False
     threads: int = 0
     sync_bn: bool = False
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 256                     # cache-friendly: 33k vs 6.7k img/s at 1000 (CPU)
     # output
     out: str = ""
     save_every_steps: int = 0

@@ -22,7 +22,8 @@ class Model:
             raise CnnlabError(f"{path}: weights do not fit model '{spec.get('name')}' with "
                               f"{spec.get('num_classes')} classes ({str(e).splitlines()[0][:160]}).") from None
         self.device = torch.device(device)
-        self.net.to(self.device).eval()
+        # NHWC: 2.3x faster inference on the CPU for the seed CNN (benchmarks/README.md)
+        self.net.to(self.device, memory_format=torch.channels_last).eval()
         self.classes, self.preprocess = list(ckpt["classes"]), dict(ckpt["preprocess"])
         self.metrics, self.config, self.path = ckpt.get("metrics", {}), ckpt.get("config", {}), path
         self.in_shape = tuple(spec["in_shape"])
@@ -58,7 +59,7 @@ class Model:
     def logits(self, batch_uint8):
         """(B, C, S, S) uint8 -> (B, K) logits, with the training normalisation."""
         x = batch_uint8.to(self.device).float() * self.scale + self.shift
-        return self.net(x).float()
+        return self.net(x.contiguous(memory_format=torch.channels_last)).float()
 
     def predict(self, items, top_k=5, invert=None, batch_size=256):
         """Top-k predictions per item: a list of lists of {label, index, probability}."""

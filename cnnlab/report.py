@@ -43,7 +43,7 @@ def evaluate_model(model, data, split="test", collect=False):
         raise UsageError(f"the {split} split is empty.")
     if data.classes != model.classes and len(data.classes) != len(model.classes):
         raise UsageError(f"data has {len(data.classes)} classes, the model {len(model.classes)}.")
-    loader = BatchLoader(x, y, 1000, model.preprocess["mean"], model.preprocess["std"], model.device)
+    loader = BatchLoader(x, y, 256, model.preprocess["mean"], model.preprocess["std"], model.device, channels_last=True)
     ctx = Context(device=model.device)
     raw = evaluate(model.net, loader, ctx, len(model.classes), collect=collect)
     out = summarize(raw["cm"], model.classes, loss=raw["loss"], top5=raw["top5"])
