@@ -57,3 +57,15 @@ def bomb_png(width=30000, height=30000):
     data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
     data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")   # keep the IHDR checksum valid
     return bytes(data)
+
+
+# Counts of injected faults and bad inputs, printed at the end of the run (issue: "the test output
+# states the counts"). Tests append one line each.
+FAULT_REPORT = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FAULT_REPORT:
+        terminalreporter.section("faults injected and bad inputs tried")
+        for line in FAULT_REPORT:
+            terminalreporter.write_line(line)

@@ -71,6 +71,10 @@ values = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floa
 @given(st.dictionaries(st.sampled_from(sorted(FIELD_TYPES) + ["bogus", "lr_rate"]), values, max_size=4))
 def test_config_parsing_never_crashes(overrides):
     """Any mapping either gives a valid config or a UsageError, never another exception."""
+    from .conftest import FAULT_REPORT
+
+    if "random configurations: 300 hypothesis examples, each valid or one UsageError" not in FAULT_REPORT:
+        FAULT_REPORT.append("random configurations: 300 hypothesis examples, each valid or one UsageError")
     try:
         cfg = make_config(overrides)
     except UsageError as e:

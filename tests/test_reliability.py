@@ -17,7 +17,7 @@ from cnnlab.errors import CnnlabError
 
 import cnnlab.training  # noqa: F401  (monkeypatched below)
 
-from .conftest import ROOT, bomb_png, run_cli
+from .conftest import FAULT_REPORT, ROOT, bomb_png, run_cli
 
 
 def png(img):
@@ -116,7 +116,8 @@ def test_training_on_a_messy_folder(messy, tmp_path):
     assert "empty' holds no images" in result.stderr and "skipped 6 unreadable" in result.stderr
     bad = (out / "bad_images.txt").read_text().splitlines()
     assert len(bad) == 6 and any("bomb.png" in b and "limit" in b for b in bad)
-    print(f"bad inputs tried: {len(BAD) + 1} unreadable files, {len(good_files())} odd valid ones, 1 empty class")
+    FAULT_REPORT.append(f"messy folder: {len(BAD) + 1} unreadable files (incl. a symlink loop) reported and skipped, "
+                        f"{len(good_files())} odd but valid images trained on, 1 empty class folder left out")
 
 
 def test_data_check_lists_unreadable(messy):
@@ -146,6 +147,8 @@ def test_single_class_folder(tmp_path):
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=2000))
 def test_random_bytes_never_crash_the_decoder(data):
+    if not FAULT_REPORT or not FAULT_REPORT[-1].startswith("random bytes"):
+        FAULT_REPORT.append("random bytes into the image decoder: 200 + 50 hypothesis examples, each decoded or one clear error")
     try:
         a = load_array(io.BytesIO(data), 1, 8, name="fuzz")
     except CnnlabError as e:
@@ -168,8 +171,8 @@ def test_kill_and_resume_small():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "crash_resume.py"), "--kills", "2",
                              "--epochs", "4", "--min-delay", "3.5", "--max-delay", "4.5"],
                             capture_output=True, text=True, timeout=400, cwd=ROOT)
-    print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
+    FAULT_REPORT.append("kill -9 during training: " + result.stdout.strip().splitlines()[-1])
     assert "unreadable after 0" in result.stdout and "equal to the uninterrupted run: yes" in result.stdout
 
 
