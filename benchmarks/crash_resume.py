@@ -35,7 +35,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=80)
     ap.add_argument("--min-delay", type=float, default=3.0, help="seconds after start at least")
     ap.add_argument("--max-delay", type=float, default=5.5, help="seconds after start at most")
     args = ap.parse_args()

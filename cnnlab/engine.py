@@ -149,10 +149,12 @@ class StopSignal:
             signal.signal(sig, old)
 
 
-def progress_state(progress):
-    """Progress as plain data for a checkpoint (device tensors read once, here)."""
+def progress_state(progress, elapsed=0.0):
+    """Progress as plain data for a checkpoint (device tensors read once, here); `elapsed` is the
+    time spent so far in the unfinished epoch."""
     state = asdict(progress)
     state["sums"] = [float(progress.sums[0]), int(progress.sums[1]), int(progress.sums[2])]
+    state["epoch_seconds"] = progress.epoch_seconds + elapsed
     return state
 
 

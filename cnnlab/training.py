@@ -106,10 +106,10 @@ def _fit(cfg, ctx, resume, log):
     step = make_step(model, forward, optimizer, cfg, ctx, ema)
     num_classes = len(data.classes)
 
-    def save_last():
+    def save_last(elapsed=0.0):  # elapsed: seconds of the current, unfinished epoch
         run.save_checkpoint("last.pt", payload(model, meta, cfg, extra={
             "train_state": {"optimizer": optimizer.state_dict(), "ema": ema.state_dict() if ema else None,
-                            "rng": rng_state(ctx.device), "progress": progress_state(progress)}}))
+                            "rng": rng_state(ctx.device), "progress": progress_state(progress, elapsed)}}))
 
     tensorboard = TensorBoard(run.file("tensorboard"), enabled=cfg.tensorboard and ctx.is_main)
     with StopSignal() as stop, tensorboard:
@@ -117,14 +117,12 @@ def _fit(cfg, ctx, resume, log):
             start = time.perf_counter()
             bar = ProgressBar(len(train_loader), epoch, progress.step, cfg, log, enabled=ctx.is_main)
             def on_step(lr):
-                bar.update(progress, time.perf_counter() - start + progress.epoch_seconds)
+                elapsed = time.perf_counter() - start
+                bar.update(progress, elapsed + progress.epoch_seconds)
                 if cfg.save_every_steps and progress.global_step % cfg.save_every_steps == 0:
-                    progress.epoch_seconds += time.perf_counter() - start
-                    save_last()
-                    progress.epoch_seconds -= time.perf_counter() - start
+                    save_last(elapsed)
                 if agreed_stop(stop, ctx):
-                    progress.epoch_seconds += time.perf_counter() - start
-                    save_last()
+                    save_last(elapsed)
                     raise Interrupted(run_dir, stop.signum)
             train = train_one_epoch(step, train_loader, epoch, progress, ctx, cfg, on_step)
             bar.close()
