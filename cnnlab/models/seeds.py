@@ -39,22 +39,24 @@ class Lambda(nn.Module):
         return self.fn(x)
 
 
+def _lenet_style(in_shape, num_classes, conv2, fc2):
+    """conv 6@5 -> pool -> relu, conv `conv2`@5 -> pool -> relu, fc 120, fc `fc2`, out: the shape
+    seeds 000 and 001 share (they differ only in conv2 and fc2)."""
+    features = nn.Sequential(nn.Conv2d(in_shape[0], 6, 5), nn.MaxPool2d(2), nn.ReLU(),
+                             nn.Conv2d(6, conv2, 5), nn.MaxPool2d(2), nn.ReLU())
+    head = nn.Sequential(nn.Linear(flat_size(features, in_shape), 120), nn.ReLU(),
+                         nn.Linear(120, fc2), nn.ReLU(), nn.Linear(fc2, num_classes))
+    return Classifier(features, head)
+
+
 @register("seed 000: deeplizard's Network (Fashion-MNIST, Adam lr 0.01, batch 100)")
 def deeplizard_network(in_shape, num_classes):
-    features = nn.Sequential(nn.Conv2d(in_shape[0], 6, 5), nn.MaxPool2d(2), nn.ReLU(),
-                             nn.Conv2d(6, 12, 5), nn.MaxPool2d(2), nn.ReLU())
-    head = nn.Sequential(nn.Linear(flat_size(features, in_shape), 120), nn.ReLU(),
-                         nn.Linear(120, 60), nn.ReLU(), nn.Linear(60, num_classes))
-    return Classifier(features, head)
+    return _lenet_style(in_shape, num_classes, conv2=12, fc2=60)
 
 
 @register("seed 001: LeNet-5 Net (1x32x32 in the seed; conv 6@5, conv 16@5, fc 120-84)")
 def lenet5(in_shape, num_classes):
-    features = nn.Sequential(nn.Conv2d(in_shape[0], 6, 5), nn.MaxPool2d(2), nn.ReLU(),
-                             nn.Conv2d(6, 16, 5), nn.MaxPool2d(2), nn.ReLU())
-    head = nn.Sequential(nn.Linear(flat_size(features, in_shape), 120), nn.ReLU(),
-                         nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes))
-    return Classifier(features, head)
+    return _lenet_style(in_shape, num_classes, conv2=16, fc2=84)
 
 
 @register("seed 003: the MNIST Model (conv 32@3, conv 64@3, fc 64); the default")
