@@ -187,3 +187,13 @@ def test_lr_find(tmp_path):
     assert "suggested lr" in result.stdout and os.path.getsize(tmp_path / "lr.png") > 5000
     suggested = float(result.stdout.split("suggested lr ")[1].split()[0])
     assert 1e-6 < suggested < 10
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--resume", "runs/x", "--config", "recipes/seed003_mnist.yaml"], "drop --config"),
+    (["--amp", "fp16", "--device", "cpu"], "fp16"),
+    (["--schedule", "step"], "step_epochs"),
+])
+def test_conflicting_flags(tmp_path, args, needle):
+    result = run_cli("train", *args, "--out", tmp_path / "c")
+    assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
