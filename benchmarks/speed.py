@@ -31,14 +31,21 @@ def tutorial(data_dir, epochs):
 
 
 def fastest_recipe(data_dir, seed):
-    """Wall time of the whole command, imports and data loading included."""
-    start = time.perf_counter()
+    """Two wall times of `cnnlab train --config recipes/mnist_fast.yaml` in a fresh process: the
+    whole command (interpreter start and every import included), and the span the tutorial's own
+    timer covers, i.e. from after `import torch` to the end (data loading, cnnlab's imports and
+    the test evaluation included)."""
     out_dir = os.path.join(ROOT, "runs", f"bench-mnist-fast-{seed}")
-    sh(sys.executable, "-m", "cnnlab", "train", "--config", "recipes/mnist_fast.yaml", "--data-dir", data_dir,
-       "--seed", str(seed), "--out", out_dir, "--report", "false")
-    wall = time.perf_counter() - start
+    code = ("import time, torch; t = time.perf_counter(); from cnnlab.cli import main; "
+            f"rc = main(['train', '--config', 'recipes/mnist_fast.yaml', '--data-dir', {data_dir!r}, "
+            f"'--seed', '{seed}', '--out', {out_dir!r}, '--report', 'false']); "
+            "print('SPAN', time.perf_counter() - t); raise SystemExit(rc)")
+    start = time.perf_counter()
+    out = sh(sys.executable, "-c", code).stdout
+    whole = time.perf_counter() - start
+    span = float(out.split("SPAN ")[1].split()[0])
     with open(os.path.join(out_dir, "summary.json")) as f:
-        return wall, json.load(f)["test_acc"]
+        return whole, span, json.load(f)["test_acc"]
 
 
 def matmul_gflops(n=2048, reps=10):
@@ -155,8 +162,10 @@ def main():
     b_rate = b.summary["samples_per_second"]
     print(f"(b) cnnlab, same model, batch 32: {b_rate:.0f} train img/s", flush=True)
     runs = [fastest_recipe(args.data_dir, s) for s in args.seeds]
-    walls, accs = [w for w, _ in runs], [acc for _, acc in runs]
-    print(f"(c) fastest recipe: wall {', '.join(f'{w:.1f}' for w in walls)} s (median {statistics.median(walls):.1f}); "
+    walls, spans, accs = [r[0] for r in runs], [r[1] for r in runs], [r[2] for r in runs]
+    print(f"(c) fastest recipe: whole command {', '.join(f'{w:.1f}' for w in walls)} s (median "
+          f"{statistics.median(walls):.1f}); after `import torch`, as the tutorial's timer: "
+          f"{', '.join(f'{w:.1f}' for w in spans)} s (median {statistics.median(spans):.1f}); "
           f"test acc mean {statistics.mean(accs):.2%}, min {min(accs):.2%}", flush=True)
     default_batch = make_config().batch_size
     gflops, rate = training_gflops(args.data_dir, default_batch)
@@ -169,8 +178,9 @@ def main():
     tut_loader, our_loader = loader_speed(args.data_dir)
     print(f"(f) loader alone: tutorial DataLoader {tut_loader:.0f} img/s; cnnlab (256, crop, normalised) {our_loader:.0f} img/s")
     print("ratios:")
-    print(f"time(a) / time(c) = {a['wall_seconds'] / statistics.median(walls):.1f}  (target >= 15, stretch 20; "
-          f"min acc {min(accs):.2%}, target >= 99.0%)")
+    print(f"time(a) / time(c) = {a['wall_seconds'] / statistics.median(spans):.1f} with both timed after `import torch` "
+          f"({a['wall_seconds'] / statistics.median(walls):.1f} against cnnlab's whole command)  "
+          f"(target >= 15, stretch 20; min acc {min(accs):.2%}, target >= 99.0%)")
     print(f"(b) / (a) images/s = {b_rate / a['train_images_per_second']:.2f}  (target >= 1.5)")
     print(f"(d) / matmul = {gflops / mm:.0%}  (target >= 35%)")
     print(f"cnnlab --help = {help_s:.2f} s  (target < 1 s)")
