@@ -80,16 +80,19 @@ def train_one_epoch(step, loader, epoch, progress, ctx, cfg, on_step):
         progress.step += 1
         progress.global_step += 1
         if progress.step % check_every == 0 and not torch.isfinite(loss_sum):
-            raise CnnlabError(
-                f"loss became non-finite at epoch {epoch + 1}, step {progress.step} (lr {lr:.3g}); "
-                "training stopped and the last good checkpoint was kept. Try a lower --lr, --grad-clip 1, or --amp off.")
+            raise non_finite(epoch, progress.step, lr)
         progress.sums = [loss_sum, correct, seen]
         on_step(lr)
-    totals = ctx.all_reduce(torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device, dtype=torch.float64)]))
-    if not torch.isfinite(totals[0]):
-        raise CnnlabError(f"loss became non-finite in epoch {epoch + 1} (lr {lr:.3g}); training stopped and "
-                          "the last good checkpoint was kept. Try a lower --lr or --grad-clip 1.")
+    seen_t = torch.tensor(float(seen), device=device, dtype=torch.float64)
+    totals = ctx.all_reduce(torch.stack([loss_sum.double(), correct.double(), seen_t]))
+    if not torch.isfinite(totals[0]):   # steps between GPU checks, or another rank's loss
+        raise non_finite(epoch, progress.step, cfg.lr * lr_factor(cfg, progress.global_step - 1, steps_per_epoch))
     return {"loss": float(totals[0] / totals[2]), "acc": float(totals[1] / totals[2]), "samples": int(totals[2])}
+
+
+def non_finite(epoch, step, lr):
+    return CnnlabError(f"loss became non-finite at epoch {epoch + 1}, step {step} (lr {lr:.3g}); training "
+                       "stopped and the last good checkpoint was kept. Try a lower --lr, --grad-clip 1, or --amp off.")
 
 
 @torch.inference_mode()

@@ -93,9 +93,7 @@ def load_data(cfg, splits=None):
             raise UsageError(f"--class-names gives {len(cfg.class_names)} names for {len(src.classes)} classes.")
         src.classes = list(cfg.class_names)
     if cfg.classes:
-        files = src.files
         src = sources.select_classes(src, cfg.classes)
-        src.files = files
     if len(torch.unique(src.train_y)) < 2:
         raise UsageError(f"'{cfg.data}' has fewer than 2 classes in its training data.")
     splits = splits or make_splits(src.train_y, src.test_y, cfg)

@@ -10,18 +10,25 @@ def cache_dir():
     return os.environ.get("CNNLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cnnlab")
 
 
-def files_key(label, *paths):
-    """A hash of every file under `paths` (name, size, mtime); None if none exists."""
+def files_under(root):
+    """Every file below `root`, sorted (none if it does not exist)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        found += [os.path.join(dirpath, f) for f in sorted(filenames)]
+    return found
+
+
+def files_key(label, files):
+    """A hash of `label` and every file's absolute name, size and mtime; a missing file counts too."""
     h = hashlib.sha256(label.encode())
-    found = False
-    for root in paths:
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            for f in sorted(filenames):
-                st = os.stat(os.path.join(dirpath, f))
-                h.update(f"{os.path.abspath(os.path.join(dirpath, f))}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-                found = True
-    return h.hexdigest()[:24] if found else None
+    for f in files:
+        try:
+            st = os.stat(f)
+            h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{os.path.abspath(f)}\0missing\n".encode())
+    return h.hexdigest()[:24]
 
 
 def cached_arrays(key, make, kind="sets"):

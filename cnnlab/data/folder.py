@@ -3,7 +3,6 @@
 Layouts: PATH/<class>/... (cnnlab cuts the splits), or PATH/train/<class>/... with PATH/test/
 (or PATH/val/) beside it as the official held-out split.
 """
-import hashlib
 import os
 import sys
 from collections import Counter
@@ -13,8 +12,8 @@ import numpy as np
 import torch
 
 from ..errors import CnnlabError, UsageError
-from .cache import cached_arrays
-from .images import IMAGE_SUFFIXES, is_grayscale, load_array
+from .cache import cached_arrays, files_key
+from .images import GRAY_MODES, IMAGE_SUFFIXES, load_array
 from .sources import Source
 
 
@@ -61,7 +60,7 @@ def choose_format(files, image_size):
     def header(path):
         try:
             with Image.open(path) as img:
-                return is_grayscale(path), img.size
+                return img.mode in GRAY_MODES, img.size   # one header read per file
         except Exception:
             return True, None  # unreadable: decided (and reported) when decoded
     heads = list(ThreadPoolExecutor(8).map(header, files))
@@ -73,20 +72,9 @@ def choose_format(files, image_size):
     return channels, min(max(min(w, h), 8), 128)
 
 
-def cache_key(files, channels, size):
-    """Cache key: the file list with sizes and mtimes, and the decoded format."""
-    h = hashlib.sha256(f"{channels}x{size}".encode())
-    for f in files:
-        try:
-            st = os.stat(f)
-            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{f}\0missing\n".encode())
-    return h.hexdigest()[:24]
-
-
-def decode_all(files, channels, size, on_bad_image):
-    """Decode every file in parallel -> (uint8 array (N, C, S, S), ok mask, bad messages)."""
+def decode_all(files, channels, size):
+    """Decode every file in parallel -> (uint8 array (N, C, S, S), ok mask, bad messages). Bad files
+    are recorded, not raised, so the cache entry serves both --on-bad-image modes."""
     def one(path):
         try:
             return load_array(path, channels, size), None
@@ -95,9 +83,6 @@ def decode_all(files, channels, size, on_bad_image):
     workers = min(32, (os.cpu_count() or 1) * 4)
     results = list(ThreadPoolExecutor(workers).map(one, files))
     bad = [msg for _, msg in results if msg]
-    if bad and on_bad_image == "error":
-        more = f" (and {len(bad) - 1} more bad files)" if len(bad) > 1 else ""
-        raise CnnlabError(f"{bad[0]}{more}. Remove it, or pass --on-bad-image skip.")
     ok = np.array([a is not None for a, _ in results], dtype=bool)
     arrays = [a for a, _ in results if a is not None]
     x = np.stack(arrays) if arrays else np.zeros((0, channels, size, size), np.uint8)
@@ -108,12 +93,13 @@ def load_pool(class_files, classes, channels, size, on_bad_image):
     files = [f for c in classes for f in class_files.get(c, [])]
     labels = np.array([i for i, c in enumerate(classes) for _ in class_files.get(c, [])], dtype=np.int64)
     def decode():
-        x, ok, bad = decode_all(files, channels, size, on_bad_image)
+        x, ok, bad = decode_all(files, channels, size)
         return {"x": x, "ok": ok, "bad": np.array(bad, dtype=str)}
-    arrays = cached_arrays(cache_key(files, channels, size), decode, kind="folders")
+    arrays = cached_arrays(files_key(f"{channels}x{size}", files), decode, kind="folders")
     x, ok, bad = arrays["x"], arrays["ok"], [str(b) for b in arrays["bad"]]
     if bad and on_bad_image == "error":
-        raise CnnlabError(f"{bad[0]}. Remove it, or pass --on-bad-image skip.")
+        more = f" (and {len(bad) - 1} more bad files)" if len(bad) > 1 else ""
+        raise CnnlabError(f"{bad[0]}{more}. Remove it, or pass --on-bad-image skip.")
     kept = [f for f, good in zip(files, ok) if good]
     return torch.from_numpy(x), torch.from_numpy(labels[ok]), kept, bad
 

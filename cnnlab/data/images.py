@@ -5,6 +5,7 @@ import numpy as np
 from ..errors import CnnlabError
 
 MAX_PIXELS = 64_000_000  # 8000x8000: far beyond a classifier's input, far below a bomb's claim
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")   # single-channel PIL modes
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -64,11 +65,3 @@ def load_array(path_or_file, channels, size, name=None):
         img = img.resize((size, size), Image.BILINEAR)
     a = np.asarray(img, dtype=np.uint8)
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
-
-
-def is_grayscale(path):
-    """Whether an image file is single-channel (read from the header only)."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return img.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")

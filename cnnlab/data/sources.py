@@ -61,12 +61,12 @@ def mnist_5k(cfg):
     return Source(_nchw(x), _labels(rows[:, 784]), classes=DIGITS, flip_ok=False)
 
 
-TORCHVISION = {  # name: (torchvision class, files to place, flip_ok)
-    "mnist": ("MNIST", "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", False),
-    "fashion-mnist": ("FashionMNIST", "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", True),
-    "kmnist": ("KMNIST", "KMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", False),
-    "cifar10": ("CIFAR10", "cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta)", True),
-    "cifar100": ("CIFAR100", "cifar-100-python/ (train, test, meta)", True),
+TORCHVISION = {  # name: (torchvision class, its folder under --data-dir, files to place, flip_ok)
+    "mnist": ("MNIST", "MNIST", "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", False),
+    "fashion-mnist": ("FashionMNIST", "FashionMNIST", "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", True),
+    "kmnist": ("KMNIST", "KMNIST", "KMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", False),
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", "cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta)", True),
+    "cifar100": ("CIFAR100", "cifar-100-python", "cifar-100-python/ (train, test, meta)", True),
 }
 
 
@@ -87,9 +87,10 @@ class _DataOnly(pickle.Unpickler):
 def _read_cifar_folder(name, root, train):
     """Read cifar-10-batches-py / cifar-100-python ourselves when torchvision refuses the files
     because their checksums differ from the official release (a re-packed or partial copy)."""
-    folder, parts, meta, label_key, names_key = {
-        "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "batches.meta", b"labels", b"label_names"),
-        "cifar100": ("cifar-100-python", ["train"], "meta", b"fine_labels", b"fine_label_names"),
+    folder = TORCHVISION[name][1]
+    parts, meta, label_key, names_key = {
+        "cifar10": ([f"data_batch_{i}" for i in range(1, 6)], "batches.meta", b"labels", b"label_names"),
+        "cifar100": (["train"], "meta", b"fine_labels", b"fine_label_names"),
     }[name]
     files = parts if train else ["test_batch" if name == "cifar10" else "test"]
     paths = [os.path.join(root, folder, f) for f in files + [meta]]
@@ -121,7 +122,7 @@ def _open_torchvision(name, root, train):
     try:  # files missing: download when the network allows
         return cls(root, train=train, download=True)
     except Exception:
-        files = TORCHVISION[name][1]
+        files = TORCHVISION[name][2]
         raise CnnlabError(f"{name} is not in '{root}' and could not be downloaded (offline?). "
                           f"Place {files} under '{root}', or pass --data-dir.") from None
 
@@ -131,11 +132,10 @@ def torchvision_set(name, cfg):
     taken whole (no per-sample ToTensor). The decoded arrays are cached (keyed by the files' sizes
     and mtimes): importing torchvision.datasets and parsing the files cost ~1.8 s of a 5 s
     MNIST run, the cache read ~0.1 s."""
-    from .cache import cached_arrays, files_key
+    from .cache import cached_arrays, files_key, files_under
 
-    folder = os.path.join(cfg.data_dir, TORCHVISION[name][0] if name not in ("cifar10", "cifar100")
-                          else {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[name])
-    key = files_key(name, folder)
+    files = files_under(os.path.join(cfg.data_dir, TORCHVISION[name][1]))
+    key = files_key(name, files) if files else None
 
     def decode():
         pools = [_open_torchvision(name, cfg.data_dir, train) for train in (True, False)]
@@ -146,7 +146,7 @@ def torchvision_set(name, cfg):
 
     a = cached_arrays(key, decode) if key else decode()
     return Source(torch.from_numpy(a["train_x"]), torch.from_numpy(a["train_y"]), torch.from_numpy(a["test_x"]),
-                  torch.from_numpy(a["test_y"]), classes=[str(c) for c in a["classes"]], flip_ok=TORCHVISION[name][2])
+                  torch.from_numpy(a["test_y"]), classes=[str(c) for c in a["classes"]], flip_ok=TORCHVISION[name][3])
 
 
 def cifar2(cfg):
@@ -218,4 +218,4 @@ def select_classes(src, wanted):
 
     train_x, train_y = keep(src.train_x, src.train_y)
     test_x, test_y = keep(src.test_x, src.test_y)
-    return Source(train_x, train_y, test_x, test_y, [src.classes[i] for i in index], src.flip_ok)
+    return Source(train_x, train_y, test_x, test_y, [src.classes[i] for i in index], src.flip_ok, src.files)
