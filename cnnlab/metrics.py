@@ -9,7 +9,9 @@ def confusion_matrix(preds, targets, num_classes):
 
 
 def _safe_div(a, b):
-    return torch.where(b > 0, a / b.clamp_min(1), torch.zeros_like(a))
+    """a / b, and 0 where b == 0 (scikit-learn's zero_division=0). The divisor is replaced, not
+    clamped: clamping to 1 would be wrong for fractional divisors such as precision + recall."""
+    return torch.where(b > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.zeros_like(a))
 
 
 def per_class(cm):
@@ -20,7 +22,8 @@ def per_class(cm):
     support = cm.sum(1)
     precision = _safe_div(tp, cm.sum(0))
     recall = _safe_div(tp, support)
-    f1 = _safe_div(2 * precision * recall, precision + recall)
+    # 2PR / (P + R) written with counts, 2TP / (2TP + FP + FN): exact, and 0 when TP = 0
+    f1 = _safe_div(2 * tp, support + cm.sum(0))
     return precision, recall, f1, support
 
 
