@@ -4,7 +4,7 @@
 
 (a) the tutorial as written (benchmarks/tutorial_seed003.py, in its own process)
 (b) cnnlab training the same model at batch 32
-(c) cnnlab's fastest MNIST recipe (recipes/mnist_fast.yaml), 3 seeds, wall time of the whole command
+(c) cnnlab's fastest MNIST recipe (cnnlab/recipes/mnist_fast.yaml), 3 seeds, wall time of the whole command
 (d) achieved training GFLOP/s of the seed model at cnnlab's default batch vs fp32 matmul GFLOP/s
 (e) inference images/s of `evaluate`, and the wall time of `cnnlab --help`
 (f) the data loader alone vs the tutorial's DataLoader (issue: loader >= 20x)
@@ -31,13 +31,13 @@ def tutorial(data_dir, epochs):
 
 
 def fastest_recipe(data_dir, seed):
-    """Two wall times of `cnnlab train --config recipes/mnist_fast.yaml` in a fresh process: the
+    """Two wall times of `cnnlab train --config mnist_fast` in a fresh process: the
     whole command (interpreter start and every import included), and the span the tutorial's own
     timer covers, i.e. from after `import torch` to the end (data loading, cnnlab's imports and
     the test evaluation included)."""
     out_dir = os.path.join(ROOT, "runs", f"bench-mnist-fast-{seed}")
     code = ("import time, torch; t = time.perf_counter(); from cnnlab.cli import main; "
-            f"rc = main(['train', '--config', 'recipes/mnist_fast.yaml', '--data-dir', {data_dir!r}, "
+            f"rc = main(['train', '--config', 'mnist_fast', '--data-dir', {data_dir!r}, "
             f"'--seed', '{seed}', '--out', {out_dir!r}, '--report', 'false']); "
             "print('SPAN', time.perf_counter() - t); raise SystemExit(rc)")
     start = time.perf_counter()
@@ -157,7 +157,7 @@ def main():
     from cnnlab.config import load_yaml, make_config
     from cnnlab.training import fit
 
-    b = fit(make_config({**load_yaml(os.path.join(ROOT, "recipes", "seed003_mnist.yaml")), "data_dir": args.data_dir,
+    b = fit(make_config({**load_yaml(os.path.join(ROOT, "cnnlab", "recipes", "seed003_mnist.yaml")), "data_dir": args.data_dir,
                          "epochs": 1, "out": os.path.join(ROOT, "runs", "bench-b"), "report": False}), quiet=True)
     b_rate = b.summary["samples_per_second"]
     print(f"(b) cnnlab, same model, batch 32: {b_rate:.0f} train img/s", flush=True)

@@ -6,11 +6,14 @@ import json
 import os
 import sys
 
-from .errors import CnnlabError, UsageError
+from . import __version__
+from .errors import CnnlabError, UsageError, unknown
+
+RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 
 HELP = {
     "data": "dataset: mnist-5k (default, embedded), mnist, fashion-mnist, kmnist, cifar10, cifar100, cifar2, "
-            "npz:PATH, folder:PATH, synthetic[:CxHxW:K:N] (see `cnnlab datasets`)",
+            "npz:PATH, folder:PATH (or just the path), synthetic[:CxHxW:K:N] (see `cnnlab datasets`)",
     "data_dir": "root folder of torchvision-style datasets (default: data)",
     "classes": "keep only these classes, comma-separated names or indices (e.g. airplane,bird)",
     "class_names": "comma-separated names for data that carries none (an npz without a `classes` array)",
@@ -53,16 +56,45 @@ def add_train_flags(p):
                            help="a model knob, e.g. n_chans1=64 or n_blocks=20 (repeatable)")
         else:
             p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=text)
-    p.add_argument("--config", help="a YAML recipe (e.g. recipes/seed003_mnist.yaml); flags override it")
+    p.add_argument("--config", type=recipe_path, metavar="RECIPE|FILE",
+                   help="a recipe name (see `cnnlab recipes`, e.g. seed003_mnist) or a YAML file; flags override it")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last.pt, exactly")
     p.add_argument("--nproc", type=int, default=0, help="launch N processes with torchrun on this machine (DDP)")
 
 
+def recipe_names():
+    return sorted(f[:-5] for f in os.listdir(RECIPES) if f.endswith(".yaml"))
+
+
+def recipe_path(value):
+    """--config: a YAML file, or the name of a recipe shipped inside cnnlab (so it works from any
+    folder); `recipes/NAME.yaml`, the old in-repo path, still finds the shipped recipe."""
+    if os.path.isfile(value):
+        return value
+    name = os.path.basename(value)[:-5] if value.endswith(".yaml") else value
+    if name in recipe_names() and os.path.dirname(value) in ("", "recipes"):
+        return os.path.join(RECIPES, name + ".yaml")
+    if os.sep in value or value.endswith((".yaml", ".yml")):
+        raise UsageError(f"config file not found: {value} (recipes by name: see `cnnlab recipes`).")
+    raise unknown("recipe", value, recipe_names())
+
+
+def recipe_description(name):
+    """The first line of the recipe's leading comment."""
+    with open(os.path.join(RECIPES, name + ".yaml"), encoding="utf-8") as f:
+        first = f.readline()
+    return first.lstrip("#").strip() if first.startswith("#") else ""
+
+
 def train_overrides(args):
-    """Flags the user actually gave (argparse defaults are None), as config keys."""
+    """Flags the user actually gave (argparse defaults are None), as config keys. A bare path
+    given as --data is stored as folder:PATH or npz:PATH, as `cnnlab datasets` names them."""
     from .config import FIELD_TYPES
+    from .data import resolve_name
 
     given = {k: v for k, v in vars(args).items() if k in FIELD_TYPES and v is not None}
+    if "data" in given:
+        given["data"] = resolve_name(given["data"])
     if "model_args" in given:
         pairs = {}
         for item in given["model_args"]:
@@ -95,10 +127,22 @@ def cmd_train(args):
     return 0
 
 
-def cmd_evaluate(args):
-    from .report import evaluate_path
+def load_run(path, data_dir=None):
+    """(model, run folder) of a run folder or checkpoint; `data_dir` replaces the run's own
+    --data-dir (relative to where it was trained, or on another machine)."""
+    from .inference import load
 
-    m = evaluate_path(args.run, data=args.data, split=args.split)
+    model = load(path)
+    if data_dir:
+        model.config = {**model.config, "data_dir": data_dir}
+    return model, path if os.path.isdir(path) else os.path.dirname(path)
+
+
+def cmd_evaluate(args):
+    from .report import evaluate_model, run_data
+
+    model, run_dir = load_run(args.run, args.data_dir)
+    m = evaluate_model(model, run_data(model, run_dir, args.data), args.split)
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
@@ -115,9 +159,10 @@ def cmd_evaluate(args):
 
 
 def cmd_report(args):
-    from .report import write_report
+    from .report import run_data, write_report
 
-    write_report(args.run)
+    data = run_data(*load_run(args.run, args.data_dir)) if args.data_dir and os.path.isdir(args.run) else None
+    write_report(args.run, data=data)
     return 0
 
 
@@ -172,6 +217,15 @@ def cmd_datasets(args):
     return 0
 
 
+def cmd_recipes(args):
+    names = recipe_names()
+    width = max(map(len, names))
+    print(f"{'recipe':<{width}}  description")
+    for name in names:
+        print(f"{name:<{width}}  {recipe_description(name)}")
+    return 0
+
+
 def cmd_data_check(args):
     from .datacheck import check
 
@@ -191,6 +245,7 @@ def cmd_lr_find(args):
 def build_parser():
     p = Parser(prog="cnnlab", description="Train, evaluate, explain and export CNN image classifiers.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("--version", action="version", version=f"cnnlab {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     t = sub.add_parser("train", help="train a model (no arguments: seed 003's CNN on embedded MNIST)")
     add_train_flags(t)
@@ -198,11 +253,13 @@ def build_parser():
     e = sub.add_parser("evaluate", help="metrics of a run or checkpoint on its test (or val) split")
     e.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
     e.add_argument("--data", help="evaluate on another dataset instead of the run's own")
+    e.add_argument("--data-dir", help="where torchvision-style datasets are (default: the run's own --data-dir)")
     e.add_argument("--split", default="test", choices=("val", "test"))
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(fn=cmd_evaluate)
     r = sub.add_parser("report", help="write the pictures and report.html of a run folder")
     r.add_argument("run", metavar="RUN_DIR")
+    r.add_argument("--data-dir", help="where torchvision-style datasets are (default: the run's own --data-dir)")
     r.set_defaults(fn=cmd_report)
     c = sub.add_parser("compare", help="compare runs: a table and overlaid validation curves")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -234,6 +291,8 @@ def build_parser():
     m.set_defaults(fn=cmd_models)
     d = sub.add_parser("datasets", help="list the datasets")
     d.set_defaults(fn=cmd_datasets)
+    rc = sub.add_parser("recipes", help="list the recipes shipped with cnnlab (use one with train --config NAME)")
+    rc.set_defaults(fn=cmd_recipes)
     dc = sub.add_parser("data", help="data tools: `cnnlab data check DATA`")
     dsub = dc.add_subparsers(dest="data_command", metavar="check", parser_class=Parser, required=True)
     chk = dsub.add_parser("check", help="class counts, sizes, modes, unreadable files, duplicates across splits")

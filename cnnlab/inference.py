@@ -55,6 +55,24 @@ class Model:
             a = 255 - a
         return torch.from_numpy(np.ascontiguousarray(a))
 
+    def unlike_training(self, img):
+        """'500x375 colour' when a PIL image differs greatly from the training images: its short
+        side over 8x the model's input (the downscale throws away what the model would need), or
+        colour into a grayscale model (or grayscale into a colour one); '' when it does not."""
+        from .data.images import GRAY_MODES, has_colour
+
+        c, size = self.preprocess["channels"], self.preprocess["image_size"]
+        colour = has_colour(img)
+        wrong_kind = (c == 1 and colour) or (c == 3 and img.mode in GRAY_MODES)
+        if min(img.size) <= 8 * size and not wrong_kind:
+            return ""
+        return f"{img.size[0]}x{img.size[1]} {'colour' if colour else 'grayscale'}"
+
+    def training_images(self):
+        """'1x28x28 grayscale': what the model was trained on, for messages."""
+        c, size = self.preprocess["channels"], self.preprocess["image_size"]
+        return f"{c}x{size}x{size} {'grayscale' if c == 1 else 'colour'}"
+
     @torch.inference_mode()
     def logits(self, batch_uint8):
         """(B, C, S, S) uint8 -> (B, K) logits, with the training normalisation."""

@@ -7,6 +7,7 @@ import sys
 import torch
 
 from .data.folder import list_images
+from .data.images import open_image
 from .errors import CnnlabError
 from .inference import load
 
@@ -20,15 +21,28 @@ def expand(paths):
     return files
 
 
+def warn_unlike_training(model, unlike):
+    """One stderr line for inputs far from the training images (a photo into a digit model): the
+    model still scores them, confidently and meaninglessly."""
+    (path, what), more = unlike[0], len(unlike) - 1
+    print(f"warning: {path} ({what}) is unlike the {model.training_images()} images this model was trained on; "
+          "its scores mean little" + (f" (and {more} more such input(s))." if more else "."), file=sys.stderr)
+
+
 def predict_files(checkpoint_path, paths, top_k=3, as_json=False, invert=False, batch_size=256):
     model = load(checkpoint_path)
-    results, ok_items = [], []
+    results, ok_items, unlike = [], [], []
     for path in expand(paths):
         try:
-            ok_items.append((len(results), model.to_uint8(path, invert=invert or None)))
+            img = open_image(path)
+            if what := model.unlike_training(img):
+                unlike.append((path, what))
+            ok_items.append((len(results), model.to_uint8(img, invert=invert or None)))
             results.append({"path": path})
         except CnnlabError as e:
             results.append({"path": path, "error": str(e)})
+    if unlike:
+        warn_unlike_training(model, unlike)
     for i in range(0, len(ok_items), batch_size):  # batched: one forward pass per 256 images
         chunk = ok_items[i:i + batch_size]
         preds = model.top_k(model.logits(torch.stack([x for _, x in chunk])), top_k)

@@ -81,6 +81,7 @@ def _fit(cfg, ctx, resume, log):
     if ctx.is_main:
         check_writable(run_dir, need_bytes=64 * 2**20)
     splits = read_json(os.path.join(resume, "splits.json")) if resume else None
+    log(banner_title(bool(resume)), flush=True)   # at once: a large folder's first decode takes a minute
     data = load_data(cfg, splits=splits)
     model = create_model(cfg.model, data.shape, len(data.classes), **cfg.model_args).to(ctx.device)
     if cfg.channels_last:
@@ -93,7 +94,7 @@ def _fit(cfg, ctx, resume, log):
     augment = default_augment(data, cfg.augment)
     run = RunFolder(run_dir, ctx.is_main)
     meta = run_metadata(cfg, data, model, ctx, augment)
-    print_settings(log, cfg, data, meta, run_dir, resumed=bool(resume))
+    print_settings(log, cfg, data, meta, run_dir)
     if not resume:
         run.create(cfg)
         run.write_json("splits.json", data.splits)
@@ -258,11 +259,15 @@ def payload(model, meta, cfg, metrics=None, extra=None):
             **(extra or {})}
 
 
-def print_settings(log, cfg, data, meta, run_dir, resumed):
-    """The resolved settings before training, like seed 004's HYPERPARAMETERS block."""
+def banner_title(resumed):
+    return "===== cnnlab train" + (" (resumed)" if resumed else "") + " ====="
+
+
+def print_settings(log, cfg, data, meta, run_dir):
+    """The resolved settings before training, like seed 004's HYPERPARAMETERS block (its title
+    line, `banner_title`, is printed before the data is loaded)."""
     sizes = " / ".join(f"{len(data.splits[k])}" for k in ("train", "val", "test"))
     mem = data.nbytes() / 2**20
-    log("===== cnnlab train" + (" (resumed)" if resumed else "") + " =====")
     log(f"data       {cfg.data}: {'x'.join(map(str, data.shape))}, {len(data.classes)} classes, "
         f"train/val/test {sizes} ({mem:.1f} MiB in memory), augment {meta['augment']}")
     log(f"model      {cfg.model} {meta['model_args'] or ''}({meta['num_params']:,} parameters)")

@@ -43,7 +43,7 @@ def test_every_recipe_loads():
     import glob
     import os
 
-    recipes = glob.glob(os.path.join(os.path.dirname(__file__), "..", "recipes", "*.yaml"))
+    recipes = glob.glob(os.path.join(os.path.dirname(__file__), "..", "cnnlab", "recipes", "*.yaml"))
     assert recipes, "no recipes found"
     for path in recipes:
         assert isinstance(make_config(load_yaml(path)), TrainConfig), path

@@ -1,10 +1,14 @@
 """Every data source on small files the test writes itself, plus the real MNIST when present."""
+import io
 import os
 import pickle
+import sys
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from cnnlab.config import make_config
@@ -193,3 +197,111 @@ def test_seed004_caps(shared_datasets):
                        "val_samples": 5000, "test_samples": 5000})
     data = load_data(cfg)
     assert (len(data.train[1]), len(data.val[1]), len(data.test[1])) == (20000, 5000, 5000)
+
+
+# --- first contact (issue 14): paths, notes on stderr, progress, classes never measured ---
+
+def test_data_dir_one_level_too_deep_is_used(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    write_idx(tmp_path, "train", rng.integers(0, 256, (40, 28, 28)), np.arange(40) % 10)
+    write_idx(tmp_path, "t10k", rng.integers(0, 256, (10, 28, 28)), np.arange(10) % 10)
+    data = load_data(make_config({"data": "mnist", "data_dir": str(tmp_path / "MNIST"), "val_fraction": 0.0}))
+    assert len(data.train[1]) == 40 and len(data.test[1]) == 10
+    out, err = capsys.readouterr()
+    assert out == "" and len([line for line in err.splitlines() if "MNIST folder itself" in line]) == 1
+
+
+def test_bare_paths_are_folder_and_npz(tmp_path, monkeypatch):
+    from cnnlab.data import resolve_name
+
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    make_folder(tmp_path / "imgs")
+    np.savez(tmp_path / "d.npz", x_train=np.zeros((20, 8, 8), np.uint8), y_train=np.arange(20) % 2)
+    assert resolve_name(str(tmp_path / "imgs")) == f"folder:{tmp_path / 'imgs'}"
+    assert resolve_name(str(tmp_path / "d.npz")) == f"npz:{tmp_path / 'd.npz'}"
+    assert resolve_name("mnist") == "mnist"                     # names win over same-named folders
+    assert load_data(make_config({"data": str(tmp_path / "imgs"), "image_size": 8})).classes == ["cat", "dog"]
+    assert load_data(make_config({"data": str(tmp_path / "d.npz")})).shape == (1, 8, 8)
+    with pytest.raises(UsageError, match="no such folder or .npz file"):
+        resolve_name(str(tmp_path / "missing"))
+
+
+def test_notes_go_to_stderr(capsys):
+    from types import SimpleNamespace
+
+    assert default_augment(SimpleNamespace(name="mnist", flip_ok=False), "flip") == "flip"
+    out, err = capsys.readouterr()
+    assert out == "" and "mirrored digits" in err
+
+
+def test_download_chatter_goes_to_stderr(tmp_path, monkeypatch, capsys):
+    """torchvision prints its download progress on stdout, which would break `evaluate --json`."""
+    import torchvision.datasets as tvd
+
+    from cnnlab.data import sources
+
+    class FakeMNIST:
+        def __init__(self, root, train, download):
+            if not download:
+                raise RuntimeError("Dataset not found")
+            print("Downloading https://example.org/train-images-idx3-ubyte.gz")
+            self.data, self.targets = torch.zeros(10, 28, 28, dtype=torch.uint8), torch.arange(10)
+    monkeypatch.setattr(tvd, "MNIST", FakeMNIST)
+    sources._open_torchvision("mnist", str(tmp_path), train=True)
+    out, err = capsys.readouterr()
+    assert out == "" and "Downloading" in err
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_folder_decode_announces_itself_with_a_bar_on_a_terminal(tmp_path, monkeypatch):
+    from cnnlab.data.folder import decode_all, list_images
+
+    make_folder(tmp_path / "imgs")
+    files = list_images(tmp_path / "imgs")
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    x, ok, bad = decode_all(files, 3, 8, " in imgs")
+    shown = sys.stderr.getvalue()
+    assert x.shape == (12, 3, 8, 8) and ok.all() and not bad
+    assert "decoding 12 images in imgs" in shown and "/12 [" in shown     # the line, then tqdm's bar
+
+
+def test_cached_folder_load_skips_the_header_pass(tmp_path, monkeypatch):
+    import cnnlab.data.folder as folder
+
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    make_folder(tmp_path / "imgs")
+    cfg = make_config({"data": f"folder:{tmp_path / 'imgs'}"})
+    first = load_data(cfg)
+    monkeypatch.setattr(folder, "choose_format", lambda *a: pytest.fail("headers read again"))
+    monkeypatch.setattr(folder, "decode_all", lambda *a: pytest.fail("decoded again"))
+    assert torch.equal(load_data(cfg).train[0], first.train[0]) and first.shape == (3, 16, 16)
+
+
+def test_class_without_val_or_test_images_is_named(tmp_path, capsys):
+    path = tmp_path / "rare.npz"
+    y = np.array([0] * 20 + [1] * 20 + [2])                      # one 'rare' image: it lands in train
+    np.savez(path, x_train=np.zeros((41, 8, 8), np.uint8), y_train=y, x_test=np.zeros((4, 8, 8), np.uint8),
+             y_test=np.array([0, 1, 0, 1]), classes=np.array(["a", "b", "rare"]))
+    data = load_data(make_config({"data": f"npz:{path}"}))
+    assert torch.bincount(data.val[1], minlength=3)[2] == 0
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "no val images for class 'rare'" in err and "no test images for class 'rare'" in err
+    load_data(make_config({"data": f"npz:{path}", "val_fraction": 0.0, "classes": ["a", "b"]}))
+    assert "warning" not in capsys.readouterr().err                  # no val split at all: nothing to say
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 12).flatmap(lambda k: st.tuples(st.just(k), st.lists(st.integers(0, k - 1), max_size=40))))
+def test_absent_classes_against_a_set_difference(case):
+    from cnnlab.data import absent_classes
+
+    k, labels = case
+    classes = [f"c{i}" for i in range(k)]
+    expected = [classes[i] for i in sorted(set(range(k)) - set(labels))]
+    assert absent_classes(torch.tensor(labels, dtype=torch.int64), classes) == expected

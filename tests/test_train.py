@@ -190,7 +190,7 @@ def test_lr_find(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--resume", "runs/x", "--config", "recipes/seed003_mnist.yaml"], "drop --config"),
+    (["--resume", "runs/x", "--config", "seed003_mnist"], "drop --config"),
     (["--amp", "fp16", "--device", "cpu"], "fp16"),
     (["--schedule", "step"], "step_epochs"),
 ])

@@ -1,5 +1,8 @@
 """Datasets by name: `load_data(cfg)` turns a `--data` string into train/val/test tensors with
-class names and normalisation statistics. `DATASETS` is what `cnnlab datasets` lists."""
+class names and normalisation statistics. `DATASETS` is what `cnnlab datasets` lists.
+Notes and warnings go to stderr: stdout carries results only (`evaluate --json` stays JSON)."""
+import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -48,14 +51,27 @@ NAMES = ["mnist-5k", "mnist", "fashion-mnist", "kmnist", "cifar10", "cifar100", 
 PREFIXES = ("npz:", "folder:", "synthetic:")
 
 
+def resolve_name(name):
+    """`--data` as given -> a known name or prefix: a bare path to an existing folder or .npz file
+    means folder:PATH or npz:PATH. Unknown names raise a UsageError."""
+    if name in NAMES or name.startswith(PREFIXES):
+        return name
+    if os.path.isdir(name):
+        return "folder:" + name
+    if os.path.isfile(name) and name.lower().endswith(".npz"):
+        return "npz:" + name
+    if os.sep in name or name.lower().endswith(".npz"):
+        raise UsageError(f"--data '{name}': no such folder or .npz file (and not a dataset name; "
+                         "see `cnnlab datasets`).")
+    raise unknown("dataset", name, NAMES + [p + "PATH" for p in PREFIXES[:2]])
+
+
 def check_data_name(name):
-    if name not in NAMES and not name.startswith(PREFIXES):
-        raise unknown("dataset", name, NAMES + [p + "PATH" for p in PREFIXES[:2]])
+    resolve_name(name)
 
 
 def open_source(cfg):
-    name = cfg.data
-    check_data_name(name)
+    name = resolve_name(cfg.data)
     if name == "mnist-5k":
         return sources.mnist_5k(cfg)
     if name in sources.TORCHVISION:
@@ -101,16 +117,39 @@ def load_data(cfg, splits=None):
     pick = lambda x, y, idx: (resize(x[idx], cfg.image_size), y[idx])
     train = pick(src.train_x, src.train_y, splits["train"])
     mean, std = channel_stats(train[0])
-    return Data(name=cfg.data, classes=list(src.classes), train=train,
+    data = Data(name=cfg.data, classes=list(src.classes), train=train,
                 val=pick(src.train_x, src.train_y, splits["val"]),
                 test=pick(test_x, test_y, splits["test"]),
                 mean=mean, std=std, flip_ok=src.flip_ok, splits=splits, files=src.files)
+    warn_missing_classes(data)
+    return data
+
+
+def absent_classes(y, classes):
+    """The names of the classes that no label in `y` has."""
+    counts = torch.bincount(y, minlength=len(classes)).tolist()
+    return [c for c, n in zip(classes, counts) if n == 0]
+
+
+def warn_missing_classes(data):
+    """A class with no validation or test images is never measured there; say so (stderr) rather
+    than let a per-class table or a stopping rule quietly ignore it."""
+    for split, flag in (("val", "--val-fraction/--val-samples"), ("test", "--test-fraction/--test-samples")):
+        y = getattr(data, split)[1]
+        if len(y) == 0:
+            continue  # the split is off as a whole (e.g. --val-fraction 0): nothing to warn about
+        missing = absent_classes(y, data.classes)
+        if missing:
+            names = ", ".join(repr(c) for c in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            print(f"warning: no {split} images for class {names}; {'its' if len(missing) == 1 else 'their'} "
+                  f"{split} accuracy is not measured (more data or a larger {flag} fixes it).", file=sys.stderr)
 
 
 def default_augment(data, requested):
     """`auto`: crop+flip for photos, crop only for digits and other sets where a mirror changes the class."""
     if requested != "auto":
         if "flip" in requested and not data.flip_ok:
-            print(f"note: flipping {data.name} images makes invalid examples (mirrored digits); using it as asked.")
+            print(f"note: flipping {data.name} images makes invalid examples (mirrored digits); using it as asked.",
+                  file=sys.stderr)
         return requested
     return "crop+flip" if data.flip_ok else "crop"

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..errors import CnnlabError, UsageError
 from .cache import cached_arrays, files_key
@@ -26,7 +27,11 @@ def list_images(root):
     return found
 
 
-def scan_classes(root, warn=print):
+def to_stderr(message):
+    print(message, file=sys.stderr)
+
+
+def scan_classes(root, warn=to_stderr):
     """{class name: [files]} for the class subfolders of `root`; empty classes are dropped with a warning."""
     if not os.path.isdir(root):
         raise UsageError(f"image folder not found: {root}")
@@ -72,16 +77,28 @@ def choose_format(files, image_size):
     return channels, min(max(min(w, h), 8), 128)
 
 
-def decode_all(files, channels, size):
+def image_format(files, image_size):
+    """choose_format, cached by the file list: reading 60,000 headers again costs ~10 s per load."""
+    make = lambda: {"format": np.array(choose_format(files, image_size))}
+    channels, size = cached_arrays(files_key(f"format-{image_size}", files), make, kind="formats")["format"]
+    return int(channels), int(size)
+
+
+def decode_all(files, channels, size, where=""):
     """Decode every file in parallel -> (uint8 array (N, C, S, S), ok mask, bad messages). Bad files
-    are recorded, not raised, so the cache entry serves both --on-bad-image modes."""
+    are recorded, not raised, so the cache entry serves both --on-bad-image modes. A large folder
+    takes minutes the first time: a line and (on a terminal) a progress bar on stderr say so."""
     def one(path):
         try:
             return load_array(path, channels, size), None
         except CnnlabError as e:
             return None, str(e)
+    print(f"decoding {len(files):,} images{where} at {channels}x{size}x{size} (first load only; cached after)",
+          file=sys.stderr, flush=True)
     workers = min(32, (os.cpu_count() or 1) * 4)
-    results = list(ThreadPoolExecutor(workers).map(one, files))
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(tqdm(pool.map(one, files), total=len(files), desc="decoding", unit="img", disable=None,
+                            leave=False, dynamic_ncols=True))
     bad = [msg for _, msg in results if msg]
     ok = np.array([a is not None for a, _ in results], dtype=bool)
     arrays = [a for a, _ in results if a is not None]
@@ -89,11 +106,11 @@ def decode_all(files, channels, size):
     return x, ok, bad
 
 
-def load_pool(class_files, classes, channels, size, on_bad_image):
+def load_pool(class_files, classes, channels, size, on_bad_image, where=""):
     files = [f for c in classes for f in class_files.get(c, [])]
     labels = np.array([i for i, c in enumerate(classes) for _ in class_files.get(c, [])], dtype=np.int64)
     def decode():
-        x, ok, bad = decode_all(files, channels, size)
+        x, ok, bad = decode_all(files, channels, size, where)
         return {"x": x, "ok": ok, "bad": np.array(bad, dtype=str)}
     arrays = cached_arrays(files_key(f"{channels}x{size}", files), decode, kind="folders")
     x, ok, bad = arrays["x"], arrays["ok"], [str(b) for b in arrays["bad"]]
@@ -104,8 +121,7 @@ def load_pool(class_files, classes, channels, size, on_bad_image):
     return torch.from_numpy(x), torch.from_numpy(labels[ok]), kept, bad
 
 
-def folder(path, cfg, warn=None):
-    warn = warn or (lambda m: print(m, file=sys.stderr))
+def folder(path, cfg, warn=to_stderr):
     train_root, test_root = split_folders(path)
     train_classes = scan_classes(train_root, warn)
     classes = list(train_classes)
@@ -114,12 +130,13 @@ def folder(path, cfg, warn=None):
     if extra:
         raise CnnlabError(f"{test_root} has class folders not in {train_root}: {', '.join(extra)}.")
     all_files = [f for fs in list(train_classes.values()) + list(test_classes.values()) for f in fs]
-    channels, size = choose_format(all_files, cfg.image_size)
-    train_x, train_y, train_files, bad = load_pool(train_classes, classes, channels, size, cfg.on_bad_image)
+    channels, size = image_format(all_files, cfg.image_size)
+    train_x, train_y, train_files, bad = load_pool(train_classes, classes, channels, size, cfg.on_bad_image,
+                                                   f" in {train_root}")
     src = Source(train_x, train_y, classes=classes, files={"train": train_files})
     if test_root:
         src.test_x, src.test_y, src.files["test"], bad_test = load_pool(
-            test_classes, classes, channels, size, cfg.on_bad_image)
+            test_classes, classes, channels, size, cfg.on_bad_image, f" in {test_root}")
         bad += bad_test
     if bad:
         warn(f"warning: skipped {len(bad)} unreadable image(s); the list is in bad_images.txt in the run folder.")

@@ -65,3 +65,12 @@ def load_array(path_or_file, channels, size, name=None):
         img = img.resize((size, size), Image.BILINEAR)
     a = np.asarray(img, dtype=np.uint8)
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def has_colour(img):
+    """True if a PIL image shows colour, not just an RGB encoding of grey (a scan saved as JPEG):
+    the mean spread between a pixel's channels exceeds 16 of 255, on a 64x64 thumbnail."""
+    if img.mode in GRAY_MODES:
+        return False
+    rgb = np.asarray(to_mode(img, 3).resize((64, 64)), dtype=np.int16)
+    return float((rgb.max(axis=2) - rgb.min(axis=2)).mean()) > 16

@@ -2,11 +2,14 @@
 training pool and, when the data has one, an official test pool, plus class names.
 
 Everything is decoded once into memory here; nothing per-sample happens after this module.
+Notes go to stderr, never stdout (which carries results, e.g. `evaluate --json`).
 """
+import contextlib
 import gzip
 import importlib.util
 import os
 import pickle
+import sys
 from types import SimpleNamespace
 from dataclasses import dataclass, field
 
@@ -103,7 +106,8 @@ def _read_cifar_folder(name, root, train):
     data = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for b in batches])
     labels = np.concatenate([np.asarray(b[label_key]) for b in batches])
     classes = [c.decode() for c in load(paths[-1])[names_key]]
-    print(f"note: {os.path.join(root, folder)} differs from the official release's checksums; read it directly.")
+    print(f"note: {os.path.join(root, folder)} differs from the official release's checksums; read it directly.",
+          file=sys.stderr)
     return SimpleNamespace(data=data, targets=labels, classes=classes)
 
 
@@ -119,8 +123,9 @@ def _open_torchvision(name, root, train):
         found = _read_cifar_folder(name, root, train)
         if found is not None:
             return found
-    try:  # files missing: download when the network allows
-        return cls(root, train=train, download=True)
+    try:  # files missing: download when the network allows (torchvision reports on stdout: move it)
+        with contextlib.redirect_stdout(sys.stderr):
+            return cls(root, train=train, download=True)
     except Exception:
         files = TORCHVISION[name][2]
         raise CnnlabError(f"{name} is not in '{root}' and could not be downloaded (offline?). "
@@ -134,11 +139,12 @@ def torchvision_set(name, cfg):
     MNIST run, the cache read ~0.1 s."""
     from .cache import cached_arrays, files_key, files_under
 
-    files = files_under(os.path.join(cfg.data_dir, TORCHVISION[name][1]))
+    root = data_root(name, cfg.data_dir)
+    files = files_under(os.path.join(root, TORCHVISION[name][1]))
     key = files_key(name, files) if files else None
 
     def decode():
-        pools = [_open_torchvision(name, cfg.data_dir, train) for train in (True, False)]
+        pools = [_open_torchvision(name, root, train) for train in (True, False)]
         xs = [np.asarray(_nchw(d.data.numpy() if torch.is_tensor(d.data) else d.data)) for d in pools]
         ys = [np.asarray(_labels(d.targets.numpy() if torch.is_tensor(d.targets) else d.targets)) for d in pools]
         classes = DIGITS if name == "mnist" else [str(c).split(" - ")[-1] for c in pools[0].classes]
@@ -147,6 +153,19 @@ def torchvision_set(name, cfg):
     a = cached_arrays(key, decode) if key else decode()
     return Source(torch.from_numpy(a["train_x"]), torch.from_numpy(a["train_y"]), torch.from_numpy(a["test_x"]),
                   torch.from_numpy(a["test_y"]), classes=[str(c) for c in a["classes"]], flip_ok=TORCHVISION[name][3])
+
+
+def data_root(name, data_dir):
+    """--data-dir is the folder that holds MNIST/ or cifar-10-batches-py/. Pointing it at that
+    folder itself is a common slip: detected, said in one line (stderr), and the parent used."""
+    folder = TORCHVISION[name][1]
+    path = os.path.normpath(data_dir)
+    if os.path.basename(path) == folder and not os.path.isdir(os.path.join(path, folder)):
+        parent = os.path.dirname(os.path.abspath(path))
+        print(f"note: --data-dir {data_dir} is the {folder} folder itself; using the folder above it, {parent}.",
+              file=sys.stderr)
+        return parent
+    return data_dir
 
 
 def cifar2(cfg):
