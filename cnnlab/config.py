@@ -5,6 +5,7 @@ name (`--batch-size` <-> `batch_size`). Unknown keys, wrong types and out-of-ran
 UsageError with the culprit named.
 """
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 
@@ -81,30 +82,41 @@ NON_NEGATIVE = ("train_samples", "val_samples", "test_samples", "image_size", "w
 FIELD_TYPES = {f.name: typing.get_type_hints(TrainConfig)[f.name] for f in dataclasses.fields(TrainConfig)}
 
 
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_scalar(kind, value):
+    """`value` (a YAML value or a CLI string) as bool, int, float or str; ValueError if it is not one.
+    Plain bool("false") and int(2.7) would silently give True and 2, so each kind is parsed by hand."""
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is bool and str(value).strip().lower() in TRUE + FALSE:
+        return str(value).strip().lower() in TRUE
+    if isinstance(value, bool) or kind is bool:   # True is an int to Python, not a number to a user
+        raise ValueError(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind is int and isinstance(value, (int, str)):
+        return int(value)                             # "2.5", "--3" and "²" raise ValueError
+    if kind is float and isinstance(value, (int, float, str)):
+        number = float(value)
+        if math.isfinite(number):                     # nan slips through `< 0` range checks
+            return number
+    if kind is str and isinstance(value, (str, int, float)):
+        return str(value)
+    raise ValueError(value)
+
+
 def coerce(key, value):
     """Convert a YAML or CLI value to the field's type, or raise UsageError naming the key."""
     kind = FIELD_TYPES[key]
     if value is None:
         raise UsageError(f"'{key}' needs a value of type {kind.__name__}.")
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("1", "true", "yes", "on"):
-            return True
-        if str(value).lower() in ("0", "false", "no", "off"):
-            return False
-    elif kind is int and not isinstance(value, bool):
-        if isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit()):
-            return int(value)
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif kind is float and not isinstance(value, bool):
+    if kind in (bool, int, float, str):
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            return parse_scalar(kind, value)
+        except (TypeError, ValueError, OverflowError):
             pass
-    elif kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
     elif kind is list:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]

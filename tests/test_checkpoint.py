@@ -7,20 +7,46 @@ import re
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 import cnnlab
 from cnnlab.checkpoint import load as load_checkpoint
+from cnnlab.checkpoint import save as save_checkpoint
+from cnnlab.config import make_config
 from cnnlab.errors import CnnlabError
+from cnnlab.models import create_model
+from cnnlab.training import payload
 
 from .conftest import SHARED, run_cli
 
 
-def test_load_gives_identical_logits(demo_run):
-    model = cnnlab.load(demo_run)
-    ckpt = load_checkpoint(demo_run)
-    x = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
-    again = cnnlab.load(os.path.join(demo_run, "best.pt"))
-    assert torch.equal(model.logits(x), again.logits(x))
+def test_load_gives_identical_logits(tmp_path):
+    """A model trained in memory, saved by training's own payload() and checkpoint.save(), computes
+    the same logits once loaded: weights, batch-norm statistics, model args (as the CLI gives them,
+    strings), eval mode and the per-channel normalisation all survive the file."""
+    torch.manual_seed(0)
+    args, mean, std = {"n_chans1": "8"}, [0.2, 0.5, 0.7], [0.3, 0.2, 0.25]
+    net = create_model("net_bn", (3, 16, 16), 3, **args)
+    x, y = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8), torch.arange(6) % 3
+    normalised = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(3):  # move the weights and the running statistics away from their initial values
+        opt.zero_grad()
+        F.cross_entropy(net(normalised), y).backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        expected = net(normalised)
+    meta = {"model": "net_bn", "model_args": args, "in_shape": [3, 16, 16], "classes": ["a", "b", "c"],
+            "preprocess": {"channels": 3, "image_size": 16, "mean": mean, "std": std, "invert": False}}
+    save_checkpoint(payload(net, meta, make_config({"model": "net_bn", "model_args": args})), tmp_path / "m.pt")
+    loaded = cnnlab.load(tmp_path / "m.pt")
+    torch.testing.assert_close(loaded.logits(x), expected, rtol=1e-5, atol=1e-5)
+    assert loaded.classes == ["a", "b", "c"]
+
+
+def test_checkpoint_describes_itself(demo_run):
+    model, ckpt = cnnlab.load(demo_run), load_checkpoint(demo_run)
     assert model.classes == [str(i) for i in range(10)] and ckpt["model"]["name"] == "mnist_cnn"
     assert set(ckpt["preprocess"]) >= {"channels", "image_size", "mean", "std", "invert"}
     assert ckpt["config"]["data"] == "mnist-5k"

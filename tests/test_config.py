@@ -1,8 +1,11 @@
+import math
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cnnlab.config import FIELD_TYPES, TrainConfig, load_yaml, make_config
+from cnnlab.config import FIELD_TYPES, TrainConfig, load_yaml, make_config, parse_scalar
 from cnnlab.errors import UsageError
 
 
@@ -23,7 +26,9 @@ def test_out_of_range_values_are_refused(key, value):
         make_config({key: value})
 
 
-@pytest.mark.parametrize("key,value", [("epochs", "ten"), ("lr", "fast"), ("nesterov", "maybe"), ("model_args", 3)])
+@pytest.mark.parametrize("key,value", [("epochs", "ten"), ("lr", "fast"), ("nesterov", "maybe"), ("model_args", 3),
+                                       ("epochs", "²"), ("epochs", "--3"), ("lr", "nan"), ("weight_decay", "nan"),
+                                       ("momentum", math.inf), ("gamma", "1e999")])
 def test_wrong_types_are_refused(key, value):
     with pytest.raises(UsageError, match=key):
         make_config({key: value})
@@ -81,3 +86,72 @@ def test_config_parsing_never_crashes(overrides):
         assert str(e)
     else:
         assert cfg.epochs > 0 and cfg.batch_size > 0
+
+
+BOOL_WORDS = {"true": True, "yes": True, "1": True, "on": True, "false": False, "no": False, "0": False, "off": False}
+
+
+@st.composite
+def bool_spellings(draw):
+    """(text, meaning): a yes/no word in random case, maybe padded, as people and YAML write it."""
+    word = draw(st.sampled_from(sorted(BOOL_WORDS)))
+    upper = draw(st.lists(st.booleans(), min_size=len(word), max_size=len(word)))
+    pad = draw(st.sampled_from(["", " ", "\t"]))
+    return pad + "".join(c.upper() if u else c for c, u in zip(word, upper)) + pad, BOOL_WORDS[word]
+
+
+not_a_bool_word = st.text(max_size=8).filter(lambda s: s.strip().lower() not in BOOL_WORDS)
+
+
+@given(bool_spellings())
+def test_boolean_settings_read_every_spelling(case):
+    text, meaning = case
+    assert make_config({"nesterov": text}).nesterov is meaning
+
+
+@given(not_a_bool_word)
+def test_other_text_is_not_a_boolean(text):
+    with pytest.raises(ValueError):
+        parse_scalar(bool, text)
+
+
+@given(st.text(alphabet=" 0123456789+-.e²٣", max_size=6))
+def test_whole_numbers_parse_and_other_text_is_refused(text):
+    """ASCII digits with an optional sign give that number; "2.5", "--3", "1e3" are refused (and
+    "²", which str.isdigit() calls a digit, no longer crashes the parser)."""
+    if re.fullmatch(r"\s*[+-]?[0-9]+\s*", text):
+        assert parse_scalar(int, text) == int(text)
+    elif not re.fullmatch(r"\s*[+-]?[0-9٣]+\s*", text):   # Python's int() also reads other scripts' digits
+        with pytest.raises(ValueError):
+            parse_scalar(int, text)
+
+
+@given(st.integers(-10**12, 10**12))
+def test_integers_parse_from_numbers_and_text(n):
+    assert parse_scalar(int, n) == parse_scalar(int, str(n)) == parse_scalar(int, float(n)) == n
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not x.is_integer()))
+def test_fractions_are_not_whole_numbers(x):
+    with pytest.raises(ValueError):
+        parse_scalar(int, x)
+    with pytest.raises(ValueError):
+        parse_scalar(int, repr(x))
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_finite_floats_parse_from_numbers_and_text(x):
+    assert parse_scalar(float, x) == parse_scalar(float, repr(x)) == x
+
+
+@given(st.sampled_from([math.nan, math.inf, -math.inf, "nan", "NaN", "inf", "-Infinity", "1e999"]))
+def test_non_finite_floats_are_refused(value):
+    """nan would pass the `< 0` range check of every non-negative setting."""
+    with pytest.raises(UsageError, match="weight_decay"):
+        make_config({"weight_decay": value})
+
+
+@given(st.booleans(), st.sampled_from([int, float]))
+def test_yes_and_no_are_not_numbers(flag, kind):
+    with pytest.raises(ValueError):
+        parse_scalar(kind, flag)

@@ -1,12 +1,19 @@
-"""Every registered model: shapes, finiteness, gradients, overfitting one batch, and the
-parameter counts of the seeds' own code."""
+"""Every registered model: shapes, finiteness, gradients, overfitting one batch, the parameter
+counts of the seeds' own code, and how --model-arg values are read."""
+import math
+
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
 from cnnlab.errors import UsageError
-from cnnlab.models import count_params, create_model, model_names
+from cnnlab.models import REGISTRY, count_params, create_model, model_names, parse_knob
+
+from .conftest import run_cli
+from .test_config import bool_spellings, not_a_bool_word
 
 SHAPES = {"mnist": ((1, 28, 28), 10), "cifar": ((3, 32, 32), 10)}
 
@@ -91,13 +98,28 @@ def test_net_res_deep_blocks_have_their_own_weights():
     assert torch.all(block.batch_norm.weight == 0.5) and torch.all(block.batch_norm.bias == 0)
 
 
-def test_net_res_deep_100_blocks_trains_a_step():
-    model = create_model("net_res_deep", (3, 32, 32), 2, n_blocks=100)
-    opt = torch.optim.SGD(model.parameters(), lr=3e-3)
-    loss = F.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1]))
-    loss.backward()
-    opt.step()
-    assert torch.isfinite(loss)
+def test_net_res_deep_100_blocks_trains():
+    """100 blocks deep, every part learns: each parameter gets a non-zero gradient and moves, and
+    the loss on a fixed batch falls. 8x8 images keep it cheap; depth, not image size, is under test."""
+    torch.manual_seed(0)
+    model = create_model("net_res_deep", (3, 8, 8), 2, n_blocks=100)
+    assert sum(m.__class__.__name__ == "ResBlock" for m in model.modules()) == 100
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    x, y = torch.randn(8, 3, 8, 8), torch.arange(8) % 2
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    losses = []
+    for step in range(6):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            no_grad = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        opt.step()
+        losses.append(loss.item())
+    assert not no_grad, f"no gradient reached {no_grad[:3]}"
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert not unchanged, f"a step did not move {unchanged[:3]}"
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0] / 2, losses
 
 
 def test_net_bn_has_a_norm_per_conv():
@@ -115,3 +137,65 @@ def test_unknown_model_and_knob():
         create_model("lenet", (1, 28, 28), 10)
     with pytest.raises(UsageError, match="n_chans1"):
         create_model("net_width", (3, 32, 32), 2, n_chan1=8)
+
+
+def toy_linear(in_shape, num_classes, bias=True):
+    """A builder with a boolean knob, which the zoo itself does not have yet."""
+    return nn.Linear(in_shape[0], num_classes, bias=bias)
+
+
+@pytest.mark.parametrize("text,has_bias", [("false", False), ("no", False), ("0", False), ("True", True), ("yes", True)])
+def test_boolean_knob_reads_false_as_false(monkeypatch, text, has_bias):
+    """--model-arg bias=false arrives as the string 'false'; bool('false') is True."""
+    monkeypatch.setitem(REGISTRY, "toy_linear", toy_linear)
+    assert (create_model("toy_linear", (4, 1, 1), 2, bias=text).bias is not None) == has_bias
+
+
+@given(bool_spellings())
+def test_boolean_knobs_read_every_spelling(case):
+    text, meaning = case
+    assert parse_knob("toy", "bias", True, text) is meaning
+
+
+@given(not_a_bool_word)
+def test_other_text_for_a_boolean_knob_is_one_usage_line(text):
+    with pytest.raises(UsageError, match="bias must be true or false") as e:
+        parse_knob("toy", "bias", True, text)
+    assert "\n" not in str(e.value) and "'toy'" in str(e.value)
+
+
+@given(st.integers(-10**9, 10**9))
+def test_int_knobs_take_whole_numbers_as_text_or_numbers(n):
+    assert parse_knob("net_width", "n_chans1", 32, str(n)) == parse_knob("net_width", "n_chans1", 32, n) == n
+
+
+fractions = st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not x.is_integer())
+
+
+@given(st.one_of(fractions, fractions.map(repr), st.sampled_from(["", "wide", "3x", "1e3", "true", "²", True])))
+def test_int_knobs_refuse_anything_else(value):
+    """int(2.7) would silently give 2 (a YAML 2.7); a fraction or a word names the knob instead."""
+    with pytest.raises(UsageError, match="n_chans1 must be a whole number"):
+        parse_knob("net_width", "n_chans1", 32, value)
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_float_knobs_take_finite_numbers(x):
+    assert parse_knob("net_dropout", "p", 0.4, repr(x)) == parse_knob("net_dropout", "p", 0.4, x) == x
+
+
+@given(st.sampled_from(["nan", "inf", "-inf", "high", "", "1,5"]))
+def test_float_knobs_refuse_anything_else(text):
+    with pytest.raises(UsageError, match="p must be a finite number"):
+        parse_knob("net_dropout", "p", 0.4, text)
+
+
+def test_knob_value_the_builder_refuses_is_a_usage_error():
+    with pytest.raises(UsageError, match=r"net_dropout.*'p': 1.5.*dropout probability"):
+        create_model("net_dropout", (3, 32, 32), 2, p="1.5")
+
+
+def test_bad_model_arg_on_the_command_line_is_one_line(tmp_path):
+    result = run_cli("train", "--model", "net_dropout", "--model-arg", "p=1.5", "--out", tmp_path / "never")
+    assert result.returncode == 2 and "dropout probability" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "never").exists()

@@ -165,11 +165,22 @@ def test_unwritable_out(tmp_path):
 
 
 def test_python_api(tmp_path):
+    import matplotlib.pyplot as plt
+
     import cnnlab
 
-    result = cnnlab.train(**{**SMALL, "epochs": 1}, out=str(tmp_path / "api"), quiet=True)
-    assert os.path.exists(os.path.join(result.run_dir, "best.pt")) and len(result.history) == 1
-    assert result.plot() is not None
+    result = cnnlab.train(**{**SMALL, "epochs": 2}, out=str(tmp_path / "api"), quiet=True)
+    assert os.path.exists(os.path.join(result.run_dir, "best.pt")) and len(result.history) == 2
+    fig = result.plot()
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    assert sorted(axes) == ["accuracy", "loss"]
+    for title, key in (("loss", "loss"), ("accuracy", "acc")):   # one point per epoch, train and val
+        lines = {line.get_label(): line.get_data() for line in axes[title].get_lines()}
+        assert sorted(lines) == ["train", "val"], title
+        for split, (xs, ys) in lines.items():
+            assert list(xs) == [1, 2], (title, split)
+            assert list(ys) == [row[f"{split}_{key}"] for row in result.history], (title, split)
+    plt.close(fig)
 
 
 def test_tensorboard_and_log_every(tmp_path):

@@ -5,6 +5,7 @@ tutorial varies, so a network adapts to any dataset; flatten sizes are computed,
 """
 import inspect
 
+from ..config import parse_scalar
 from ..errors import UsageError, unknown
 
 REGISTRY = {}
@@ -44,11 +45,25 @@ def create_model(name, in_shape, num_classes, **args):
     for key in args:
         if key not in knobs:
             raise unknown(f"argument for model '{name}'", key, knobs)
+    typed = {k: parse_knob(name, k, knobs[k], v) for k, v in args.items()}
     try:
-        typed = {k: type(knobs[k])(v) if knobs[k] is not None else v for k, v in args.items()}
-    except (TypeError, ValueError):
-        raise UsageError(f"bad --model-arg for '{name}': {args}; defaults are {knobs}.") from None
-    return REGISTRY[name](tuple(in_shape), int(num_classes), **typed)
+        return REGISTRY[name](tuple(in_shape), int(num_classes), **typed)
+    except (ValueError, RuntimeError) as e:  # e.g. p=1.5 for dropout, width=0 for a conv
+        raise UsageError(f"model '{name}' cannot be built with {typed}: {str(e).splitlines()[0][:160]}.") from None
+
+
+def parse_knob(model, key, default, value):
+    """A --model-arg value (a CLI string or a YAML value) in the type of the knob's default."""
+    kind = type(default)
+    if default is None or kind not in (bool, int, float, str):
+        return value
+    try:
+        return parse_scalar(kind, value)
+    except (TypeError, ValueError, OverflowError):
+        expected = {bool: "true or false (yes/no, 1/0)", int: "a whole number", float: "a finite number",
+                    str: "text"}[kind]
+        raise UsageError(f"--model-arg {key}={value!r} for model '{model}': {key} must be {expected} "
+                         f"(default {default!r}).") from None
 
 
 def count_params(model):
