@@ -167,14 +167,11 @@ def cmd_report(args):
 
 
 def cmd_compare(args):
-    from .report import compare
+    from .report import compare, compare_table
 
-    rows = compare(args.runs, args.out)
-    header = ("run", "model", "params", "epochs", "best val", "test acc", "seconds")
-    print("  ".join(f"{h:>10}" for h in header))
-    for r in rows:
-        print(f"{r[0]:>10}  {r[1]:>10}  {r[2]:>10,}  {r[3]:>10}  {r[4]:>10.2%}  {r[5]:>10.2%}  {r[6]:>10.1f}")
-    print(f"validation curves: {args.out}")
+    rows, picture = compare(args.runs, args.out)
+    print("\n".join(compare_table(rows)))
+    print(f"validation curves: {picture}", file=sys.stderr)   # stdout stays the table alone
     return 0
 
 
@@ -263,7 +260,8 @@ def build_parser():
     r.set_defaults(fn=cmd_report)
     c = sub.add_parser("compare", help="compare runs: a table and overlaid validation curves")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    c.add_argument("--out", default="compare.png", help="where to write the overlay plot")
+    c.add_argument("--out", help="where to write the overlay plot "
+                   "(default: compare.png in the runs' common parent folder)")
     c.set_defaults(fn=cmd_compare)
     pr = sub.add_parser("predict", help="classify image files and folders")
     pr.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR")

@@ -6,12 +6,20 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
 
 
 def _save(fig, path):
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _epoch_axis(ax):
+    """Whole epochs only: a 2-epoch run gets ticks 1 and 2, not 1.0, 1.2, ... 2.0."""
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))   # min 1: a 1-epoch run too
+    ax.grid(alpha=0.3)
 
 
 def curves_figure(history):
@@ -21,10 +29,10 @@ def curves_figure(history):
     for ax, key, title in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
         ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label="train")
         ax.plot(epochs, [row[f"val_{key}"] for row in history], "o-", label="val")
-        ax.set_xlabel("epoch")
         ax.set_title(title)
-        ax.grid(alpha=0.3)
+        _epoch_axis(ax)
         ax.legend()
+    ax_acc.yaxis.set_major_formatter(PercentFormatter(1.0))
     return fig
 
 
@@ -32,13 +40,14 @@ def save_curves(history, path):
     return _save(curves_figure(history), path)
 
 
-def save_confusion(cm, classes, path):
+def confusion_figure(cm, classes):
     """Counts and the row-normalised view (recall per true class) side by side."""
     cm = np.asarray(cm)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     k = len(classes)
     size = min(max(5, 0.45 * k + 2), 30)
-    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size))
+    # constrained layout makes room for tick labels, so the right plot's "true" clears the left plot
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size + 1, size), layout="constrained")
     for ax, values, title, fmt in ((axes[0], cm, "counts", "d"), (axes[1], norm, "row-normalised", ".2f")):
         ax.imshow(values, cmap="Blues")
         ax.set_title(f"confusion matrix ({title})")
@@ -54,7 +63,11 @@ def save_confusion(cm, classes, path):
                 for j in range(k):
                     ax.text(j, i, format(values[i, j], fmt), ha="center", va="center", fontsize=8,
                             color="white" if values[i, j] > top / 2 else "black")
-    return _save(fig, path)
+    return fig
+
+
+def save_confusion(cm, classes, path):
+    return _save(confusion_figure(cm, classes), path)
 
 
 def _show(ax, img, mean=None, std=None):
@@ -99,22 +112,29 @@ def save_mistakes(images, labels, probs, losses, classes, path, n=16):
     return _save(fig, path)
 
 
-def save_per_class(rows, path):
-    """Per-class recall (accuracy within the class) and F1 as bars."""
+def per_class_figure(rows):
+    """Per-class recall (accuracy within the class) and F1 as horizontal bars: class names of any
+    length read level, one per row, and the legend sits outside the bars."""
     names = [r["class"] for r in rows]
-    x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
-    ax.bar(x - 0.2, [r["recall"] for r in rows], 0.4, label="accuracy (recall)")
-    ax.bar(x + 0.2, [r["f1"] for r in rows], 0.4, label="F1")
-    ax.set_xticks(x, names if len(names) <= 40 else [""] * len(names), rotation=90 if len(names) > 10 else 0)
-    ax.set_ylim(0, 1.05)
+    y = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7, min(1.2 + 0.3 * len(names), 30)))
+    ax.barh(y - 0.2, [r["recall"] for r in rows], 0.4, label="accuracy (recall)")
+    ax.barh(y + 0.2, [r["f1"] for r in rows], 0.4, label="F1")
+    ax.set_yticks(y, names if len(names) <= 100 else [""] * len(names))
+    ax.set_ylim(len(names) - 0.5, -0.5)   # first class on top, as in the tables
+    ax.set_xlim(0, 1)
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_title("per-class test metrics")
-    ax.legend(loc="lower right")
-    ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    ax.grid(axis="x", alpha=0.3)
+    return fig
 
 
-def save_compare(histories, path):
+def save_per_class(rows, path):
+    return _save(per_class_figure(rows), path)
+
+
+def compare_figure(histories):
     """Validation accuracy and loss of several runs, overlaid."""
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4))
     for name, history in histories.items():
@@ -123,10 +143,14 @@ def save_compare(histories, path):
         ax_loss.plot(epochs, [row["val_loss"] for row in history], "o-", label=name)
     for ax, title in ((ax_acc, "validation accuracy"), (ax_loss, "validation loss")):
         ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
+        _epoch_axis(ax)
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    ax_acc.yaxis.set_major_formatter(PercentFormatter(1.0))
+    return fig
+
+
+def save_compare(histories, path):
+    return _save(compare_figure(histories), path)
 
 
 def save_lr_find(lrs, losses, suggestion, path):

@@ -99,52 +99,131 @@ def write_report(run_dir, data=None, quiet=False):
     return out
 
 
-def _table(rows, header):
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+def _table(rows, header=None):
+    """An HTML table; header None for a plain key/value list (no empty header row). Tables with a
+    header hold numbers after their first column: those are right-aligned (class "num")."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header or [])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    start = f'<table class="num"><thead><tr>{head}</tr></thead>' if header else "<table>"
+    return f"{start}<tbody>{body}</tbody></table>"
+
+
+def fmt_percent(v):
+    return f"{v:.1%}"
+
+
+def fmt_loss(v):
+    return f"{v:.4f}"
+
+
+def fmt_seconds(v):
+    return f"{v:,.1f} s"
+
+
+def fmt_count(v):
+    return f"{int(v):,}"
+
+
+# summary.json key -> (label, format): numbers written for people (97.0%, 13.4 s, 2,690 img/s, 121,930)
+SUMMARY_ROWS = {"model": ("model", str), "data": ("data", str), "num_params": ("parameters", fmt_count),
+                "epochs": ("epochs", fmt_count), "best_val_acc": ("best validation accuracy", fmt_percent),
+                "best_epoch": ("best epoch", fmt_count), "test_acc": ("test accuracy", fmt_percent),
+                "test_top5_acc": ("test top-5 accuracy", fmt_percent), "test_loss": ("test loss", fmt_loss),
+                "train_seconds": ("training time", fmt_seconds),
+                "samples_per_second": ("throughput", lambda v: f"{v:,.0f} img/s"),
+                "device": ("training device", str), "global_batch_size": ("batch size", fmt_count)}
+# metrics.csv column -> format; columns not listed (from newer versions) are shown as written
+HISTORY_COLUMNS = {"epoch": fmt_count, "train_loss": fmt_loss, "train_acc": fmt_percent, "val_loss": fmt_loss,
+                   "val_acc": fmt_percent, "lr": lambda v: f"{v:.2e}", "seconds": fmt_seconds}
+
+
+def summary_rows(summary):
+    return [(label, fmt(summary[key])) for key, (label, fmt) in SUMMARY_ROWS.items() if summary.get(key) is not None]
+
+
+def history_rows(history):
+    return [[HISTORY_COLUMNS.get(k, str)(v) for k, v in row.items()] for row in history]
+
+
+def per_class_rows(metrics):
+    """One row per class, then the macro and weighted averages (as scikit-learn's report)."""
+    rows = [(r["class"], *map(fmt_percent, (r["precision"], r["recall"], r["f1"])), fmt_count(r["support"]))
+            for r in metrics["per_class"]]
+    for name in ("macro_avg", "weighted_avg"):
+        a = metrics[name]
+        rows.append((name.replace("_", " "), *map(fmt_percent, (a["precision"], a["recall"], a["f1"])),
+                     fmt_count(metrics["samples"])))
+    return rows
+
+
+def environment_rows(summary):
+    """Software of this report, and the device the run trained on; a CUDA version only for a CUDA
+    run (torch's build version says nothing about a CPU run)."""
+    rows = [("python", platform.python_version()), ("torch", torch.__version__), ("platform", platform.platform())]
+    device = summary.get("device")
+    if device:
+        world = summary.get("world_size") or 1
+        rows.append(("training device", device + (f" x {world} processes" if world > 1 else "")))
+        if device.startswith("cuda"):
+            rows.append(("CUDA", torch.version.cuda or "unknown"))
+    return rows
 
 
 def render_html(run_dir, summary, model, metrics, paths, history):
-    env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-           "device": summary.get("device", "cpu"), "cuda": torch.version.cuda or "none"}
-    keys = ("model", "data", "num_params", "epochs", "best_val_acc", "best_epoch", "test_acc", "test_loss",
-            "train_seconds", "samples_per_second", "device", "global_batch_size")
-    fmt = lambda v: (f"{v:.4f}" if not float(v).is_integer() else int(v)) if isinstance(v, float) else v
-    per_class = [(r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"])
-                 for r in metrics["per_class"]]
     diag = summary.get("diagnostics") or ["No problems detected."]
     img = lambda key, alt: f'<figure><img src="{_embed(paths[key])}" alt="{alt}"><figcaption>{alt}</figcaption></figure>'
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>cnnlab report: {html.escape(os.path.basename(os.path.abspath(run_dir)))}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}
+.num td+td,.num th+th{{text-align:right;font-variant-numeric:tabular-nums}}
 img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}figure{{margin:1em 0}}</style></head>
 <body><h1>cnnlab report</h1><p>{html.escape(os.path.abspath(run_dir))}</p>
-<h2>Summary</h2>{_table([(k, fmt(summary[k])) for k in keys if k in summary], ["key", "value"])}
+<h2>Summary</h2>{_table(summary_rows(summary))}
 <h2>Diagnostics</h2><ul>{"".join(f"<li>{html.escape(d)}</li>" for d in diag)}</ul>
 <h2>Training curves</h2>{img("curves", "loss and accuracy per epoch")}
 <h2>Confusion matrix (test)</h2>{img("confusion", "confusion matrix")}
-<h2>Per-class metrics (test)</h2>{_table(per_class, ["class", "precision", "recall", "f1", "support"])}
+<h2>Per-class metrics (test)</h2>{_table(per_class_rows(metrics), ["class", "precision", "recall", "F1", "support"])}
 {img("per_class", "per-class accuracy and F1")}
 <h2>Mistakes</h2>{img("mistakes", "highest-loss test images")}
 <h2>Training samples</h2>{img("samples", "training images with labels")}
-<h2>History</h2>{_table([[fmt(row[k]) for k in row] for row in history], list(history[0]) if history else [])}
+<h2>History</h2>{_table(history_rows(history), [k.replace("_", " ") for k in history[0]] if history else None)}
 <h2>Configuration</h2><pre>{html.escape(json.dumps(model.config, indent=2))}</pre>
-<h2>Environment</h2>{_table(list(env.items()), ["", ""])}
+<h2>Environment</h2>{_table(environment_rows(summary))}
 </body></html>"""
 
 
-def compare(run_dirs, out="compare.png"):
-    """Rows of (run, model, params, epochs, best val, test acc, seconds) and an overlay plot."""
+COMPARE_HEADER = ("run", "model", "data", "params", "epochs", "best val", "test acc", "seconds")
+
+
+def compare(run_dirs, out=None):
+    """Rows of (run, model, data, params, epochs, best val, test acc, seconds) and the overlaid
+    validation curves, written to `out` or else to compare.png in the runs' common parent folder
+    (beside the runs, not wherever the command happens to run). Returns (rows, picture path)."""
+    parent = os.path.commonpath([os.path.dirname(os.path.abspath(d)) for d in run_dirs])
     rows, histories = [], {}
     for d in run_dirs:
         path = os.path.join(d, "summary.json")
         if not os.path.exists(path):
             raise CnnlabError(f"{d} has no summary.json; is it a finished cnnlab run folder?")
         s = read_json(path)
-        name = os.path.basename(os.path.normpath(d))
+        name = os.path.relpath(os.path.abspath(d), parent)   # unique even when two runs share a basename
         histories[name] = read_metrics(d)
-        rows.append((name, s["model"], s["num_params"], s["epochs"], s["best_val_acc"], s["test_acc"], s["train_seconds"]))
-    plots.save_compare(histories, out)
-    return rows
+        rows.append((name, s["model"], s["data"], s["num_params"], s["epochs"], s["best_val_acc"], s["test_acc"],
+                     s["train_seconds"]))
+    out = out or os.path.join(parent, "compare.png")
+    try:
+        plots.save_compare(histories, out)
+    except OSError as e:
+        raise CnnlabError(f"cannot write {out} ({e.strerror or e}); choose another place with --out.") from None
+    return rows, out
+
+
+def compare_table(rows):
+    """The compare rows as text lines, every column as wide as its longest cell: names of any
+    length stay aligned. Text left-aligned, numbers right-aligned."""
+    cells = [COMPARE_HEADER] + [(*r[:3], fmt_count(r[3]), fmt_count(r[4]), f"{r[5]:.2%}", f"{r[6]:.2%}", f"{r[7]:.1f}")
+                                for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COMPARE_HEADER))]
+    align = lambda i, text: text.ljust(widths[i]) if i < 3 else text.rjust(widths[i])
+    return ["  ".join(align(i, text) for i, text in enumerate(row)).rstrip() for row in cells]

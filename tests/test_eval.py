@@ -1,37 +1,22 @@
-"""Evaluation numbers against scikit-learn; pictures; report; compare."""
+"""Evaluation output, pictures, report and compare (the metrics themselves against scikit-learn:
+test_metrics.py)."""
+import itertools
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import confusion_matrix as sk_confusion
-from sklearn.metrics import precision_recall_fscore_support
 
+from cnnlab import plots
 from cnnlab.diagnose import diagnose
-from cnnlab.metrics import confusion_matrix, summarize
+from cnnlab.report import compare_table, environment_rows, summary_rows
 
 from .conftest import run_cli
 
-
-def test_metrics_match_sklearn_with_a_never_predicted_class():
-    rng = np.random.default_rng(0)
-    y_true = rng.integers(0, 4, 300)
-    y_pred = np.where(rng.random(300) < 0.7, y_true, rng.integers(0, 3, 300))  # class 3 never predicted... mostly
-    y_pred[y_pred == 3] = 0
-    cm = confusion_matrix(torch.tensor(y_pred), torch.tensor(y_true), 4)
-    assert cm.tolist() == sk_confusion(y_true, y_pred, labels=range(4)).tolist()
-    out = summarize(cm, ["a", "b", "c", "d"])
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=range(4), zero_division=0)
-    for row, pi, ri, fi, si in zip(out["per_class"], p, r, f, s):
-        assert row["precision"] == pytest.approx(pi) and row["recall"] == pytest.approx(ri)
-        assert row["f1"] == pytest.approx(fi) and row["support"] == si
-    for avg in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, average=avg, zero_division=0)
-        got = out[f"{avg}_avg"]
-        assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((p, r, f))
-    assert out["accuracy"] == pytest.approx((y_true == y_pred).mean())
-    assert out["per_class"][3]["precision"] == 0.0
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
 def test_evaluate_json_matches_summary(demo_run):
@@ -79,3 +64,125 @@ def test_diagnostics():
     assert "Overfitting" in notes and "rose" in notes and "Never predicted" in notes and "b" in notes
     stuck = [{"epoch": 1, "train_loss": 2.3, "train_acc": 0.1, "val_loss": 2.3, "val_acc": 0.1}]
     assert "chance" in " ".join(diagnose(stuck, torch.eye(10, dtype=torch.long), list("abcdefghij")))
+
+
+def test_report_numbers_are_written_for_people(demo_run):
+    page = open(os.path.join(demo_run, "report.html"), encoding="utf-8").read()
+    s = json.load(open(os.path.join(demo_run, "summary.json")))
+    for text in (f"{s['test_acc']:.1%}", f"{s['best_val_acc']:.1%}", f"{s['num_params']:,}",   # 97.0%, 121,930
+                 f"{s['train_seconds']:.1f} s", f"{s['samples_per_second']:,.0f} img/s"):
+        assert f"<td>{text}</td>" in page, text
+    assert f"<td>{s['test_acc']:.4f}</td>" not in page and f"<td>{s['num_params']}</td>" not in page
+    assert not re.search(r"<td>0\.\d+</td><td>0\.\d+</td>", page), "accuracies in the history table are raw fractions"
+    assert "<th></th>" not in page                                  # no empty header row
+    env = page[page.index("<h2>Environment"):]
+    assert "<td>training device</td><td>cpu</td>" in env and "CUDA" not in env and "cuda" not in env
+
+
+def test_summary_rows_format():
+    rows = dict(summary_rows({"test_acc": 0.97, "train_seconds": 13.385, "samples_per_second": 2689.6,
+                              "num_params": 121930, "test_loss": 0.11791, "test_top5_acc": None}))
+    assert rows == {"test accuracy": "97.0%", "training time": "13.4 s", "throughput": "2,690 img/s",
+                    "parameters": "121,930", "test loss": "0.1179"}
+
+
+def test_environment_names_cuda_only_for_a_cuda_run():
+    cpu = dict(environment_rows({"device": "cpu"}))
+    assert cpu["training device"] == "cpu" and "CUDA" not in cpu
+    gpu = dict(environment_rows({"device": "cuda:0", "world_size": 2}))
+    assert gpu["training device"] == "cuda:0 x 2 processes" and "CUDA" in gpu
+
+
+def _history(epochs):
+    return [{"epoch": float(e), "train_loss": 1.0 / e, "train_acc": 0.5, "val_loss": 1.1 / e, "val_acc": 0.4 + e / 100,
+             "lr": 1e-3, "seconds": 1.0} for e in range(1, epochs + 1)]
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3, 7])
+def test_epoch_ticks_are_whole_numbers(epochs):
+    for fig in (plots.curves_figure(_history(epochs)), plots.compare_figure({"a": _history(epochs)})):
+        for ax in fig.axes:
+            lo, hi = ax.get_xlim()
+            ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+            assert ticks and all(float(t).is_integer() for t in ticks), ticks
+        plots.plt.close(fig)
+
+
+def _collisions(fig):
+    """Overlapping pairs among tick labels, axis labels, titles and legends, and any of those lying
+    on another plot's area (a legend: on any plot's area, its bars included)."""
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    boxes = []
+    for i, ax in enumerate(fig.axes):
+        texts = [*ax.get_xticklabels(), *ax.get_yticklabels(), ax.xaxis.label, ax.yaxis.label, ax.title]
+        boxes += [(i, t.get_text(), t.get_window_extent(r)) for t in texts if t.get_visible() and t.get_text()]
+        if ax.get_legend():
+            boxes.append((i, "legend", ax.get_legend().get_window_extent(r)))
+    found = [(a, b) for (_, a, box_a), (_, b, box_b) in itertools.combinations(boxes, 2) if box_a.overlaps(box_b)]
+    found += [(text, f"plot {j}") for i, text, box in boxes for j, ax in enumerate(fig.axes)
+              if (j != i or text == "legend") and box.overlaps(ax.get_window_extent(r))]
+    plots.plt.close(fig)
+    return found
+
+
+@pytest.mark.parametrize("names", [CIFAR10, FASHION, [str(i) for i in range(10)], ["a", "b"],
+                                   [f"class_{i}" for i in range(100)]])
+def test_per_class_picture_has_no_overlapping_text(names):
+    rng = np.random.default_rng(0)
+    rows = [{"class": n, "recall": rng.random(), "f1": rng.random()} for n in names]
+    assert _collisions(plots.per_class_figure(rows)) == []
+
+
+@pytest.mark.parametrize("names", [CIFAR10, FASHION, [str(i) for i in range(10)], ["a", "b"]])
+def test_confusion_picture_has_no_overlapping_text(names):
+    cm = np.random.default_rng(0).integers(0, 50, (len(names), len(names)))
+    assert _collisions(plots.confusion_figure(cm, names)) == []
+
+
+def _fake_run(path, model="lenet5", data="mnist-5k", params=61706, epochs=2):
+    """A run folder as compare reads it (summary.json, metrics.csv), without training."""
+    os.makedirs(path)
+    summary = {"model": model, "data": data, "num_params": params, "epochs": epochs, "best_val_acc": 0.9,
+               "test_acc": 0.875, "train_seconds": 12.34}
+    with open(os.path.join(path, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    with open(os.path.join(path, "metrics.csv"), "w") as f:
+        f.write("epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds\n")
+        f.writelines(f"{e},0.5,0.8,0.6,0.{e}5,0.001,1.0\n" for e in range(1, epochs + 1))
+    return str(path)
+
+
+def test_compare_table_aligns_any_name_length_and_shows_data():
+    long = "a-run-name-much-longer-than-ten-characters"
+    rows = [(long, "resnet_small", "npz:/data/cifar10_5k.npz", 1234567, 12, 0.61, 0.595, 93.4),
+            ("b", "net", "cifar2", 18090, 100, 0.8, 0.8227, 8.0)]
+    header, *lines = compare_table(rows)
+    assert header.split() == ["run", "model", "data", "params", "epochs", "best", "val", "test", "acc", "seconds"]
+    for line, row in zip(lines, rows):
+        for text, column in ((row[1], "model"), (row[2], "data")):   # text columns start under their header
+            assert line.index(text) == header.index(column), (line, column)
+        for text, column in ((f"{row[3]:,}", "params"), (f"{row[6]:.2%}", "test acc"), (f"{row[7]:.1f}", "seconds")):
+            end = header.index(column) + len(column)                 # number columns end under their header
+            assert line[:end].endswith(text), (line, column)
+
+
+def test_compare_writes_beside_the_runs_by_default(tmp_path):
+    a = _fake_run(tmp_path / "runs" / "a-run-name-much-longer-than-ten-characters")
+    b = _fake_run(tmp_path / "runs" / "b", model="mnist_cnn", data="npz:/x/cifar10_5k.npz", epochs=3)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = run_cli("compare", a, b, cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    picture = tmp_path / "runs" / "compare.png"
+    assert picture.exists() and not (elsewhere / "compare.png").exists()
+    assert str(picture) in result.stderr and "compare.png" not in result.stdout   # stdout: the table only
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 and "npz:/x/cifar10_5k.npz" in lines[2] and lines[1].index("lenet5") == lines[2].index("mnist_cnn")
+
+
+def test_compare_unwritable_out_is_one_line(tmp_path):
+    a = _fake_run(tmp_path / "a")
+    result = run_cli("compare", a, "--out", tmp_path / "missing" / "cmp.png")
+    assert result.returncode == 1 and "--out" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
