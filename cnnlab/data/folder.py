@@ -58,6 +58,14 @@ def split_folders(root):
     return root, None
 
 
+def parallel_map(fn, items, desc, workers):
+    """[fn(item) for item in items] on a thread pool (PIL releases the GIL while decoding), with a
+    progress bar on stderr when it is a terminal: a first load of 60,000 files takes a minute."""
+    with ThreadPoolExecutor(workers) as pool:
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit="img", disable=None,
+                         leave=False, dynamic_ncols=True))
+
+
 def choose_format(files, image_size):
     """(channels, size): grayscale only if every image is; size from the data unless given."""
     from PIL import Image
@@ -68,7 +76,7 @@ def choose_format(files, image_size):
                 return img.mode in GRAY_MODES, img.size   # one header read per file
         except Exception:
             return True, None  # unreadable: decided (and reported) when decoded
-    heads = list(ThreadPoolExecutor(8).map(header, files))
+    heads = parallel_map(header, files, "reading headers", 8)
     channels = 1 if all(g for g, _ in heads) else 3
     if image_size:
         return channels, image_size
@@ -77,28 +85,27 @@ def choose_format(files, image_size):
     return channels, min(max(min(w, h), 8), 128)
 
 
-def image_format(files, image_size):
-    """choose_format, cached by the file list: reading 60,000 headers again costs ~10 s per load."""
-    make = lambda: {"format": np.array(choose_format(files, image_size))}
+def image_format(files, image_size, root):
+    """choose_format, cached by the file list: reading 60,000 headers again costs ~10 s per load.
+    A miss means a first load, which is announced: it takes a minute for 60,000 files."""
+    def make():
+        print(f"first load of {len(files):,} images under {root}: reading headers, then decoding them once "
+              "(cached for next time)", file=sys.stderr, flush=True)
+        return {"format": np.array(choose_format(files, image_size))}
     channels, size = cached_arrays(files_key(f"format-{image_size}", files), make, kind="formats")["format"]
     return int(channels), int(size)
 
 
 def decode_all(files, channels, size, where=""):
     """Decode every file in parallel -> (uint8 array (N, C, S, S), ok mask, bad messages). Bad files
-    are recorded, not raised, so the cache entry serves both --on-bad-image modes. A large folder
-    takes minutes the first time: a line and (on a terminal) a progress bar on stderr say so."""
+    are recorded, not raised, so the cache entry serves both --on-bad-image modes."""
     def one(path):
         try:
             return load_array(path, channels, size), None
         except CnnlabError as e:
             return None, str(e)
-    print(f"decoding {len(files):,} images{where} at {channels}x{size}x{size} (first load only; cached after)",
-          file=sys.stderr, flush=True)
-    workers = min(32, (os.cpu_count() or 1) * 4)
-    with ThreadPoolExecutor(workers) as pool:
-        results = list(tqdm(pool.map(one, files), total=len(files), desc="decoding", unit="img", disable=None,
-                            leave=False, dynamic_ncols=True))
+    print(f"decoding {len(files):,} images{where} at {channels}x{size}x{size}", file=sys.stderr, flush=True)
+    results = parallel_map(one, files, "decoding", min(32, (os.cpu_count() or 1) * 4))
     bad = [msg for _, msg in results if msg]
     ok = np.array([a is not None for a, _ in results], dtype=bool)
     arrays = [a for a, _ in results if a is not None]
@@ -130,7 +137,7 @@ def folder(path, cfg, warn=to_stderr):
     if extra:
         raise CnnlabError(f"{test_root} has class folders not in {train_root}: {', '.join(extra)}.")
     all_files = [f for fs in list(train_classes.values()) + list(test_classes.values()) for f in fs]
-    channels, size = image_format(all_files, cfg.image_size)
+    channels, size = image_format(all_files, cfg.image_size, path)
     train_x, train_y, train_files, bad = load_pool(train_classes, classes, channels, size, cfg.on_bad_image,
                                                    f" in {train_root}")
     src = Source(train_x, train_y, classes=classes, files={"train": train_files})
