@@ -233,6 +233,15 @@ def cmd_lr_find(args):
     from .config import load_yaml, make_config
     from .lr_find import lr_find
 
+    # Flags that shape a training run but have no meaning for the range test (one process, its own
+    # lr sweep, 100 steps): refused rather than silently ignored. Recipe keys are fine.
+    unused = ("resume", "nproc", "epochs", "lr", "schedule", "warmup_epochs", "step_epochs", "gamma", "patience",
+              "ema", "save_every_steps", "log_every", "tensorboard")
+    given = [name for name in unused if getattr(args, name, None) not in (None, 0)]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise UsageError(f"lr-find does not use {flag} (it runs 100 steps on one process, sweeping the lr from "
+                         f"1e-7 to 10); drop {flag}, or give it to `cnnlab train`.")
     base = make_config(load_yaml(args.config)) if args.config else None
     cfg = make_config(train_overrides(args), base=base)
     lr_find(cfg, out=args.plot)
@@ -299,7 +308,8 @@ def build_parser():
     chk.set_defaults(fn=cmd_data_check)
     lf = sub.add_parser("lr-find", help="LR range test: plot and suggested learning rate")
     add_train_flags(lf)
-    lf.add_argument("--plot", default="lr_find.png", help="where to write the plot")
+    lf.add_argument("--plot", help="where to write the plot (default: inside --out when given, else "
+                                   "runs/lr_find-<model>-<data>.png)")
     lf.set_defaults(fn=cmd_lr_find)
     return p
 

@@ -2,7 +2,8 @@
 import math
 
 
-def diagnose(history, cm, classes):
+def diagnose(history, cm, classes, raw_val_acc=None):
+    """`raw_val_acc`: with --ema, the raw (not averaged) last weights' validation accuracy."""
     notes = []
     if not history:
         return notes
@@ -23,6 +24,11 @@ def diagnose(history, cm, classes):
     if rising >= 3:
         notes.append(f"Validation loss rose for the last {rising} epochs: training longer is hurting; "
                      "the best checkpoint (best.pt) was kept from before.")
+    ema_val_acc = last["val_acc"]
+    if raw_val_acc is not None and not math.isnan(ema_val_acc) and raw_val_acc - ema_val_acc > 0.05:
+        notes.append(f"The EMA weights (--ema) reach {ema_val_acc:.1%} validation accuracy, far below the raw "
+                     f"weights' {raw_val_acc:.1%}: the average still remembers early weights. Use a smaller "
+                     "--ema (e.g. 0.99) or train longer; best.pt and the test score use the EMA weights.")
     predicted = cm.sum(0)
     never = [classes[i] for i in range(len(classes)) if predicted[i] == 0 and cm.sum(1)[i] > 0]
     if never:

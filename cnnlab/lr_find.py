@@ -1,45 +1,95 @@
 """`cnnlab lr-find`: the LR range test (Smith 2017; fastai's lr_find). The LR grows exponentially
-from 1e-7 to 10 over up to 100 steps; we stop when the loss explodes and suggest the LR of the
-steepest descent of the smoothed loss."""
+from 1e-7 to 10 over 100 steps of the SAME step training takes (engine.make_step: AMP, --l2,
+label smoothing, grad clip, channels_last), until the smoothed loss diverges.
+
+The suggestion is a tenth of the LR at the loss minimum before divergence (fastai's `minimum`).
+Measured here: mnist_cnn/Adam on mnist-5k, 3 epochs at each rule's LR: min/10 2.2e-3 -> 95.4%
+test, steepest descent before the minimum 1.5e-2 -> 80.4%, fastai's valley 3e-4 -> 91.6%; the old
+rule (steepest descent anywhere) picked 0.2, on a slope after the divergence (10% accuracy, issue 14)."""
 import math
+import os
+import sys
 
-from torch.nn import functional as F
-
-from .data import default_augment, load_data
-from .data.loader import BatchLoader
-from .models import create_model
-from .optim import build_optimizer, set_lr
-from .plots import save_lr_find
-from .runtime import setup
+from .errors import CnnlabError
 
 
-def lr_find(cfg, out="lr_find.png", start=1e-7, end=10.0, steps=100):
+def lr_find(cfg, out=None, start=1e-7, end=10.0, steps=100):
+    """Run the range test, save the plot (default: default_plot_path) and return the suggested lr."""
+    from .plots import save_lr_find
+
+    lrs, losses = range_test(cfg, start, end, steps)
+    best, suggestion = minimum_index(lrs, losses), suggest_lr(lrs, losses)
+    out = out or default_plot_path(cfg)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    save_lr_find(lrs, losses, suggestion, out, minimum=(lrs[best], losses[best]))
+    print(f"lr-find: {len(lrs)} steps from {lrs[0]:.1e} to {lrs[-1]:.1e}; lowest smoothed loss {losses[best]:.4f} "
+          f"at lr {lrs[best]:.2e}; plot: {out}", file=sys.stderr)
+    print(f"suggested lr {suggestion:.2e} (a tenth of the lr at the lowest loss)")
+    return suggestion
+
+
+def default_plot_path(cfg):
+    """Inside --out when given (the run it prepares), else runs/lr_find-<model>-<data>.png."""
+    if cfg.out:
+        return os.path.join(cfg.out, "lr_find.png")
+    return os.path.join("runs", f"lr_find-{cfg.model}-{cfg.data.split(':')[0]}.png")
+
+
+def range_test(cfg, start=1e-7, end=10.0, steps=100, beta=0.9):
+    """(lrs, bias-corrected moving average of the training loss), up to the first diverged point."""
+    from .data import default_augment, load_data
+    from .data.loader import BatchLoader
+    from .engine import make_step
+    from .models import create_model
+    from .optim import build_optimizer
+    from .runtime import setup
+    from .training import wrap_for_training
+
     ctx = setup(cfg)
     data = load_data(cfg)
     model = create_model(cfg.model, data.shape, len(data.classes), **cfg.model_args).to(ctx.device)
-    optimizer = build_optimizer(cfg, model)
-    loader = BatchLoader(*data.train, cfg.batch_size, data.mean, data.std, ctx.device, shuffle=True,
-                         seed=cfg.seed, augment=default_augment(data, cfg.augment))
-    lrs, losses, smooth, best = [], [], 0.0, math.inf
+    if cfg.channels_last:
+        import torch
+
+        model = model.to(memory_format=torch.channels_last)
+    step = make_step(model, wrap_for_training(model, cfg, ctx), build_optimizer(cfg, model), cfg, ctx, ema=None)
+    loader = BatchLoader(*data.train, cfg.batch_size, data.mean, data.std, ctx.device, shuffle=True, seed=cfg.seed,
+                         augment=default_augment(data, cfg.augment), channels_last=cfg.channels_last)
     batches = (b for epoch in range(10**6) for b in loader.batches(epoch))
+    lrs, losses, avg = [], [], 0.0
     for i in range(steps):
-        lr = start * (end / start) ** (i / (steps - 1))
-        set_lr(optimizer, lr)
+        lr = start * (end / start) ** (i / max(1, steps - 1))
         xb, yb = next(batches)
-        loss = F.cross_entropy(model(xb), yb)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        smooth = 0.9 * smooth + 0.1 * loss.item()
-        value = smooth / (1 - 0.9 ** (i + 1))  # bias-corrected moving average
-        if not math.isfinite(value) or value > 4 * best:
-            break
-        best = min(best, value)
+        avg = beta * avg + (1 - beta) * step(xb, yb, lr)[0].item() / len(yb)
         lrs.append(lr)
-        losses.append(value)
-    slopes = [(losses[i + 1] - losses[i]) for i in range(len(losses) - 1)]
-    suggestion = lrs[min(range(len(slopes)), key=slopes.__getitem__)] if slopes else cfg.lr
-    save_lr_find(lrs, losses, suggestion, out)
-    print(f"lr-find: {len(lrs)} steps from {lrs[0]:.1e} to {lrs[-1]:.1e}; suggested lr {suggestion:.2e} "
-          f"(steepest loss descent); plot: {out}")
-    return suggestion
+        losses.append(avg / (1 - beta ** (i + 1)))
+        if divergence_index(losses) < len(losses):
+            break
+    return lrs, losses
+
+
+def divergence_index(losses):
+    """Index of the first diverged point of a smoothed loss curve (len(losses) if none): not
+    finite, above 4x the best so far (fastai's rule), or back above where it started after falling
+    10% below it (cross-entropy seldom reaches 4x its best: Adam on MNIST went 2.3 -> 1.45 -> 3.5)."""
+    best = math.inf
+    for i, value in enumerate(losses):
+        if not math.isfinite(value) or value > 4 * best or (best < 0.9 * losses[0] and value > losses[0]):
+            return i
+        best = min(best, value)
+    return len(losses)
+
+
+def minimum_index(lrs, losses):
+    """Index of the lowest loss before divergence: past it a curve can fall again (after the model
+    is wrecked), and the old rule, steepest descent anywhere, suggested an lr there."""
+    usable = divergence_index(losses)
+    if usable == 0:
+        raise CnnlabError("lr-find: the loss was not finite from the first step, at lr "
+                          f"{lrs[0]:.1e}; check the data and model (or try --amp off).")
+    return min(range(usable), key=losses.__getitem__)
+
+
+def suggest_lr(lrs, losses):
+    """A tenth of the lr at the lowest smoothed loss before divergence (fastai's `minimum`)."""
+    return lrs[minimum_index(lrs, losses)] / 10

@@ -153,11 +153,18 @@ def save_compare(histories, path):
     return _save(compare_figure(histories), path)
 
 
-def save_lr_find(lrs, losses, suggestion, path):
+def save_lr_find(lrs, losses, suggestion, path, minimum=None):
+    """The range test's curve; `minimum`: the (lr, loss) of the lowest loss, whose lr/10 is suggested."""
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(lrs, losses)
     ax.set_xscale("log")
+    if minimum is not None:
+        ax.plot(*minimum, "o", color="black", label=f"lowest loss, lr {minimum[0]:.2e}")
     ax.axvline(suggestion, color="red", linestyle="--", label=f"suggested lr {suggestion:.2e}")
+    # the last, diverged point can be many times the start (7 vs 2.3 on MNIST): cut it off
+    low, high = min(losses), min(max(losses), 1.5 * losses[0])
+    pad = 0.05 * (high - low) or 0.1
+    ax.set_ylim(low - pad, high + pad)
     ax.set_xlabel("learning rate")
     ax.set_ylabel("smoothed training loss")
     ax.set_title("LR range test")

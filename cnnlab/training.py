@@ -185,6 +185,9 @@ def end_epoch(progress, epoch, train, val, lr, seconds):
 
 def finish(model, best_state, data, cfg, ctx, run, meta, progress, log, loader):
     """Evaluate the best weights once on the test split; write summary.json and the report."""
+    raw_val_acc = None
+    if cfg.ema and len(data.val[1]):  # the raw last weights, once: the diagnostics say when the EMA lags them
+        raw_val_acc = evaluate(model, loader(data.val, cfg.eval_batch_size * ctx.world), ctx, len(data.classes))["acc"]
     if best_state is not None:
         model.load_state_dict(best_state)
     test = evaluate(model, loader(data.test, cfg.eval_batch_size * ctx.world), ctx, len(data.classes))
@@ -198,10 +201,11 @@ def finish(model, best_state, data, cfg, ctx, run, meta, progress, log, loader):
                                  "world_size", "global_batch_size", "augment")},
         "splits": {k: len(data.splits[k]) for k in ("train", "val", "test")},
         "stopped_early": len(history) < cfg.epochs,
+        **({"raw_val_acc": raw_val_acc} if raw_val_acc is not None else {}),
     }
     from .diagnose import diagnose
 
-    summary["diagnostics"] = diagnose(history, test["cm"], data.classes)
+    summary["diagnostics"] = diagnose(history, test["cm"], data.classes, raw_val_acc=raw_val_acc)
     run.write_json("summary.json", summary)
     log(f"test: loss {test['loss']:.4f}  acc {test['acc']:.2%}  (best val {progress.best_val_acc:.2%} at epoch "
         f"{progress.best_epoch}; {summary['train_seconds']:.1f}s, {summary['samples_per_second']:.0f} img/s)")

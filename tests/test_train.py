@@ -192,14 +192,6 @@ def test_tensorboard_and_log_every(tmp_path):
     assert result.stdout.count("took") == 4     # four timed progress lines in one epoch
 
 
-def test_lr_find(tmp_path):
-    result = run_cli("lr-find", "--train-samples", 1000, "--plot", tmp_path / "lr.png")
-    assert result.returncode == 0, result.stderr
-    assert "suggested lr" in result.stdout and os.path.getsize(tmp_path / "lr.png") > 5000
-    suggested = float(result.stdout.split("suggested lr ")[1].split()[0])
-    assert 1e-6 < suggested < 10
-
-
 @pytest.mark.parametrize("args,needle", [
     (["--resume", "runs/x", "--config", "seed003_mnist"], "drop --config"),
     (["--amp", "fp16", "--device", "cpu"], "fp16"),
