@@ -31,13 +31,25 @@ def weights(run_dir):
     return load(os.path.join(run_dir, "last.pt"), "last.pt")["state_dict"]
 
 
+def mtime(path):
+    return os.stat(path).st_mtime_ns if os.path.exists(path) else None
+
+
+def wait_for_checkpoint(proc, run_dir, before):
+    """Block until this process has written last.pt (its mtime differs from `before`) or ended, so
+    every kill lands after the run has made progress, however slow the machine is."""
+    path = os.path.join(run_dir, "last.pt")
+    while mtime(path) == before and proc.poll() is None:
+        time.sleep(0.05)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=80)
-    ap.add_argument("--min-delay", type=float, default=3.0, help="seconds after start at least")
-    ap.add_argument("--max-delay", type=float, default=5.5, help="seconds after start at most")
+    ap.add_argument("--min-delay", type=float, default=0.5, help="seconds after the first last.pt at least")
+    ap.add_argument("--max-delay", type=float, default=3.0, help="seconds after the first last.pt at most")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     train = TRAIN + ["--epochs", str(args.epochs)]
@@ -48,8 +60,10 @@ def main():
     while kills < args.kills:
         resuming = os.path.exists(os.path.join(victim, "last.pt"))
         cmd = cnnlab("train", "--resume", victim) if resuming else cnnlab("train", *train, "--out", victim)
+        before = mtime(os.path.join(victim, "last.pt"))
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         started = time.perf_counter()
+        wait_for_checkpoint(proc, victim, before)   # an event, not a guess: slow machines start slower
         time.sleep(rng.uniform(args.min_delay, args.max_delay))
         if proc.poll() is not None:      # finished before the kill: the run is complete
             if proc.returncode != 0:

@@ -30,9 +30,9 @@ def lr_factor(cfg, step, steps_per_epoch):
     if cfg.schedule == "onecycle":
         # linear ramp to the peak over the warmup (default 25% of training), linear decay to 0
         ramp = warmup or 0.25 * total
-        return (step + 1) / ramp if step < ramp else max(0.0, (total - step) / max(1, total - ramp))
+        return min(1.0, (step + 1) / ramp) if step < ramp else max(0.0, (total - step) / max(1, total - ramp))
     if warmup and step < warmup:
-        return (step + 1) / warmup
+        return min(1.0, (step + 1) / warmup)   # a warm-up of a fractional step count never overshoots
     if cfg.schedule == "step":
         return cfg.gamma ** int(epoch // cfg.step_epochs)
     if cfg.schedule == "cosine":

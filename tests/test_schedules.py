@@ -86,8 +86,6 @@ def test_schedules_match_hand_formulas(run, data):
     assert lr_factor(cfg, step, n) == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
-@pytest.mark.xfail(strict=True, reason="optim.lr_factor: (step + 1) / warmup exceeds 1 on the last warm-up step "
-                   "when the warm-up (or one-cycle's default total/4 ramp) is not a whole number of steps")
 @settings(max_examples=300, deadline=None)
 @given(runs(whole_warmup=False))
 def test_lr_never_exceeds_the_peak(run):
