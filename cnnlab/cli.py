@@ -287,7 +287,8 @@ def build_parser():
     s = sub.add_parser("serve", help="an HTTP prediction API and a drawing page")
     s.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000,
+                   help="port to listen on, checked before the model loads (0: any free port)")
     s.add_argument("--top-k", type=int, default=5)
     s.add_argument("--max-bytes", type=int, default=5 * 2**20, help="request size cap (413 above it)")
     s.set_defaults(fn=cmd_serve)

@@ -2,6 +2,7 @@
 and the serve page turns a drawn digit into a prediction. Screenshots are saved as artifacts."""
 import os
 
+import httpx
 import pytest
 
 from .test_serve import free_port, start_server
@@ -33,25 +34,102 @@ def test_report_renders_with_all_images(browser, demo_run):
     page.screenshot(path=os.path.join(ARTIFACTS, "report.png"), full_page=True)
 
 
-def test_draw_a_digit_and_see_a_prediction(browser, demo_run):
+@pytest.fixture(scope="module")
+def serve_url(demo_run):
     port = free_port()
     server = start_server(demo_run, port)
-    try:
-        page = browser.new_page()
-        page.goto(f"http://127.0.0.1:{port}/")
-        page.wait_for_selector("#canvas", state="visible")
-        box = page.locator("#canvas").bounding_box()
-        # a "1": one vertical stroke down the middle of the canvas
-        page.mouse.move(box["x"] + 140, box["y"] + 50)
-        page.mouse.down()
-        for y in range(50, 240, 10):
-            page.mouse.move(box["x"] + 140, box["y"] + y)
-        page.mouse.up()
-        page.wait_for_selector(".prediction", timeout=15000)
-        bars = page.locator(".prediction").all_inner_texts()
-        assert len(bars) >= 3 and bars[0].split()[0] in [str(i) for i in range(10)]
-        os.makedirs(ARTIFACTS, exist_ok=True)
-        page.screenshot(path=os.path.join(ARTIFACTS, "serve.png"))
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def draw_a_one(page):
+    """A "1": one vertical stroke down the middle of the canvas."""
+    box = page.locator("#canvas").bounding_box()
+    page.mouse.move(box["x"] + 140, box["y"] + 50)
+    page.mouse.down()
+    for y in range(50, 240, 10):
+        page.mouse.move(box["x"] + 140, box["y"] + y)
+    page.mouse.up()
+
+
+def open_page(browser, url):
+    page = browser.new_page()
+    page.goto(url)
+    page.wait_for_selector("#canvas", state="visible")
+    return page
+
+
+def wait_for_result(page, source, answers):
+    """Until the page has handled `answers` replies and shows the result titled `source`."""
+    page.wait_for_function("([s, n]) => document.getElementById('source').textContent.includes(s) && "
+                           "+(document.body.dataset.answered || 0) >= n && document.querySelector('.prediction')",
+                           arg=[source, answers], timeout=15000)
+
+
+def shown_labels(page):
+    return page.eval_on_selector_all(".prediction span", "els => els.map(e => e.textContent)")
+
+
+def canvas_is_blank(page):
+    return page.evaluate("""() => { const c = document.getElementById('canvas');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        return d.every((v, i) => i % 4 === 3 || v === 0); }""")
+
+
+def test_draw_a_digit_and_see_a_prediction(browser, serve_url):
+    page = open_page(browser, serve_url)
+    draw_a_one(page)
+    wait_for_result(page, "the drawing", 1)
+    labels = shown_labels(page)   # textContent: innerText reads "190.8%" for a row not laid out yet
+    assert len(labels) == 5 and set(labels) <= {str(i) for i in range(10)}
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    page.screenshot(path=os.path.join(ARTIFACTS, "serve.png"))
+
+
+def upload_expectation(serve_url, shared_datasets, name="mnist_07_9.png"):
+    path = os.path.join(shared_datasets, "samples", name)
+    answer = httpx.post(f"{serve_url}/predict", files={"file": (name, open(path, "rb").read())}).json()
+    return path, [p["label"] for p in answer["predictions"]]
+
+
+def test_upload_shows_a_preview_and_replaces_the_drawing(browser, serve_url, shared_datasets):
+    path, labels = upload_expectation(serve_url, shared_datasets)
+    page = open_page(browser, serve_url)
+    draw_a_one(page)
+    wait_for_result(page, "the drawing", 1)
+    assert not canvas_is_blank(page)
+    page.set_input_files("#file", path)
+    wait_for_result(page, "mnist_07_9.png", 2)
+    preview = page.eval_on_selector("#preview", "e => [e.hidden, e.complete, e.naturalWidth, e.offsetWidth]")
+    assert preview[:3] == [False, True, 28] and preview[3] > 0, preview   # shown, decoded, on screen
+    assert canvas_is_blank(page) and shown_labels(page) == labels
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    page.screenshot(path=os.path.join(ARTIFACTS, "serve_upload.png"))
+    # and back: drawing again drops the upload, its preview and its result
+    draw_a_one(page)
+    wait_for_result(page, "the drawing", 3)
+    assert page.eval_on_selector("#preview", "e => e.hidden") and page.input_value("#file") == ""
+    assert "mnist_07_9.png" not in page.inner_text("body")
+
+
+# Holds the drawing's requests in the page until window.release() (the network stays real).
+HOLD_DRAWING = """window.held = []; const realFetch = window.fetch;
+window.fetch = (url, opts) => (opts && opts.body instanceof FormData && opts.body.get("file").name === "canvas.png")
+    ? new Promise(resolve => window.held.push(() => resolve(realFetch(url, opts)))) : realFetch(url, opts);
+window.release = () => window.held.splice(0).forEach(go => go());"""
+
+
+def test_a_late_drawing_answer_does_not_replace_an_upload(browser, serve_url, shared_datasets):
+    path, labels = upload_expectation(serve_url, shared_datasets)
+    page = browser.new_page()
+    page.add_init_script(HOLD_DRAWING)
+    page.goto(serve_url)
+    page.wait_for_selector("#canvas", state="visible")
+    draw_a_one(page)
+    page.wait_for_function("window.held.length === 1")   # the drawing's answer is on its way
+    page.set_input_files("#file", path)
+    wait_for_result(page, "mnist_07_9.png", 1)
+    page.evaluate("window.release()")
+    page.wait_for_function("+document.body.dataset.answered >= 2", timeout=15000)   # the late answer came
+    assert page.inner_text("#source") == "Result for mnist_07_9.png" and shown_labels(page) == labels

@@ -7,7 +7,10 @@ import sys
 import time
 
 import httpx
+import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from .conftest import ROOT, bomb_png
@@ -92,3 +95,57 @@ def test_bad_checkpoint_fails_at_start(tmp_path):
     result = subprocess.run([sys.executable, "-m", "cnnlab", "serve", str(tmp_path / "bad.pt"), "--port", str(free_port())],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "not a readable checkpoint" in result.stderr
+
+
+def multipart(server, files):
+    """POST several (name, bytes) files in one multipart request, in this order."""
+    return httpx.post(f"{server}/predict", files=[("file", (n, b, "image/png")) for n, b in files], timeout=60)
+
+
+# an image file: random size and pixels, or a broken one (name and bytes)
+random_png = st.builds(lambda w, h, seed: png_bytes(Image.fromarray(
+    np.random.default_rng(seed).integers(0, 256, (h, w), dtype=np.uint8))),
+    st.integers(1, 64), st.integers(1, 64), st.integers(0, 2**32 - 1))
+broken = st.sampled_from([b"not an image", b"\x89PNG\r\n\x1a\n" + bytes(40)])
+named_file = st.tuples(st.from_regex(r"[A-Za-z0-9_-]{1,10}\.png", fullmatch=True),
+                       st.one_of(random_png, random_png, broken))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(files=st.lists(named_file, min_size=2, max_size=5))
+def test_several_files_answer_each_in_order(server, files):
+    """Oracle: each file sent alone. Names may repeat, so order is checked by position."""
+    r = multipart(server, files)
+    alone = [multipart(server, [f]) for f in files]
+    if all(a.status_code == 400 for a in alone):   # nothing readable: one 400 naming every file
+        assert r.status_code == 400 and all(name in r.json()["error"] for name, _ in files)
+        return
+    assert r.status_code == 200
+    assert r.json() == [a.json() for a in alone]
+    assert [item["path"] for item in r.json()] == [name for name, _ in files]
+
+
+def test_one_file_keeps_one_object(server, shared_datasets):
+    raw = open(os.path.join(shared_datasets, "samples", "mnist_07_9.png"), "rb").read()
+    r = multipart(server, [("mnist_07_9.png", raw)])
+    assert r.status_code == 200 and r.json()["path"] == "mnist_07_9.png"
+    assert r.json()["predictions"][0]["label"] == "9"
+
+
+def test_port_in_use_fails_in_one_line_before_serving(demo_run):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "cnnlab", "serve", demo_run, "--port", str(port)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(port) in lines[0] and "--port N" in lines[0], result.stderr
+
+
+def test_port_out_of_range_is_a_usage_error(demo_run):
+    result = subprocess.run([sys.executable, "-m", "cnnlab", "serve", demo_run, "--port", "70000"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == "" and "70000" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
