@@ -94,9 +94,11 @@ def setup(cfg):
 
 
 def teardown(ctx, together=True):
-    """Leave the process group. `together`: wait for every rank first (a rank that tore gloo down
+    """Restore the process-wide float mode and leave the process group. `together`: wait for every rank first (a rank that tore gloo down
     while another was still sending made the latter abort, "terminate called without an active
     exception", in 1 of 3 runs); not after an error, when another rank may be gone."""
+    if ctx.device.type == "cpu":
+        torch.set_flush_denormal(False)   # a Python caller's later float code sees IEEE subnormals again
     if ctx.distributed:
         import torch.distributed as dist
 
