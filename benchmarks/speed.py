@@ -70,9 +70,9 @@ def training_gflops(data_dir, batch_size, steps=150):
     from cnnlab.config import make_config
     from cnnlab.data import load_data
     from cnnlab.data.loader import BatchLoader
-    from cnnlab.engine import make_step
+    from cnnlab.train.engine import make_step
     from cnnlab.models import create_model
-    from cnnlab.optim import build_optimizer
+    from cnnlab.train.optim import build_optimizer
     from cnnlab.runtime import setup
 
     cfg = make_config({"data": "mnist", "data_dir": data_dir, "batch_size": batch_size, "val_fraction": 0.0,
@@ -98,8 +98,8 @@ def training_gflops(data_dir, batch_size, steps=150):
 def evaluate_speed(data_dir, run_dir):
     import torch
 
-    from cnnlab.inference import load
-    from cnnlab.report import evaluate_model, run_data
+    from cnnlab.deploy.inference import load
+    from cnnlab.evaluate.report import evaluate_model, run_data
 
     model = load(run_dir)
     data = run_data(model, run_dir, data="mnist")
@@ -155,7 +155,7 @@ def main():
     print(f"(a) tutorial: {a['train_images_per_second']:.0f} train img/s, {a['wall_seconds']:.1f} s for "
           f"{args.tutorial_epochs} epochs, test acc {a['test_acc']:.2%}", flush=True)
     from cnnlab.config import load_yaml, make_config
-    from cnnlab.training import fit
+    from cnnlab.train.loop import fit
 
     b = fit(make_config({**load_yaml(os.path.join(ROOT, "cnnlab", "recipes", "seed003_mnist.yaml")), "data_dir": args.data_dir,
                          "epochs": 1, "out": os.path.join(ROOT, "runs", "bench-b"), "report": False}), quiet=True)

@@ -10,13 +10,13 @@ __version__ = "0.1.0"
 
 def train(config=None, resume=None, quiet=False, **settings):
     """Train with the CLI's settings as keyword arguments (train(data="cifar10", epochs=5, lr=0.01))."""
-    from .training import fit
+    from .train.loop import fit
 
     return fit(config, resume=resume, quiet=quiet, **settings)
 
 
 def load(path, device="cpu"):
     """Rebuild a trained model from a checkpoint file or run folder (no code is run from the file)."""
-    from .inference import load as _load
+    from .deploy.inference import load as _load
 
     return _load(path, device=device)

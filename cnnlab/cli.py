@@ -111,10 +111,10 @@ def cmd_train(args):
 
     overrides = train_overrides(args)
     if args.nproc:
-        from .distributed import launch
+        from .train.distributed import launch
 
         return launch(args.nproc, args.argv)
-    from .training import fit
+    from .train.loop import fit
 
     if args.resume:
         if args.config:
@@ -130,7 +130,7 @@ def cmd_train(args):
 def load_run(path, data_dir=None):
     """(model, run folder) of a run folder or checkpoint; `data_dir` replaces the run's own
     --data-dir (relative to where it was trained, or on another machine)."""
-    from .inference import load
+    from .deploy.inference import load
 
     model = load(path)
     if data_dir:
@@ -139,7 +139,7 @@ def load_run(path, data_dir=None):
 
 
 def cmd_evaluate(args):
-    from .report import evaluate_model, run_data
+    from .evaluate.report import evaluate_model, run_data
 
     model, run_dir = load_run(args.run, args.data_dir)
     m = evaluate_model(model, run_data(model, run_dir, args.data), args.split)
@@ -159,7 +159,7 @@ def cmd_evaluate(args):
 
 
 def cmd_report(args):
-    from .report import run_data, write_report
+    from .evaluate.report import run_data, write_report
 
     data = run_data(*load_run(args.run, args.data_dir)) if args.data_dir and os.path.isdir(args.run) else None
     write_report(args.run, data=data)
@@ -167,7 +167,7 @@ def cmd_report(args):
 
 
 def cmd_compare(args):
-    from .report import compare, compare_table
+    from .evaluate.report import compare, compare_table
 
     rows, picture = compare(args.runs, args.out)
     print("\n".join(compare_table(rows)))
@@ -176,27 +176,27 @@ def cmd_compare(args):
 
 
 def cmd_predict(args):
-    from .predict import predict_files
+    from .deploy.predict import predict_files
 
     return predict_files(args.checkpoint, args.paths, top_k=args.top_k, as_json=args.json, invert=args.invert)
 
 
 def cmd_export(args):
-    from .export import export
+    from .deploy.export import export
 
     export(args.checkpoint, args.format, args.out)
     return 0
 
 
 def cmd_serve(args):
-    from .serve import serve
+    from .deploy.serve import serve
 
     serve(args.checkpoint, host=args.host, port=args.port, top_k=args.top_k, max_bytes=args.max_bytes)
     return 0
 
 
 def cmd_models(args):
-    from .zoo import describe_model, list_models
+    from .models.zoo import describe_model, list_models
 
     if args.name:
         print(describe_model(args.name, args.data, args.data_dir))
@@ -224,14 +224,14 @@ def cmd_recipes(args):
 
 
 def cmd_data_check(args):
-    from .datacheck import check
+    from .data.check import check
 
     return check(args.data, args.data_dir)
 
 
 def cmd_lr_find(args):
     from .config import load_yaml, make_config
-    from .lr_find import lr_find
+    from .train.lr_find import lr_find
 
     # Flags that shape a training run but have no meaning for the range test (one process, its own
     # lr sweep, 100 steps): refused rather than silently ignored. Recipe keys are fine.
@@ -339,7 +339,7 @@ def main(argv=None):
         sys.stderr.close()
         return 0
     except Exception as e:  # an unexpected failure: still one line, and a way to see more
-        from .engine import Interrupted
+        from .train.engine import Interrupted
 
         if isinstance(e, Interrupted):
             world = int(os.environ.get("WORLD_SIZE", 1))

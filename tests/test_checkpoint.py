@@ -10,12 +10,12 @@ import torch
 from torch.nn import functional as F
 
 import cnnlab
-from cnnlab.checkpoint import load as load_checkpoint
-from cnnlab.checkpoint import save as save_checkpoint
+from cnnlab.train.checkpoint import load as load_checkpoint
+from cnnlab.train.checkpoint import save as save_checkpoint
 from cnnlab.config import make_config
 from cnnlab.errors import CnnlabError
 from cnnlab.models import create_model
-from cnnlab.training import payload
+from cnnlab.train.loop import payload
 
 from .conftest import SHARED, run_cli
 

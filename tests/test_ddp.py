@@ -7,7 +7,7 @@ import pytest
 
 import cnnlab
 from cnnlab.config import make_config
-from cnnlab.training import fit
+from cnnlab.train.loop import fit
 
 from .conftest import run_cli
 
@@ -48,7 +48,7 @@ def test_only_rank_zero_prints_and_writes(ddp_run):
 def test_ddp_checkpoint_loads_in_one_process(ddp_run):
     out, _ = ddp_run
     model = cnnlab.load(out)
-    from cnnlab.report import evaluate_path
+    from cnnlab.evaluate.report import evaluate_path
 
     m = evaluate_path(str(out))
     assert m["accuracy"] == pytest.approx(json.load(open(out / "summary.json"))["test_acc"])
@@ -92,7 +92,7 @@ def test_sigterm_to_the_launcher_leaves_a_resumable_checkpoint(tmp_path):
     import subprocess
     import sys
 
-    from cnnlab.checkpoint import load as load_checkpoint
+    from cnnlab.train.checkpoint import load as load_checkpoint
 
     from .conftest import ROOT
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab import plots
-from cnnlab.diagnose import diagnose
-from cnnlab.report import compare_table, environment_rows, summary_rows
+from cnnlab.evaluate import plots
+from cnnlab.train.diagnose import diagnose
+from cnnlab.evaluate.report import compare_table, environment_rows, summary_rows
 
 from .conftest import run_cli
 

@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cnnlab.config import make_config
-from cnnlab.diagnose import diagnose
-from cnnlab.engine import ema_model
+from cnnlab.train.diagnose import diagnose
+from cnnlab.train.engine import ema_model
 from cnnlab.errors import CnnlabError
-from cnnlab.lr_find import suggest_lr
-from cnnlab.training import fit
+from cnnlab.train.lr_find import suggest_lr
+from cnnlab.train.loop import fit
 
 from .conftest import run_cli
 

@@ -1,4 +1,4 @@
-"""cnnlab.metrics against scikit-learn over random predictions (hypothesis), degenerate cases included,
+"""cnnlab.evaluate.metrics against scikit-learn over random predictions (hypothesis), degenerate cases included,
 and `cnnlab evaluate --json` against scikit-learn on predictions made independently of the engine."""
 import json
 
@@ -11,8 +11,9 @@ from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from sklearn.metrics import confusion_matrix as sk_confusion
 
 import cnnlab
-from cnnlab.metrics import confusion_matrix, summarize
-from cnnlab.report import run_data
+from cnnlab.evaluate.metrics import summarize
+from cnnlab.train.engine import confusion_matrix
+from cnnlab.evaluate.report import run_data
 
 from .conftest import run_cli
 

@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-import cnnlab.training
-from cnnlab.checkpoint import load as load_checkpoint
+import cnnlab.train.loop
+from cnnlab.train.checkpoint import load as load_checkpoint
 from cnnlab.config import make_config
-from cnnlab.engine import Interrupted
-from cnnlab.training import fit
+from cnnlab.train.engine import Interrupted
+from cnnlab.train.loop import fit
 
 from .conftest import ROOT, run_cli
 
@@ -67,7 +67,7 @@ def interrupt_at_step(monkeypatch, n):
             stop.signum = signal.SIGINT
             return True
         return False
-    monkeypatch.setattr(cnnlab.training, "agreed_stop", fake_stop)
+    monkeypatch.setattr(cnnlab.train.loop, "agreed_stop", fake_stop)
 
 
 @pytest.mark.parametrize("stop_step", [12, 17], ids=["epoch-boundary", "mid-epoch"])

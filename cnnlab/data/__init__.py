@@ -9,6 +9,7 @@ import torch
 
 from ..errors import UsageError, unknown
 from . import sources
+from .preprocess import Preprocess
 from .splits import make_splits
 
 # name: (description, image shape, classes, official train/test sizes)
@@ -42,6 +43,12 @@ class Data:
     @property
     def shape(self):
         return tuple(self.train[0].shape[1:])
+
+    @property
+    def preprocess(self):
+        """What a model trained on this data expects of its inputs (saved in its checkpoints)."""
+        c, size = self.shape[0], self.shape[1]
+        return Preprocess(channels=c, image_size=size, mean=self.mean, std=self.std)
 
     def nbytes(self):
         return sum(part[0].numel() + part[1].numel() * 8 for part in (self.train, self.val, self.test))

@@ -23,7 +23,8 @@ def register(source):
 
 
 def _load_families():
-    from . import resnet, seeds  # noqa: F401  (registration happens on import)
+    from . import resnet
+    from . import seeds  # noqa: F401(registration happens on import)
 
 
 def model_names():

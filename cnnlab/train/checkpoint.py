@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from .errors import CnnlabError
+from ..errors import CnnlabError
 
 FORMAT = "cnnlab-checkpoint"
 VERSION = 1
@@ -74,3 +74,24 @@ def load(path, name="best.pt"):
                           "classes and preprocessing. Rebuild the network yourself and call "
                           "model.load_state_dict(torch.load(path, weights_only=True)), or train it with cnnlab.")
     raise CnnlabError(f"{path} is not a cnnlab checkpoint (no '{FORMAT}' marker).")
+
+
+def build_model(ckpt, path=""):
+    """The network a checkpoint describes, with its weights loaded (on the CPU, in train mode)."""
+    from ..models import create_model
+
+    spec = ckpt["model"]
+    try:
+        net = create_model(spec["name"], spec["in_shape"], spec["num_classes"], **spec.get("args", {}))
+        net.load_state_dict(ckpt["state_dict"])
+    except (RuntimeError, KeyError) as e:
+        raise CnnlabError(f"{path}: weights do not fit model '{spec.get('name')}' with "
+                          f"{spec.get('num_classes')} classes ({str(e).splitlines()[0][:160]}).") from None
+    return net
+
+
+def preprocess_of(ckpt):
+    """The checkpoint's Preprocess (how inputs must be converted for this model)."""
+    from ..data.preprocess import Preprocess
+
+    return Preprocess.from_dict(ckpt["preprocess"])

@@ -2,7 +2,7 @@
 in the same command."""
 import torch
 
-from .errors import CnnlabError
+from ..errors import CnnlabError
 from .inference import load
 
 TOLERANCE = 1e-4

@@ -6,9 +6,9 @@ import sys
 
 import torch
 
-from .data.folder import list_images
-from .data.images import open_image
-from .errors import CnnlabError
+from ..data.folder import list_images
+from ..data.images import open_image
+from ..errors import CnnlabError
 from .inference import load
 
 

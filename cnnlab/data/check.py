@@ -4,8 +4,8 @@ from collections import Counter
 
 import torch
 
-from .config import make_config
-from .data import load_data
+from ..config import make_config
+from . import load_data
 
 
 def image_modes(files):

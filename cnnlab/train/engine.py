@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.nn import functional as F
 
-from .errors import CnnlabError
+from ..errors import CnnlabError
 from .optim import l2_penalty, lr_factor, set_lr
 
 
@@ -95,12 +95,16 @@ def non_finite(epoch, step, lr):
                        "stopped and the last good checkpoint was kept. Try a lower --lr, --grad-clip 1, or --amp off.")
 
 
+def confusion_matrix(preds, targets, num_classes):
+    """(K, K) int64 counts; row i, column j = true class i predicted as j."""
+    idx = targets.to(torch.int64) * num_classes + preds.to(torch.int64)
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
 @torch.inference_mode()
 def evaluate(model, loader, ctx, num_classes, collect=False):
     """Loss, accuracy, top-5, confusion matrix over a loader (sharded and all-reduced under DDP).
     With collect=True also the per-sample probabilities and losses (for plots of mistakes)."""
-    from .metrics import confusion_matrix
-
     was_training = model.training
     model.eval()
     device = ctx.device

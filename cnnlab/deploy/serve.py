@@ -6,7 +6,7 @@ import os
 import socket
 import sys
 
-from .errors import CnnlabError, UsageError
+from ..errors import CnnlabError, UsageError
 
 PAGE = os.path.join(os.path.dirname(__file__), "static", "index.html")
 

@@ -9,14 +9,14 @@ import platform
 import torch
 
 from . import plots
-from .config import make_config
-from .data import load_data
-from .data.loader import BatchLoader
-from .data.splits import stratified_order
-from .errors import CnnlabError, UsageError
+from ..config import make_config
+from ..data import load_data
+from ..data.loader import BatchLoader
+from ..data.splits import stratified_order
+from ..errors import CnnlabError, UsageError
 from .metrics import summarize
-from .run import read_json, read_metrics
-from .runtime import Context
+from ..train.run_folder import read_json, read_metrics
+from ..runtime import Context
 
 
 def run_data(model, run_dir=None, data=None):
@@ -36,7 +36,7 @@ def run_data(model, run_dir=None, data=None):
 
 def evaluate_model(model, data, split="test", collect=False):
     """Metrics of `model` on a split of `data`, normalised with the MODEL's statistics."""
-    from .engine import evaluate
+    from ..train.engine import evaluate
 
     x, y = getattr(data, split)
     if len(y) == 0:
@@ -54,7 +54,7 @@ def evaluate_model(model, data, split="test", collect=False):
 
 
 def evaluate_path(path, data=None, split="test"):
-    from .inference import load
+    from ..deploy.inference import load
 
     model = load(path)
     run_dir = path if os.path.isdir(path) else os.path.dirname(path)
@@ -81,7 +81,7 @@ def write_pictures(run_dir, model, data, metrics):
 
 def write_report(run_dir, data=None, quiet=False):
     """Every picture plus report.html for a run folder; returns the report's path."""
-    from .inference import load
+    from ..deploy.inference import load
 
     if not os.path.isdir(run_dir):
         raise UsageError(f"not a run folder: {run_dir}")

@@ -10,12 +10,12 @@ import math
 import os
 import sys
 
-from .errors import CnnlabError
+from ..errors import CnnlabError
 
 
 def lr_find(cfg, out=None, start=1e-7, end=10.0, steps=100):
     """Run the range test, save the plot (default: default_plot_path) and return the suggested lr."""
-    from .plots import save_lr_find
+    from ..evaluate.plots import save_lr_find
 
     lrs, losses = range_test(cfg, start, end, steps)
     best, suggestion = minimum_index(lrs, losses), suggest_lr(lrs, losses)
@@ -37,13 +37,13 @@ def default_plot_path(cfg):
 
 def range_test(cfg, start=1e-7, end=10.0, steps=100, beta=0.9):
     """(lrs, bias-corrected moving average of the training loss), up to the first diverged point."""
-    from .data import default_augment, load_data
-    from .data.loader import BatchLoader
+    from ..data import default_augment, load_data
+    from ..data.loader import BatchLoader
     from .engine import make_step
-    from .models import create_model
+    from ..models import create_model
     from .optim import build_optimizer
-    from .runtime import setup
-    from .training import wrap_for_training
+    from ..runtime import setup
+    from .loop import wrap_for_training
 
     ctx = setup(cfg)
     data = load_data(cfg)

@@ -1,11 +1,6 @@
-"""Classification metrics as pure tensor functions of a confusion matrix (rows = true class)."""
+"""Classification metrics as pure tensor functions of a confusion matrix (rows = true class; the
+matrix itself is counted by the evaluation loop, train/engine.py)."""
 import torch
-
-
-def confusion_matrix(preds, targets, num_classes):
-    """(K, K) int64 counts; row i, column j = true class i predicted as j."""
-    idx = targets.to(torch.int64) * num_classes + preds.to(torch.int64)
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 def _safe_div(a, b):

@@ -7,8 +7,8 @@ import shutil
 import time
 
 from . import checkpoint
-from .config import dump_yaml
-from .errors import CnnlabError, UsageError
+from ..config import dump_yaml
+from ..errors import CnnlabError, UsageError
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 

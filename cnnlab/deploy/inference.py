@@ -5,9 +5,7 @@ import os
 import numpy as np
 import torch
 
-from . import checkpoint
-from .errors import CnnlabError
-from .models import create_model
+from ..train import checkpoint
 
 
 class Model:
@@ -15,12 +13,7 @@ class Model:
 
     def __init__(self, ckpt, device="cpu", path=""):
         spec = ckpt["model"]
-        try:
-            self.net = create_model(spec["name"], spec["in_shape"], spec["num_classes"], **spec.get("args", {}))
-            self.net.load_state_dict(ckpt["state_dict"])
-        except (RuntimeError, KeyError) as e:
-            raise CnnlabError(f"{path}: weights do not fit model '{spec.get('name')}' with "
-                              f"{spec.get('num_classes')} classes ({str(e).splitlines()[0][:160]}).") from None
+        self.net = checkpoint.build_model(ckpt, path)
         self.device = torch.device(device)
         # NHWC: 2.3x faster inference on the CPU for the seed CNN (benchmarks/README.md)
         self.net.to(self.device, memory_format=torch.channels_last).eval()
@@ -39,7 +32,7 @@ class Model:
         (C, S, S) uint8, converted and resized exactly as the training data was."""
         from PIL import Image
 
-        from .data.images import open_image, to_mode
+        from ..data.images import open_image, to_mode
 
         c, size = self.preprocess["channels"], self.preprocess["image_size"]
         if isinstance(item, (str, os.PathLike)) or hasattr(item, "read"):
@@ -59,7 +52,7 @@ class Model:
         """'500x375 colour' when a PIL image differs greatly from the training images: its short
         side over 8x the model's input (the downscale throws away what the model would need), or
         colour into a grayscale model (or grayscale into a colour one); '' when it does not."""
-        from .data.images import GRAY_MODES, has_colour
+        from ..data.images import GRAY_MODES, has_colour
 
         c, size = self.preprocess["channels"], self.preprocess["image_size"]
         colour = has_colour(img)

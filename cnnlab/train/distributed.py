@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def launch(nproc, train_argv):

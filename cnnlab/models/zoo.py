@@ -1,6 +1,6 @@
 """`cnnlab models`: the zoo as a table, or one model layer by layer (torchinfo, as seed 003 does)."""
-from .data import DATASETS
-from .models import REGISTRY, count_params, create_model, forward_flops, model_names
+from ..data import DATASETS
+from . import REGISTRY, count_params, create_model, forward_flops, model_names
 
 
 def data_shape(data, data_dir):
@@ -8,8 +8,8 @@ def data_shape(data, data_dir):
     known = DATASETS.get(data)
     if known and "x" in known[1]:
         return tuple(int(v) for v in known[1].split("x")), int(known[2])
-    from .config import make_config
-    from .data import load_data
+    from ..config import make_config
+    from ..data import load_data
 
     loaded = load_data(make_config({"data": data, "data_dir": data_dir}))
     return loaded.shape, len(loaded.classes)

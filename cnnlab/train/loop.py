@@ -8,16 +8,16 @@ import time
 import torch
 
 from . import checkpoint
-from .config import make_config
-from .data import default_augment, load_data
-from .data.loader import BatchLoader
+from ..config import make_config
+from ..data import default_augment, load_data
+from ..data.loader import BatchLoader
 from .engine import (Interrupted, Progress, StopSignal, evaluate, ema_model, eval_weights, make_step,
                      progress_state, snapshot, train_one_epoch)
-from .errors import UsageError
-from .models import count_params, create_model
+from ..errors import UsageError
+from ..models import count_params, create_model
 from .optim import build_optimizer
-from .run import RunFolder, check_writable, default_name, read_json
-from .runtime import rng_state, set_rng_state, setup, teardown
+from .run_folder import RunFolder, check_writable, default_name, read_json
+from ..runtime import rng_state, set_rng_state, setup, teardown
 
 # Settings that define what a run IS; changing them on --resume would silently mix two runs.
 MUST_MATCH = ("data", "classes", "model", "model_args", "image_size", "val_fraction", "test_fraction",
@@ -31,7 +31,7 @@ class Result:
         self.run_dir, self.summary, self.history = run_dir, summary, history
 
     def plot(self):
-        from .plots import curves_figure
+        from ..evaluate.plots import curves_figure
 
         return curves_figure(self.history)
 
@@ -41,7 +41,7 @@ class Result:
 
 def resume_config(run_dir, overrides):
     """The saved config with the allowed overrides applied; refuses changes to MUST_MATCH keys."""
-    from .config import load_yaml
+    from ..config import load_yaml
 
     if not os.path.exists(os.path.join(run_dir, "last.pt")):
         raise UsageError(f"cannot resume: {run_dir} has no last.pt (is it a cnnlab run folder?).")
@@ -148,9 +148,9 @@ def _fit(cfg, ctx, resume, log):
 
 def check_names(cfg):
     """Unknown dataset or model names fail before anything is written or loaded."""
-    from .data import check_data_name
-    from .models import model_names
-    from .errors import unknown
+    from ..data import check_data_name
+    from ..models import model_names
+    from ..errors import unknown
 
     check_data_name(cfg.data)
     if cfg.model not in model_names():
@@ -210,7 +210,7 @@ def finish(model, best_state, data, cfg, ctx, run, meta, progress, log, loader):
     log(f"test: loss {test['loss']:.4f}  acc {test['acc']:.2%}  (best val {progress.best_val_acc:.2%} at epoch "
         f"{progress.best_epoch}; {summary['train_seconds']:.1f}s, {summary['samples_per_second']:.0f} img/s)")
     if ctx.is_main and cfg.report:
-        from .report import write_report
+        from ..evaluate.report import write_report
 
         write_report(run.path, data=data, quiet=True)
     log(f"run folder: {run.path}")
