@@ -15,6 +15,25 @@ def run_cli(*args, cwd=None, timeout=600, env=None):
                           cwd=cwd or ROOT, timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def start_train(*args):
+    """`cnnlab train ARGS` in a subprocess, returned once it has printed its first epoch line, so a
+    last.pt exists: for the tests that then stop it with a signal or kill one of its workers."""
+    proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch"):
+            break
+    return proc
+
+
+def signal_and_wait(proc, signum, pid=None, timeout=120):
+    """Send `signum` to `pid` (default: the start_train process itself) and wait for that process
+    to exit; returns its stderr."""
+    os.kill(pid or proc.pid, signum)
+    _, err = proc.communicate(timeout=timeout)
+    return err
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """One short real training run on the embedded sample, shared by the tests that only read it."""

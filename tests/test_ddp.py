@@ -66,45 +66,30 @@ def test_a_dead_rank_stops_the_others_quickly(tmp_path):
     """kill -9 one worker: the launcher returns within seconds, naming the failed rank."""
     import signal
     import subprocess
-    import sys
     import time
 
-    from .conftest import ROOT
+    from .conftest import signal_and_wait, start_train
 
-    proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", "--nproc", "2", "--device", "cpu", "--epochs", "50",
-                             "--report", "false", "--out", str(tmp_path / "dead")], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("epoch   1/"):
-            break
+    proc = start_train("--nproc", 2, "--device", "cpu", "--epochs", 50, "--report", "false", "--out", tmp_path / "dead")
     workers = subprocess.run(["pgrep", "-f", "--", f"-u -m cnnlab train --device cpu --epochs 50 --report false --out {tmp_path}"],
                              capture_output=True, text=True).stdout.split()
     assert len(workers) == 2, workers
-    os.kill(int(workers[-1]), signal.SIGKILL)
     start = time.monotonic()
-    _, err = proc.communicate(timeout=120)
+    err = signal_and_wait(proc, signal.SIGKILL, pid=int(workers[-1]))
     assert proc.returncode != 0 and time.monotonic() - start < 60
     assert "distributed training failed" in err and "SIGKILL" in err
 
 
 def test_sigterm_to_the_launcher_leaves_a_resumable_checkpoint(tmp_path):
     import signal
-    import subprocess
-    import sys
 
     from cnnlab.train.checkpoint import load as load_checkpoint
 
-    from .conftest import ROOT
+    from .conftest import signal_and_wait, start_train
 
     out = tmp_path / "term"
-    proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", "--nproc", "2", "--device", "cpu", "--epochs", "50",
-                             "--report", "false", "--out", str(out)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("epoch   1/"):
-            break
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    proc = start_train("--nproc", 2, "--device", "cpu", "--epochs", 50, "--report", "false", "--out", out)
+    err = signal_and_wait(proc, signal.SIGTERM)
     assert proc.returncode == 143, err[-2000:]
     assert f"cnnlab train --resume {out} --nproc 2" in err
     assert load_checkpoint(out / "last.pt", "last.pt")["train_state"]["progress"]["global_step"] > 0

@@ -3,8 +3,6 @@ import csv
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from cnnlab.config import make_config
 from cnnlab.train.engine import Interrupted
 from cnnlab.train.loop import fit
 
-from .conftest import ROOT, run_cli
+from .conftest import run_cli, signal_and_wait, start_train
 
 SMALL = dict(data="mnist-5k", train_samples=600, val_samples=200, test_samples=200, batch_size=50,
              model="net_dropout", epochs=3, schedule="onecycle", ema=0.9, augment="crop", report=False)
@@ -94,14 +92,8 @@ def test_resume_refuses_a_changed_model(tmp_path):
 
 def test_sigint_leaves_a_resumable_checkpoint(tmp_path):
     out = tmp_path / "sig"
-    proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "train", "--epochs", "30", "--out", str(out),
-                             "--train-samples", "1000", "--report", "false"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:      # wait for the first finished epoch, then interrupt
-        if line.startswith("epoch"):
-            break
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    proc = start_train("--epochs", 30, "--out", out, "--train-samples", 1000, "--report", "false")
+    err = signal_and_wait(proc, signal.SIGINT)
     assert proc.returncode == 130, err
     assert f"cnnlab train --resume {out}" in err
     ckpt = load_checkpoint(out / "last.pt", "last.pt")
