@@ -127,22 +127,11 @@ def cmd_train(args):
     return 0
 
 
-def load_run(path, data_dir=None):
-    """(model, run folder) of a run folder or checkpoint; `data_dir` replaces the run's own
-    --data-dir (relative to where it was trained, or on another machine)."""
-    from .deploy.inference import load
-
-    model = load(path)
-    if data_dir:
-        model.config = {**model.config, "data_dir": data_dir}
-    return model, path if os.path.isdir(path) else os.path.dirname(path)
-
-
 def cmd_evaluate(args):
-    from .evaluate.report import evaluate_model, run_data
+    from .evaluate.evaluation import evaluate_model, load_trained, run_data
 
-    model, run_dir = load_run(args.run, args.data_dir)
-    m = evaluate_model(model, run_data(model, run_dir, args.data), args.split)
+    model, run_dir = load_trained(args.run)
+    m = evaluate_model(model, run_data(model, run_dir, args.data, args.data_dir), args.split)
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
@@ -159,15 +148,19 @@ def cmd_evaluate(args):
 
 
 def cmd_report(args):
-    from .evaluate.report import run_data, write_report
+    from .evaluate.evaluation import evaluate_model, load_trained, run_data
+    from .evaluate.report import write_report
 
-    data = run_data(*load_run(args.run, args.data_dir)) if args.data_dir and os.path.isdir(args.run) else None
-    write_report(args.run, data=data)
+    if not os.path.isdir(args.run):   # the report reads the run's metrics.csv and summary.json too
+        raise UsageError(f"not a run folder: {args.run}")
+    model, run_dir = load_trained(args.run)
+    data = run_data(model, run_dir, data_dir=args.data_dir)
+    write_report(run_dir, data, evaluate_model(model, data, "test", collect=True), model.config)
     return 0
 
 
 def cmd_compare(args):
-    from .evaluate.report import compare, compare_table
+    from .evaluate.compare import compare, compare_table
 
     rows, picture = compare(args.runs, args.out)
     print("\n".join(compare_table(rows)))

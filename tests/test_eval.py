@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from cnnlab.evaluate import plots
+from cnnlab.evaluate.compare import compare_table
+from cnnlab.evaluate.report import environment_rows, summary_rows
 from cnnlab.train.diagnose import diagnose
-from cnnlab.evaluate.report import compare_table, environment_rows, summary_rows
 
 from .conftest import run_cli
 
@@ -186,3 +187,61 @@ def test_compare_unwritable_out_is_one_line(tmp_path):
     result = run_cli("compare", a, "--out", tmp_path / "missing" / "cmp.png")
     assert result.returncode == 1 and "--out" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _finished_training(tmp_path, rank=0, world=1, k=3, n_test=12):
+    """A hand-made end-of-training state as the training loop hands it to its callbacks: a run
+    folder (metrics.csv, summary.json), the data, and the test results of the best weights."""
+    from types import SimpleNamespace
+
+    from cnnlab.config import make_config
+    from cnnlab.runtime import Context
+    from cnnlab.train.engine import confusion_matrix
+
+    run_dir = _fake_run(tmp_path / "run", epochs=3)
+    g = torch.Generator().manual_seed(0)
+    image = lambda n: torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=g)
+    y_test = torch.arange(n_test) % k
+    data = SimpleNamespace(classes=["cat", "dog", "eel"][:k], train=(image(30), torch.arange(30) % k),
+                           test=(image(n_test), y_test))
+    mine = y_test[rank::world]                 # under DDP a rank collects its shard's samples only
+    probs = torch.softmax(torch.randn(len(mine), k, generator=g), 1)
+    cm = confusion_matrix(torch.randint(0, k, (n_test,), generator=g), y_test, k)   # all-reduced: every sample
+    test = {"loss": 0.7, "acc": float(cm.diag().sum()) / n_test, "top5": None, "cm": cm, "probs": probs,
+            "losses": -probs[torch.arange(len(mine)), mine].log()}
+    summary = {"model": "lenet5", "data": "toy", "test_acc": test["acc"], "num_params": 1234, "device": "cpu"}
+    return SimpleNamespace(run_dir=run_dir, data=data, test=test, summary=summary, cfg=make_config({"epochs": 3}),
+                           ctx=Context(device=torch.device("cpu"), rank=rank, world=world))
+
+
+PICTURES = ("curves.png", "confusion.png", "samples.png", "mistakes.png", "per_class.png")
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_report_writer_renders_training_results_without_evaluating(tmp_path, monkeypatch, world):
+    import cnnlab.evaluate.evaluation
+    import cnnlab.train.engine
+    from cnnlab.evaluate.report import ReportWriter
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("the report evaluated the test split a second time")
+    monkeypatch.setattr(cnnlab.train.engine, "evaluate", no_evaluation)
+    monkeypatch.setattr(cnnlab.evaluate.evaluation, "evaluate", no_evaluation)
+    state = _finished_training(tmp_path, world=world)
+    writer = ReportWriter()
+    for hook in ("on_start", "on_step", "on_epoch_end", "on_interrupt"):
+        assert getattr(writer, hook)(state) is None and not os.path.exists(os.path.join(state.run_dir, "report.html"))
+    assert writer.on_end(state=state) is None
+    for name in PICTURES:
+        assert os.path.getsize(os.path.join(state.run_dir, name)) > 1000, name
+    page = open(os.path.join(state.run_dir, "report.html"), encoding="utf-8").read()
+    assert page.count("data:image/png;base64,") == 5
+    assert "<td>eel</td>" in page and "<td>1,234</td>" in page and "&quot;epochs&quot;: 3" in page
+
+
+def test_report_writer_writes_nothing_on_other_ranks(tmp_path):
+    from cnnlab.evaluate.report import ReportWriter
+
+    state = _finished_training(tmp_path, rank=1, world=2)
+    ReportWriter().on_end(state)
+    assert sorted(os.listdir(state.run_dir)) == ["metrics.csv", "summary.json"]

@@ -11,9 +11,9 @@ from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from sklearn.metrics import confusion_matrix as sk_confusion
 
 import cnnlab
+from cnnlab.evaluate.evaluation import load_trained, run_data
 from cnnlab.evaluate.metrics import summarize
 from cnnlab.train.engine import confusion_matrix
-from cnnlab.evaluate.report import run_data
 
 from .conftest import run_cli
 
@@ -82,7 +82,7 @@ def test_evaluate_json_matches_sklearn_on_independent_predictions(weak_run):
     got = json.loads(result.stdout)
     # predictions made by cnnlab.load's own preprocessing, not the evaluation engine
     model = cnnlab.load(weak_run)
-    x, y = run_data(model, weak_run).test
+    x, y = run_data(load_trained(weak_run)[0], weak_run).test
     logits = torch.cat([model.logits(x[i:i + 500]) for i in range(0, len(y), 500)])
     y_true, y_pred = y.numpy(), logits.argmax(1).numpy()
     assert 0.2 < accuracy_score(y_true, y_pred) < 0.95, "the run should be weak enough to make mistakes"

@@ -25,15 +25,22 @@ def _epoch_axis(ax):
 def curves_figure(history):
     """Loss and accuracy, train vs val, per epoch (the tutorials' two plots, side by side)."""
     epochs = [row["epoch"] for row in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
+    _, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
         ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label="train")
         ax.plot(epochs, [row[f"val_{key}"] for row in history], "o-", label="val")
+    return _finish_panels(((ax_loss, "loss"), (ax_acc, "accuracy")), ax_acc)
+
+
+def _finish_panels(panels, acc_ax, **legend):
+    """Title, whole-epoch axis and legend for each (ax, title) of a per-epoch figure; accuracy in
+    percent. Returns the figure."""
+    for ax, title in panels:
         ax.set_title(title)
         _epoch_axis(ax)
-        ax.legend()
-    ax_acc.yaxis.set_major_formatter(PercentFormatter(1.0))
-    return fig
+        ax.legend(**legend)
+    acc_ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    return acc_ax.figure
 
 
 def save_curves(history, path):
@@ -70,8 +77,8 @@ def save_confusion(cm, classes, path):
     return _save(confusion_figure(cm, classes), path)
 
 
-def _show(ax, img, mean=None, std=None):
-    """Show a (C, H, W) uint8 image."""
+def _show(ax, img):
+    """Show a (C, H, W) uint8 image (the stored pixels: no normalisation to undo)."""
     img = np.asarray(img)
     if img.shape[0] == 1:
         ax.imshow(img[0], cmap="gray", vmin=0, vmax=255)
@@ -136,17 +143,12 @@ def save_per_class(rows, path):
 
 def compare_figure(histories):
     """Validation accuracy and loss of several runs, overlaid."""
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4))
+    _, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4))
     for name, history in histories.items():
         epochs = [row["epoch"] for row in history]
         ax_acc.plot(epochs, [row["val_acc"] for row in history], "o-", label=name)
         ax_loss.plot(epochs, [row["val_loss"] for row in history], "o-", label=name)
-    for ax, title in ((ax_acc, "validation accuracy"), (ax_loss, "validation loss")):
-        ax.set_title(title)
-        _epoch_axis(ax)
-        ax.legend(fontsize=8)
-    ax_acc.yaxis.set_major_formatter(PercentFormatter(1.0))
-    return fig
+    return _finish_panels(((ax_acc, "validation accuracy"), (ax_loss, "validation loss")), ax_acc, fontsize=8)
 
 
 def save_compare(histories, path):

@@ -1,6 +1,8 @@
-"""`cnnlab evaluate`, `cnnlab report` and `cnnlab compare`: metrics, pictures and one
-self-contained report.html, all computed from a run folder or checkpoint."""
+"""`cnnlab report`: a run's pictures and one self-contained report.html, rendered from results
+computed elsewhere (evaluation.py, or the training run's own test evaluation through
+`ReportWriter`). Nothing here evaluates a model."""
 import base64
+import copy
 import html
 import json
 import os
@@ -9,56 +11,9 @@ import platform
 import torch
 
 from . import plots
-from ..config import make_config
-from ..data import load_data
-from ..data.loader import BatchLoader
 from ..data.splits import stratified_order
-from ..errors import CnnlabError, UsageError
-from .metrics import summarize
 from ..train.run_folder import read_json, read_metrics
-from ..runtime import Context
-
-
-def run_data(model, run_dir=None, data=None):
-    """The data a checkpoint was trained on, with the run's saved split; or `data` (a --data name)."""
-    cfg = make_config(model.config) if model.config else make_config({})
-    splits = None
-    if data:
-        cfg = make_config({"data": data, "classes": [], "image_size": model.preprocess["image_size"]}, base=cfg)
-    elif run_dir and os.path.exists(os.path.join(run_dir, "splits.json")):
-        splits = read_json(os.path.join(run_dir, "splits.json"))
-    loaded = load_data(cfg, splits=splits)
-    if loaded.shape[0] != model.preprocess["channels"]:
-        raise UsageError(f"data '{cfg.data}' has {loaded.shape[0]} channel(s); the model expects "
-                         f"{model.preprocess['channels']}.")
-    return loaded
-
-
-def evaluate_model(model, data, split="test", collect=False):
-    """Metrics of `model` on a split of `data`, normalised with the MODEL's statistics."""
-    from ..train.engine import evaluate
-
-    x, y = getattr(data, split)
-    if len(y) == 0:
-        raise UsageError(f"the {split} split is empty.")
-    if data.classes != model.classes and len(data.classes) != len(model.classes):
-        raise UsageError(f"data has {len(data.classes)} classes, the model {len(model.classes)}.")
-    loader = BatchLoader(x, y, 256, model.preprocess["mean"], model.preprocess["std"], model.device, channels_last=True)
-    ctx = Context(device=model.device)
-    raw = evaluate(model.net, loader, ctx, len(model.classes), collect=collect)
-    out = summarize(raw["cm"], model.classes, loss=raw["loss"], top5=raw["top5"])
-    out["split"] = split
-    if collect:
-        out["_probs"], out["_losses"] = raw["probs"], raw["losses"]
-    return out
-
-
-def evaluate_path(path, data=None, split="test"):
-    from ..deploy.inference import load
-
-    model = load(path)
-    run_dir = path if os.path.isdir(path) else os.path.dirname(path)
-    return evaluate_model(model, run_data(model, run_dir, data), split)
+from .evaluation import metrics_of
 
 
 def _embed(path):
@@ -66,37 +21,78 @@ def _embed(path):
         return "data:image/png;base64," + base64.b64encode(f.read()).decode()
 
 
-def write_pictures(run_dir, model, data, metrics):
-    history = read_metrics(run_dir)
-    paths = {"curves": plots.save_curves(history, os.path.join(run_dir, "curves.png"))}
-    paths["confusion"] = plots.save_confusion(metrics["confusion_matrix"], model.classes, os.path.join(run_dir, "confusion.png"))
+def write_pictures(run_dir, data, metrics, history):
+    """curves, confusion, samples, mistakes and per_class .png; returns {name: path}. `metrics` is an
+    evaluation of data.test with the per-sample results (`_probs`, `_losses`) collected."""
+    classes = [row["class"] for row in metrics["per_class"]]   # the model's names, in its order
+    file = lambda name: os.path.join(run_dir, name + ".png")
+    paths = {"curves": plots.save_curves(history, file("curves"))}
+    paths["confusion"] = plots.save_confusion(metrics["confusion_matrix"], classes, file("confusion"))
     pick = stratified_order(data.train[1], seed=0)[:20]   # a mix of classes, not the first rows
-    paths["samples"] = plots.save_samples(data.train[0][pick].numpy(), data.train[1][pick], model.classes,
-                                          os.path.join(run_dir, "samples.png"))
+    paths["samples"] = plots.save_samples(data.train[0][pick].numpy(), data.train[1][pick], classes, file("samples"))
     paths["mistakes"] = plots.save_mistakes(data.test[0].numpy(), data.test[1].numpy(), metrics["_probs"].numpy(),
-                                            metrics["_losses"].numpy(), model.classes, os.path.join(run_dir, "mistakes.png"))
-    paths["per_class"] = plots.save_per_class(metrics["per_class"], os.path.join(run_dir, "per_class.png"))
-    return paths, history
+                                            metrics["_losses"].numpy(), classes, file("mistakes"))
+    paths["per_class"] = plots.save_per_class(metrics["per_class"], file("per_class"))
+    return paths
 
 
-def write_report(run_dir, data=None, quiet=False):
-    """Every picture plus report.html for a run folder; returns the report's path."""
-    from ..deploy.inference import load
-
-    if not os.path.isdir(run_dir):
-        raise UsageError(f"not a run folder: {run_dir}")
-    model = load(run_dir)
-    data = data or run_data(model, run_dir)
-    metrics = evaluate_model(model, data, "test", collect=True)
-    paths, history = write_pictures(run_dir, model, data, metrics)
-    summary = read_json(os.path.join(run_dir, "summary.json")) if os.path.exists(os.path.join(run_dir, "summary.json")) else {}
-    page = render_html(run_dir, summary, model, metrics, paths, history)
+def write_report(run_dir, data, metrics, config, summary=None, quiet=False):
+    """Every picture plus report.html of a run folder, from its test results `metrics` (see
+    write_pictures); `summary`: the run's summary.json, read from the folder when not given.
+    Returns the report's path."""
+    history = read_metrics(run_dir)
+    paths = write_pictures(run_dir, data, metrics, history)
+    if summary is None:
+        summary_path = os.path.join(run_dir, "summary.json")
+        summary = read_json(summary_path) if os.path.exists(summary_path) else {}
+    page = render_html(run_dir, summary, config, metrics, paths, history)
     out = os.path.join(run_dir, "report.html")
     with open(out, "w", encoding="utf-8") as f:
         f.write(page)
     if not quiet:
         print(f"wrote {out} and {', '.join(os.path.basename(p) for p in paths.values())}")
     return out
+
+
+class ReportWriter:
+    """Training callback: at the end of a run, its pictures and report.html (rank 0 only), from the
+    test evaluation training already made of the best weights (`state.test`: engine.evaluate's
+    dict with collect=True), so the test split is evaluated once per run. The caller of the
+    training loop adds it when the config's `report` is on (train/ does not import evaluate/)."""
+
+    def on_start(self, state):
+        return None
+
+    def on_step(self, state):
+        return None
+
+    def on_epoch_end(self, state):
+        return None
+
+    def on_interrupt(self, state):
+        return None
+
+    def on_end(self, state):
+        if not state.ctx.is_main:
+            return None
+        data = evaluated_part(state.data, state.test, state.ctx)
+        write_report(state.run_dir, data, metrics_of(state.test, state.data.classes), state.cfg.to_dict(),
+                     summary=state.summary, quiet=True)
+        return None
+
+
+def evaluated_part(data, test, ctx):
+    """`data` with its test split cut to the images whose per-sample results `test` holds: all of
+    them on one process; under DDP this rank's shard, as the batch loader hands it out (rank r gets
+    images r, r + world, r + 2 * world, ... of the unshuffled split). The confusion matrix and the
+    averages are all-reduced over every rank, so only the mistakes picture sees the shard."""
+    x, y = data.test
+    if len(test["probs"]) == len(y):
+        return data
+    mine = slice(ctx.rank, None, ctx.world)
+    part = copy.copy(data)   # a view for the pictures; the run's Data stays whole
+    part.test = (x[mine], y[mine])
+    return part
 
 
 def _table(rows, header=None):
@@ -108,20 +104,8 @@ def _table(rows, header=None):
     return f"{start}<tbody>{body}</tbody></table>"
 
 
-def fmt_percent(v):
-    return f"{v:.1%}"
-
-
-def fmt_loss(v):
-    return f"{v:.4f}"
-
-
-def fmt_seconds(v):
-    return f"{v:,.1f} s"
-
-
-def fmt_count(v):
-    return f"{int(v):,}"
+# numbers written for people; counts come back from metrics.csv as floats (4.0 -> "4")
+fmt_percent, fmt_loss, fmt_seconds, fmt_count = "{:.1%}".format, "{:.4f}".format, "{:,.1f} s".format, "{:,.0f}".format
 
 
 # summary.json key -> (label, format): numbers written for people (97.0%, 13.4 s, 2,690 img/s, 121,930)
@@ -169,7 +153,7 @@ def environment_rows(summary):
     return rows
 
 
-def render_html(run_dir, summary, model, metrics, paths, history):
+def render_html(run_dir, summary, config, metrics, paths, history):
     diag = summary.get("diagnostics") or ["No problems detected."]
     img = lambda key, alt: f'<figure><img src="{_embed(paths[key])}" alt="{alt}"><figcaption>{alt}</figcaption></figure>'
     return f"""<!doctype html>
@@ -188,42 +172,6 @@ img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}figure{{
 <h2>Mistakes</h2>{img("mistakes", "highest-loss test images")}
 <h2>Training samples</h2>{img("samples", "training images with labels")}
 <h2>History</h2>{_table(history_rows(history), [k.replace("_", " ") for k in history[0]] if history else None)}
-<h2>Configuration</h2><pre>{html.escape(json.dumps(model.config, indent=2))}</pre>
+<h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>
 <h2>Environment</h2>{_table(environment_rows(summary))}
 </body></html>"""
-
-
-COMPARE_HEADER = ("run", "model", "data", "params", "epochs", "best val", "test acc", "seconds")
-
-
-def compare(run_dirs, out=None):
-    """Rows of (run, model, data, params, epochs, best val, test acc, seconds) and the overlaid
-    validation curves, written to `out` or else to compare.png in the runs' common parent folder
-    (beside the runs, not wherever the command happens to run). Returns (rows, picture path)."""
-    parent = os.path.commonpath([os.path.dirname(os.path.abspath(d)) for d in run_dirs])
-    rows, histories = [], {}
-    for d in run_dirs:
-        path = os.path.join(d, "summary.json")
-        if not os.path.exists(path):
-            raise CnnlabError(f"{d} has no summary.json; is it a finished cnnlab run folder?")
-        s = read_json(path)
-        name = os.path.relpath(os.path.abspath(d), parent)   # unique even when two runs share a basename
-        histories[name] = read_metrics(d)
-        rows.append((name, s["model"], s["data"], s["num_params"], s["epochs"], s["best_val_acc"], s["test_acc"],
-                     s["train_seconds"]))
-    out = out or os.path.join(parent, "compare.png")
-    try:
-        plots.save_compare(histories, out)
-    except OSError as e:
-        raise CnnlabError(f"cannot write {out} ({e.strerror or e}); choose another place with --out.") from None
-    return rows, out
-
-
-def compare_table(rows):
-    """The compare rows as text lines, every column as wide as its longest cell: names of any
-    length stay aligned. Text left-aligned, numbers right-aligned."""
-    cells = [COMPARE_HEADER] + [(*r[:3], fmt_count(r[3]), fmt_count(r[4]), f"{r[5]:.2%}", f"{r[6]:.2%}", f"{r[7]:.1f}")
-                                for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COMPARE_HEADER))]
-    align = lambda i, text: text.ljust(widths[i]) if i < 3 else text.rjust(widths[i])
-    return ["  ".join(align(i, text) for i, text in enumerate(row)).rstrip() for row in cells]

@@ -7,19 +7,11 @@ head scaled down by a constant. It reaches CIFAR-10 accuracies the seed networks
 from torch import nn
 
 from . import register
+from .seeds import Residual
 
 
 def conv_bn(cin, cout):
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-class Residual(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.body = nn.Sequential(conv_bn(channels, channels), conv_bn(channels, channels))
-
-    def forward(self, x):
-        return x + self.body(x)
 
 
 class Scale(nn.Module):
@@ -35,7 +27,8 @@ class Scale(nn.Module):
 
 def _stage(cin, cout, residual):
     layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-    return nn.Sequential(*layers, *([Residual(cout)] if residual else []))
+    pair = [Residual(nn.Sequential(conv_bn(cout, cout), conv_bn(cout, cout)))] if residual else []
+    return nn.Sequential(*layers, *pair)
 
 
 @register("modern: ResNet-9-style net with batch norm (airbench layout) for CIFAR-sized images")

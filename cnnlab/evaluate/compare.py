@@ -1,0 +1,43 @@
+"""`cnnlab compare`: several finished runs side by side, a table and overlaid validation curves,
+read from their run folders (summary.json, metrics.csv); nothing is evaluated again."""
+import os
+
+from . import plots
+from ..errors import CnnlabError
+from ..train.run_folder import read_json, read_metrics
+from .report import fmt_count
+
+COMPARE_HEADER = ("run", "model", "data", "params", "epochs", "best val", "test acc", "seconds")
+
+
+def compare(run_dirs, out=None):
+    """Rows of (run, model, data, params, epochs, best val, test acc, seconds) and the overlaid
+    validation curves, written to `out` or else to compare.png in the runs' common parent folder
+    (beside the runs, not wherever the command happens to run). Returns (rows, picture path)."""
+    parent = os.path.commonpath([os.path.dirname(os.path.abspath(d)) for d in run_dirs])
+    rows, histories = [], {}
+    for d in run_dirs:
+        path = os.path.join(d, "summary.json")
+        if not os.path.exists(path):
+            raise CnnlabError(f"{d} has no summary.json; is it a finished cnnlab run folder?")
+        s = read_json(path)
+        name = os.path.relpath(os.path.abspath(d), parent)   # unique even when two runs share a basename
+        histories[name] = read_metrics(d)
+        rows.append((name, s["model"], s["data"], s["num_params"], s["epochs"], s["best_val_acc"], s["test_acc"],
+                     s["train_seconds"]))
+    out = out or os.path.join(parent, "compare.png")
+    try:
+        plots.save_compare(histories, out)
+    except OSError as e:
+        raise CnnlabError(f"cannot write {out} ({e.strerror or e}); choose another place with --out.") from None
+    return rows, out
+
+
+def compare_table(rows):
+    """The compare rows as text lines, every column as wide as its longest cell: names of any
+    length stay aligned. Text left-aligned, numbers right-aligned."""
+    cells = [COMPARE_HEADER] + [(*r[:3], fmt_count(r[3]), fmt_count(r[4]), f"{r[5]:.2%}", f"{r[6]:.2%}", f"{r[7]:.1f}")
+                                for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COMPARE_HEADER))]
+    align = lambda i, text: text.ljust(widths[i]) if i < 3 else text.rjust(widths[i])
+    return ["  ".join(align(i, text) for i, text in enumerate(row)).rstrip() for row in cells]

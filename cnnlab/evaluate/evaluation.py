@@ -1,0 +1,91 @@
+"""Computing results: a trained network's metrics on a split of its data. Rendering them (pictures,
+report.html) is report.py's job, and never evaluates when the results are given.
+
+A model is loaded here from its checkpoint with train/checkpoint.py, not with deploy/inference.py:
+evaluation needs the network, its classes and its Preprocess, not the prediction-side conversion
+of single images (and evaluate/ sits below deploy/ in the pipeline).
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..config import make_config
+from ..data import load_data
+from ..data.loader import BatchLoader
+from ..data.preprocess import Preprocess
+from ..errors import UsageError
+from ..runtime import Context
+from ..train import checkpoint
+from ..train.engine import evaluate
+from ..train.run_folder import read_json
+from .metrics import summarize
+
+
+@dataclass
+class Trained:
+    """A checkpoint's network with what evaluation needs of it."""
+    net: torch.nn.Module      # in eval mode, on `device`, channels-last
+    classes: list
+    preprocess: Preprocess
+    config: dict              # the run's resolved config (checkpoint "config")
+    device: torch.device
+
+
+def load_trained(path, device="cpu"):
+    """(Trained, run folder) of a run folder (its best.pt) or a checkpoint file."""
+    resolved = checkpoint.resolve(str(path))
+    ckpt = checkpoint.load(resolved)
+    device = torch.device(device)
+    # NHWC: 2.3x faster CPU inference for the seed CNN (benchmarks/README.md)
+    net = checkpoint.build_model(ckpt, resolved).to(device, memory_format=torch.channels_last).eval()
+    model = Trained(net, list(ckpt["classes"]), checkpoint.preprocess_of(ckpt), dict(ckpt.get("config") or {}), device)
+    return model, path if os.path.isdir(path) else os.path.dirname(path)
+
+
+def run_data(model, run_dir=None, data=None, data_dir=None):
+    """The data `model` was trained on, with the run's saved split; or `data` (a --data name)
+    resized to the model's input. `data_dir` replaces the run's own --data-dir (relative to where
+    it was trained, or on another machine)."""
+    cfg = make_config({"data_dir": data_dir} if data_dir else {}, base=make_config(model.config))
+    splits = None
+    if data:
+        cfg = make_config({"data": data, "classes": [], "image_size": model.preprocess.image_size}, base=cfg)
+    elif run_dir and os.path.exists(os.path.join(run_dir, "splits.json")):
+        splits = read_json(os.path.join(run_dir, "splits.json"))
+    loaded = load_data(cfg, splits=splits)
+    if loaded.shape[0] != model.preprocess.channels:
+        raise UsageError(f"data '{cfg.data}' has {loaded.shape[0]} channel(s); the model expects "
+                         f"{model.preprocess.channels}.")
+    return loaded
+
+
+def evaluate_model(model, data, split="test", collect=False):
+    """Metrics of `model` on a split of `data`, normalised with the MODEL's statistics (another
+    dataset's own would hide a shift in the inputs). collect=True keeps the per-sample results."""
+    x, y = getattr(data, split)
+    if len(y) == 0:
+        raise UsageError(f"the {split} split is empty.")
+    if data.classes != model.classes and len(data.classes) != len(model.classes):
+        raise UsageError(f"data has {len(data.classes)} classes, the model {len(model.classes)}.")
+    p = model.preprocess
+    loader = BatchLoader(x, y, 256, p.mean, p.std, model.device, channels_last=True)
+    raw = evaluate(model.net, loader, Context(device=model.device), len(model.classes), collect=collect)
+    return metrics_of(raw, model.classes, split)
+
+
+def metrics_of(raw, classes, split="test"):
+    """The results dict of one evaluation: engine.evaluate's counts (loss, top5, cm and, when
+    collected, per-sample probs and losses) summarised per class. The per-sample tensors go under
+    `_probs`/`_losses`: for pictures, never printed as JSON."""
+    out = summarize(raw["cm"], classes, loss=raw["loss"], top5=raw["top5"])
+    out["split"] = split
+    if "probs" in raw:
+        out["_probs"], out["_losses"] = raw["probs"], raw["losses"]
+    return out
+
+
+def evaluate_path(path, data=None, split="test"):
+    """Metrics of a run folder or checkpoint on its own data's split (or on `data`)."""
+    model, run_dir = load_trained(path)
+    return evaluate_model(model, run_data(model, run_dir, data), split)
