@@ -12,8 +12,8 @@ from .errors import CnnlabError, UsageError, unknown
 RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
 
 HELP = {
-    "data": "dataset: mnist-5k (default, embedded), mnist, fashion-mnist, kmnist, cifar10, cifar100, cifar2, "
-            "npz:PATH, folder:PATH (or just the path), synthetic[:CxHxW:K:N] (see `cnnlab datasets`)",
+    "data": "dataset: a name from `cnnlab datasets` (default mnist-5k, embedded), e.g. cifar10, npz:PATH, "
+            "folder:PATH, or just the path of an image folder or .npz file",
     "data_dir": "root folder of torchvision-style datasets (default: data)",
     "classes": "keep only these classes, comma-separated names or indices (e.g. airplane,bird)",
     "class_names": "comma-separated names for data that carries none (an npz without a `classes` array)",
@@ -199,11 +199,11 @@ def cmd_models(args):
 
 
 def cmd_datasets(args):
-    from .data import DATASETS
+    from .data import datasets
 
     print(f"{'name':<22} {'shape':<12} {'classes':<8} {'train / test':<15} description")
-    for name, (text, shape, k, sizes) in DATASETS.items():
-        print(f"{name:<22} {shape:<12} {str(k):<8} {sizes:<15} {text}")
+    for d in datasets():
+        print(f"{d.usage:<22} {d.shape:<12} {str(d.classes):<8} {d.sizes:<15} {d.description}")
     return 0
 
 

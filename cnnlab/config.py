@@ -1,8 +1,10 @@
-"""The training configuration: one typed dataclass, defaults in one place, YAML in and out.
+"""The configuration: typed dataclasses, defaults in one place, YAML in and out.
 
-CLI flags are generated from these fields (cli.py), so a flag and a YAML key are always the same
-name (`--batch-size` <-> `batch_size`). Unknown keys, wrong types and out-of-range values raise
-UsageError with the culprit named.
+`DataConfig` holds what decides which images a run sees (data/ reads nothing else); `TrainConfig`
+is it plus every training setting, flat, as in a recipe or on the command line, and hands data/
+only its data part (`cfg.data_config()`). CLI flags are generated from these fields (cli.py), so a
+flag and a YAML key are always the same name (`--batch-size` <-> `batch_size`). Unknown keys, wrong
+types and out-of-range values raise UsageError with the culprit named.
 """
 import dataclasses
 import math
@@ -13,8 +15,8 @@ from .errors import UsageError, unknown
 
 
 @dataclass
-class TrainConfig:
-    # data
+class DataConfig:
+    """The images a run sees: the source, its classes, the splits and their sizes, the image size."""
     data: str = "mnist-5k"
     data_dir: str = "data"
     classes: list = field(default_factory=list)   # keep only these classes (names or indices)
@@ -25,8 +27,14 @@ class TrainConfig:
     val_samples: int = 0
     test_samples: int = 0
     image_size: int = 0                            # 0 = chosen from the data
-    augment: str = "auto"
     on_bad_image: str = "error"
+    seed: int = 0                                  # the splits' seed, and the run's
+
+
+@dataclass
+class TrainConfig(DataConfig):
+    # data: DataConfig's fields, then how training varies the images
+    augment: str = "auto"
     # model
     model: str = "mnist_cnn"
     model_args: dict = field(default_factory=dict)
@@ -47,8 +55,7 @@ class TrainConfig:
     grad_clip: float = 0.0
     ema: float = 0.0
     patience: int = 0
-    # machinery
-    seed: int = 0
+    # machinery (seed: in DataConfig)
     device: str = "auto"
     amp: str = "auto"
     channels_last: bool = True                    # NHWC: faster convolutions on CPU (oneDNN) and GPU
@@ -65,6 +72,10 @@ class TrainConfig:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+    def data_config(self):
+        """The data part alone, for data/ and everything that only loads data."""
+        return DataConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(DataConfig)})
 
 
 CHOICES = {

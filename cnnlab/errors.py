@@ -1,9 +1,13 @@
-"""One exception type per exit status, and the 'did you mean' helper every registry uses.
+"""One exception type per exit status, the 'did you mean' helper every registry uses, and `note`,
+the one way library code tells the user something.
 
-The CLI turns these into a one-line message and an exit status; library code raises them and
-never prints or exits itself.
+The CLI turns the exceptions into a one-line message and an exit status; library code raises them
+and never exits itself. Notes and warnings go through `note`: stderr, so stdout carries results
+only (`evaluate --json` stays JSON), and rank 0 only, so a DDP run says each thing once.
 """
 import difflib
+import os
+import sys
 
 
 class CnnlabError(Exception):
@@ -29,3 +33,14 @@ def unknown(kind, name, choices):
     hint = closest(name, choices)
     suggestion = f" Did you mean '{hint}'?" if hint else ""
     return UsageError(f"unknown {kind} '{name}'.{suggestion} Valid: {', '.join(sorted(choices))}.")
+
+
+def on_main_rank():
+    """True in a plain process and on rank 0 under torchrun (which sets RANK): the one that speaks."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def note(message):
+    """A note or warning for the person at the terminal: one line on stderr, from rank 0 only."""
+    if on_main_rank():
+        print(message, file=sys.stderr, flush=True)

@@ -5,13 +5,26 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cnnlab.config import FIELD_TYPES, TrainConfig, load_yaml, make_config, parse_scalar
+from cnnlab.config import FIELD_TYPES, DataConfig, TrainConfig, load_yaml, make_config, parse_scalar
 from cnnlab.errors import UsageError
 
 
 def test_defaults_are_valid():
     cfg = make_config()
     assert cfg.data == "mnist-5k" and cfg.model == "mnist_cnn"
+
+
+def test_the_data_part_is_data_only():
+    """data/ gets a DataConfig: the data fields with the same defaults and values, no training setting."""
+    import dataclasses
+
+    assert TrainConfig().data_config() == DataConfig()
+    cfg = make_config({"data": "cifar10", "classes": "airplane,bird", "seed": 3, "image_size": 40, "lr": 0.5})
+    part = cfg.data_config()
+    assert type(part) is DataConfig and (part.data, part.classes, part.seed, part.image_size) == (
+        "cifar10", ["airplane", "bird"], 3, 40)
+    names = {f.name for f in dataclasses.fields(DataConfig)}
+    assert names < set(FIELD_TYPES) and not names & {"lr", "epochs", "model", "augment", "batch_size", "device"}
 
 
 def test_unknown_key_names_the_closest():

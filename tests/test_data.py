@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cnnlab.config import make_config
+from cnnlab.config import DataConfig
 from cnnlab.data import default_augment, load_data
 from cnnlab.data.loader import BatchLoader
+from cnnlab.data.preprocess import Preprocess
 from cnnlab.errors import CnnlabError, UsageError
 
 
@@ -31,7 +32,7 @@ def test_mnist_from_idx_files(tmp_path):
     rng = np.random.default_rng(0)
     write_idx(tmp_path, "train", rng.integers(0, 256, (200, 28, 28)), np.arange(200) % 10)
     write_idx(tmp_path, "t10k", rng.integers(0, 256, (50, 28, 28)), np.arange(50) % 10)
-    data = load_data(make_config({"data": "mnist", "data_dir": str(tmp_path)}))
+    data = load_data(DataConfig(data="mnist", data_dir=str(tmp_path)))
     assert data.shape == (1, 28, 28) and data.classes == [str(i) for i in range(10)]
     assert len(data.test[1]) == 50                      # the official test split stays the test split
     assert len(data.train[1]) + len(data.val[1]) == 200
@@ -54,9 +55,9 @@ def write_cifar(root, n_train=60, n_test=20):
 
 def test_cifar10_and_cifar2_from_python_batches(tmp_path):
     write_cifar(tmp_path)
-    data = load_data(make_config({"data": "cifar10", "data_dir": str(tmp_path), "val_fraction": 0.0}))
+    data = load_data(DataConfig(data="cifar10", data_dir=str(tmp_path), val_fraction=0.0))
     assert data.shape == (3, 32, 32) and data.classes[2] == "bird" and len(data.test[1]) == 20
-    two = load_data(make_config({"data": "cifar2", "data_dir": str(tmp_path), "val_fraction": 0.0}))
+    two = load_data(DataConfig(data="cifar2", data_dir=str(tmp_path), val_fraction=0.0))
     assert two.classes == ["airplane", "bird"]
     assert sorted(torch.unique(two.train[1]).tolist()) == [0, 1] and len(two.train[1]) == 15   # 5 batches x (2 airplanes + 1 bird)
 
@@ -69,13 +70,13 @@ def test_cifar_batch_with_code_is_refused(tmp_path):
     with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
         pickle.dump({b"data": Evil()}, f)
     with pytest.raises(CnnlabError, match="refused"):
-        load_data(make_config({"data": "cifar10", "data_dir": str(tmp_path)}))
+        load_data(DataConfig(data="cifar10", data_dir=str(tmp_path)))
     assert not (tmp_path / "pwned").exists()
 
 
 def test_offline_message_names_files(tmp_path):
     with pytest.raises(CnnlabError, match="cifar-10-batches-py"):
-        load_data(make_config({"data": "cifar10", "data_dir": str(tmp_path)}))
+        load_data(DataConfig(data="cifar10", data_dir=str(tmp_path)))
 
 
 def test_npz_nhwc_with_classes(tmp_path):
@@ -84,7 +85,7 @@ def test_npz_nhwc_with_classes(tmp_path):
     np.savez(path, x_train=rng.integers(0, 256, (100, 8, 8, 3), dtype=np.uint8), y_train=np.arange(100) % 4,
              x_test=rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8), y_test=np.arange(20) % 4,
              classes=np.array(["a", "b", "c", "d"]))
-    data = load_data(make_config({"data": f"npz:{path}", "train_samples": 40}))
+    data = load_data(DataConfig(data=f"npz:{path}", train_samples=40))
     assert data.shape == (3, 8, 8) and data.classes == ["a", "b", "c", "d"]
     assert len(data.train[1]) == 40 and torch.bincount(data.train[1]).tolist() == [10] * 4
 
@@ -92,24 +93,24 @@ def test_npz_nhwc_with_classes(tmp_path):
 def test_npz_missing_arrays(tmp_path):
     np.savez(tmp_path / "bad.npz", x=np.zeros(3))
     with pytest.raises(CnnlabError, match="x_train"):
-        load_data(make_config({"data": f"npz:{tmp_path / 'bad.npz'}"}))
+        load_data(DataConfig(data=f"npz:{tmp_path / 'bad.npz'}"))
 
 
 def test_splits_deterministic_stratified_disjoint():
-    cfg = make_config({"data": "mnist-5k"})
+    cfg = DataConfig(data="mnist-5k")
     a, b = load_data(cfg), load_data(cfg)
     assert a.splits == b.splits
     train, val, test = (set(a.splits[k]) for k in ("train", "val", "test"))
     assert not (train & val) and not (train & test) and not (val & test)
     assert len(train | val | test) == 5000
     assert torch.bincount(a.test[1]).tolist() == [100] * 10       # stratified: 20% of 500 per class
-    other = load_data(make_config({"data": "mnist-5k", "seed": 1}))
+    other = load_data(DataConfig(data="mnist-5k", seed=1))
     assert other.splits["test"] != a.splits["test"]
 
 
 def test_unknown_dataset_suggests_closest():
     with pytest.raises(UsageError, match="Did you mean 'mnist'"):
-        load_data(make_config({"data": "mnsit"}))
+        load_data(DataConfig(data="mnsit"))
 
 
 def make_folder(root, split=None, n=6, size=(20, 16)):
@@ -125,7 +126,7 @@ def test_folder_with_train_test_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
     make_folder(tmp_path / "imgs", "train")
     make_folder(tmp_path / "imgs", "test", n=2)
-    cfg = make_config({"data": f"folder:{tmp_path / 'imgs'}", "image_size": 12})
+    cfg = DataConfig(data=f"folder:{tmp_path / 'imgs'}", image_size=12)
     data = load_data(cfg)
     assert data.classes == ["cat", "dog"] and data.shape == (3, 12, 12) and len(data.test[1]) == 4
     assert data.test[0][0, 0].float().mean() > data.test[0][0, 2].float().mean()  # cats are red
@@ -139,16 +140,21 @@ def test_folder_bad_image_error_and_skip(tmp_path, monkeypatch):
     make_folder(tmp_path / "imgs")
     (tmp_path / "imgs" / "cat" / "broken.jpg").write_text("not an image")
     with pytest.raises(CnnlabError, match="broken.jpg"):
-        load_data(make_config({"data": f"folder:{tmp_path / 'imgs'}"}))
-    data = load_data(make_config({"data": f"folder:{tmp_path / 'imgs'}", "on_bad_image": "skip"}))
+        load_data(DataConfig(data=f"folder:{tmp_path / 'imgs'}"))
+    data = load_data(DataConfig(data=f"folder:{tmp_path / 'imgs'}", on_bad_image="skip"))
     assert len(data.files["bad"]) == 1 and "broken.jpg" in data.files["bad"][0]
     assert len(data.train[1]) + len(data.val[1]) + len(data.test[1]) == 12
+
+
+def gray(std=1.0):
+    """A one-channel Preprocess that normalises x to x / 255 / std."""
+    return Preprocess(channels=1, image_size=0, mean=[0.0], std=[std])
 
 
 def test_loader_batches_cover_epoch_once_and_resume_exactly():
     x = torch.arange(50, dtype=torch.uint8).view(50, 1, 1, 1).expand(50, 1, 4, 4).contiguous()
     y = torch.arange(50) % 5
-    loader = BatchLoader(x, y, 8, [0.0], [1 / 255], shuffle=True, seed=3, augment="crop+flip")
+    loader = BatchLoader(x, y, 8, gray(1 / 255), shuffle=True, seed=3, augment="crop+flip")
     batches = list(loader.batches(epoch=2))
     seen = torch.cat([b[1] for b in batches])
     assert len(seen) == 50 and len(batches) == 7
@@ -159,8 +165,8 @@ def test_loader_batches_cover_epoch_once_and_resume_exactly():
 
 def test_ddp_shards_are_disjoint_and_complete():
     x, y = torch.zeros(40, 1, 2, 2, dtype=torch.uint8), torch.arange(40)
-    shards = [BatchLoader(x, y, 8, [0.0], [1.0], shuffle=True, seed=0, rank=r, world=2) for r in range(2)]
-    single = BatchLoader(x, y, 8, [0.0], [1.0], shuffle=True, seed=0)
+    shards = [BatchLoader(x, y, 8, gray(), shuffle=True, seed=0, rank=r, world=2) for r in range(2)]
+    single = BatchLoader(x, y, 8, gray(), shuffle=True, seed=0)
     for (a, b, s) in zip(*(l.batches(1) for l in shards), single.batches(1)):
         assert sorted(a[1].tolist() + b[1].tolist()) == sorted(s[1].tolist())
         assert not set(a[1].tolist()) & set(b[1].tolist())
@@ -169,7 +175,7 @@ def test_ddp_shards_are_disjoint_and_complete():
 def test_crop_and_flip_are_shifts_and_mirrors():
     x = torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
     x[0, 0, 4, 5] = 255
-    loader = BatchLoader(x.repeat(64, 1, 1, 1), torch.zeros(64, dtype=torch.long), 64, [0.0], [1.0],
+    loader = BatchLoader(x.repeat(64, 1, 1, 1), torch.zeros(64, dtype=torch.long), 64, gray(),
                          shuffle=True, augment="crop+flip")
     out, _ = next(loader.batches(0))
     assert out.shape == (64, 1, 8, 8) and torch.all((out > 0).sum((1, 2, 3)) <= 1)
@@ -177,24 +183,23 @@ def test_crop_and_flip_are_shifts_and_mirrors():
     assert len(spots) > 3
     cols = {col for _, col in spots}
     assert any(c <= 3 for c in cols) and any(c >= 4 for c in cols)   # mirrored copies land left of centre
-    plain = BatchLoader(x, torch.zeros(1, dtype=torch.long), 1, [0.0], [1.0])
+    plain = BatchLoader(x, torch.zeros(1, dtype=torch.long), 1, gray())
     assert torch.allclose(next(plain.batches())[0], x.float() / 255)
 
 
 def test_digits_are_never_flipped_by_default():
-    data = load_data(make_config({"data": "mnist-5k"}))
+    data = load_data(DataConfig(data="mnist-5k"))
     assert default_augment(data, "auto") == "crop"
 
 
 def test_full_mnist(shared_datasets):
-    data = load_data(make_config({"data": "mnist", "data_dir": shared_datasets, "val_fraction": 0.0}))
+    data = load_data(DataConfig(data="mnist", data_dir=shared_datasets, val_fraction=0.0))
     assert len(data.train[1]) == 60000 and len(data.test[1]) == 10000
     assert torch.bincount(data.train[1]).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 
 
 def test_seed004_caps(shared_datasets):
-    cfg = make_config({"data": "mnist", "data_dir": shared_datasets, "train_samples": 20000,
-                       "val_samples": 5000, "test_samples": 5000})
+    cfg = DataConfig(data="mnist", data_dir=shared_datasets, train_samples=20000, val_samples=5000, test_samples=5000)
     data = load_data(cfg)
     assert (len(data.train[1]), len(data.val[1]), len(data.test[1])) == (20000, 5000, 5000)
 
@@ -206,7 +211,7 @@ def test_data_dir_one_level_too_deep_is_used(tmp_path, monkeypatch, capsys):
     rng = np.random.default_rng(0)
     write_idx(tmp_path, "train", rng.integers(0, 256, (40, 28, 28)), np.arange(40) % 10)
     write_idx(tmp_path, "t10k", rng.integers(0, 256, (10, 28, 28)), np.arange(10) % 10)
-    data = load_data(make_config({"data": "mnist", "data_dir": str(tmp_path / "MNIST"), "val_fraction": 0.0}))
+    data = load_data(DataConfig(data="mnist", data_dir=str(tmp_path / "MNIST"), val_fraction=0.0))
     assert len(data.train[1]) == 40 and len(data.test[1]) == 10
     out, err = capsys.readouterr()
     assert out == "" and len([line for line in err.splitlines() if "MNIST folder itself" in line]) == 1
@@ -221,8 +226,8 @@ def test_bare_paths_are_folder_and_npz(tmp_path, monkeypatch):
     assert resolve_name(str(tmp_path / "imgs")) == f"folder:{tmp_path / 'imgs'}"
     assert resolve_name(str(tmp_path / "d.npz")) == f"npz:{tmp_path / 'd.npz'}"
     assert resolve_name("mnist") == "mnist"                     # names win over same-named folders
-    assert load_data(make_config({"data": str(tmp_path / "imgs"), "image_size": 8})).classes == ["cat", "dog"]
-    assert load_data(make_config({"data": str(tmp_path / "d.npz")})).shape == (1, 8, 8)
+    assert load_data(DataConfig(data=str(tmp_path / "imgs"), image_size=8)).classes == ["cat", "dog"]
+    assert load_data(DataConfig(data=str(tmp_path / "d.npz"))).shape == (1, 8, 8)
     with pytest.raises(UsageError, match="no such folder or .npz file"):
         resolve_name(str(tmp_path / "missing"))
 
@@ -233,6 +238,19 @@ def test_notes_go_to_stderr(capsys):
     assert default_augment(SimpleNamespace(name="mnist", flip_ok=False), "flip") == "flip"
     out, err = capsys.readouterr()
     assert out == "" and "mirrored digits" in err
+
+
+def test_other_ranks_say_nothing(tmp_path, monkeypatch, capsys):
+    """Under DDP every rank loads the data; only rank 0's notes and warnings are printed."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    make_folder(tmp_path / "imgs")
+    os.makedirs(tmp_path / "imgs" / "empty")
+    load_data(DataConfig(data=f"folder:{tmp_path / 'imgs'}", image_size=8))          # first load: decodes, warns
+    assert capsys.readouterr() == ("", "")
+    monkeypatch.setenv("RANK", "0")
+    load_data(DataConfig(data=f"folder:{tmp_path / 'imgs'}", image_size=8))
+    assert "holds no images" in capsys.readouterr().err
 
 
 def test_download_chatter_goes_to_stderr(tmp_path, monkeypatch, capsys):
@@ -275,7 +293,7 @@ def test_cached_folder_load_skips_the_header_pass(tmp_path, monkeypatch):
 
     monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
     make_folder(tmp_path / "imgs")
-    cfg = make_config({"data": f"folder:{tmp_path / 'imgs'}"})
+    cfg = DataConfig(data=f"folder:{tmp_path / 'imgs'}")
     first = load_data(cfg)
     monkeypatch.setattr(folder, "choose_format", lambda *a: pytest.fail("headers read again"))
     monkeypatch.setattr(folder, "decode_all", lambda *a: pytest.fail("decoded again"))
@@ -287,12 +305,12 @@ def test_class_without_val_or_test_images_is_named(tmp_path, capsys):
     y = np.array([0] * 20 + [1] * 20 + [2])                      # one 'rare' image: it lands in train
     np.savez(path, x_train=np.zeros((41, 8, 8), np.uint8), y_train=y, x_test=np.zeros((4, 8, 8), np.uint8),
              y_test=np.array([0, 1, 0, 1]), classes=np.array(["a", "b", "rare"]))
-    data = load_data(make_config({"data": f"npz:{path}"}))
+    data = load_data(DataConfig(data=f"npz:{path}"))
     assert torch.bincount(data.val[1], minlength=3)[2] == 0
     out, err = capsys.readouterr()
     assert out == ""
     assert "no val images for class 'rare'" in err and "no test images for class 'rare'" in err
-    load_data(make_config({"data": f"npz:{path}", "val_fraction": 0.0, "classes": ["a", "b"]}))
+    load_data(DataConfig(data=f"npz:{path}", val_fraction=0.0, classes=["a", "b"]))
     assert "warning" not in capsys.readouterr().err                  # no val split at all: nothing to say
 
 
@@ -305,3 +323,54 @@ def test_absent_classes_against_a_set_difference(case):
     classes = [f"c{i}" for i in range(k)]
     expected = [classes[i] for i in sorted(set(range(k)) - set(labels))]
     assert absent_classes(torch.tensor(labels, dtype=torch.int64), classes) == expected
+
+
+# --- the dataset registry (issue 15): a new dataset is one decorated builder ---
+
+@pytest.fixture
+def registry():
+    """The registry, restored after the test: a dataset registered here does not outlive it."""
+    from cnnlab.data.registry import REGISTRY
+
+    before = dict(REGISTRY)
+    yield REGISTRY
+    REGISTRY.clear()
+    REGISTRY.update(before)
+
+
+def test_a_registered_dataset_trains_by_name(registry, tmp_path):
+    import cnnlab
+    from cnnlab.data import Source, datasets, register_dataset
+
+    @register_dataset("toy-bars", description="bright top or bottom half", shape="1x12x12", classes=2, sizes="96 / -")
+    def toy_bars(cfg):
+        y = torch.arange(96) % 2
+        x = torch.zeros(96, 1, 12, 12, dtype=torch.uint8)
+        x[y == 0, :, :6], x[y == 1, :, 6:] = 200, 200
+        return Source(x, y, classes=["top", "bottom"])
+
+    assert datasets()[-1].name == "toy-bars"                              # `cnnlab datasets` lists it
+    result = cnnlab.train(data="toy-bars", model="lenet5", epochs=1, out=str(tmp_path / "run"), report=False, quiet=True)
+    assert "test_acc" in result.summary and cnnlab.load(result.run_dir).classes == ["top", "bottom"]
+    with pytest.raises(ValueError, match="registered twice"):
+        register_dataset("toy-bars", description="again")(toy_bars)
+    with pytest.raises(UsageError, match="Did you mean 'toy-bars'"):
+        load_data(DataConfig(data="toy-bar"))
+
+
+def test_prefix_sources_take_the_text_after_the_colon(registry):
+    from cnnlab.data import Source, register_dataset, resolve_name
+
+    seen = []
+
+    @register_dataset("echo", arg="TEXT", description="the argument as its only class name")
+    def echo(text, cfg):
+        seen.append(text)
+        return Source(torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]), classes=[text, "b:c"])
+
+    assert load_data(DataConfig(data="echo:a:b", val_fraction=0.0)).classes == ["a:b", "b:c"] and seen == ["a:b"]
+    with pytest.raises(UsageError, match="Did you mean 'echo:TEXT'"):
+        resolve_name("echo")                                                 # its argument is required
+    with pytest.raises(UsageError, match="unknown dataset 'mnist:x'"):
+        resolve_name("mnist:x")                                              # and a plain name takes none
+    assert resolve_name("synthetic") == "synthetic"                          # optional argument

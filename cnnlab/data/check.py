@@ -4,7 +4,7 @@ from collections import Counter
 
 import torch
 
-from ..config import make_config
+from ..config import DataConfig
 from . import load_data
 
 
@@ -32,8 +32,7 @@ def duplicates_across(data):
 
 
 def check(name, data_dir="data"):
-    cfg = make_config({"data": name, "data_dir": data_dir, "on_bad_image": "skip", "val_fraction": 0.1})
-    data = load_data(cfg)
+    data = load_data(DataConfig(data=name, data_dir=data_dir, on_bad_image="skip"))
     k = len(data.classes)
     print(f"{name}: {k} classes, image {'x'.join(map(str, data.shape))} as decoded, "
           f"splits train/val/test {len(data.train[1])}/{len(data.val[1])}/{len(data.test[1])}")

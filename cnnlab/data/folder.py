@@ -4,7 +4,6 @@ Layouts: PATH/<class>/... (cnnlab cuts the splits), or PATH/train/<class>/... wi
 (or PATH/val/) beside it as the official held-out split.
 """
 import os
-import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,10 +11,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..errors import CnnlabError, UsageError
+from ..errors import CnnlabError, UsageError, note, on_main_rank
 from .cache import cached_arrays, files_key
 from .images import GRAY_MODES, IMAGE_SUFFIXES, load_array
-from .sources import Source
+from .registry import Source, register_dataset
+
+# In the decoded arrays' cache key: bumped when decoding changes (2: images.resize, torch's
+# kernel, replaced PIL's), so an old entry is never mixed with new decodes or predictions.
+DECODER = 2
 
 
 def list_images(root):
@@ -27,11 +30,7 @@ def list_images(root):
     return found
 
 
-def to_stderr(message):
-    print(message, file=sys.stderr)
-
-
-def scan_classes(root, warn=to_stderr):
+def scan_classes(root):
     """{class name: [files]} for the class subfolders of `root`; empty classes are dropped with a warning."""
     if not os.path.isdir(root):
         raise UsageError(f"image folder not found: {root}")
@@ -42,7 +41,7 @@ def scan_classes(root, warn=to_stderr):
         if files:
             classes[name] = files
         else:
-            warn(f"warning: class folder '{os.path.join(root, name)}' holds no images; it is left out.")
+            note(f"warning: class folder '{os.path.join(root, name)}' holds no images; it is left out.")
     if len(classes) < 2:
         raise CnnlabError(f"{root}: found {len(classes)} class folder(s) with images; a classifier needs "
                           "at least 2 (one subfolder of images per class).")
@@ -60,10 +59,11 @@ def split_folders(root):
 
 def parallel_map(fn, items, desc, workers):
     """[fn(item) for item in items] on a thread pool (PIL releases the GIL while decoding), with a
-    progress bar on stderr when it is a terminal: a first load of 60,000 files takes a minute."""
+    progress bar on stderr when it is a terminal (rank 0's only): a first load of 60,000 files
+    takes a minute."""
     with ThreadPoolExecutor(workers) as pool:
-        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit="img", disable=None,
-                         leave=False, dynamic_ncols=True))
+        return list(tqdm(pool.map(fn, items), total=len(items), desc=desc, unit="img",
+                         disable=None if on_main_rank() else True, leave=False, dynamic_ncols=True))
 
 
 def choose_format(files, image_size):
@@ -89,8 +89,8 @@ def image_format(files, image_size, root):
     """choose_format, cached by the file list: reading 60,000 headers again costs ~10 s per load.
     A miss means a first load, which is announced: it takes a minute for 60,000 files."""
     def make():
-        print(f"first load of {len(files):,} images under {root}: reading headers, then decoding them once "
-              "(cached for next time)", file=sys.stderr, flush=True)
+        note(f"first load of {len(files):,} images under {root}: reading headers, then decoding them once "
+             "(cached for next time)")
         return {"format": np.array(choose_format(files, image_size))}
     channels, size = cached_arrays(files_key(f"format-{image_size}", files), make, kind="formats")["format"]
     return int(channels), int(size)
@@ -104,7 +104,7 @@ def decode_all(files, channels, size, where=""):
             return load_array(path, channels, size), None
         except CnnlabError as e:
             return None, str(e)
-    print(f"decoding {len(files):,} images{where} at {channels}x{size}x{size}", file=sys.stderr, flush=True)
+    note(f"decoding {len(files):,} images{where} at {channels}x{size}x{size}")
     results = parallel_map(one, files, "decoding", min(32, (os.cpu_count() or 1) * 4))
     bad = [msg for _, msg in results if msg]
     ok = np.array([a is not None for a, _ in results], dtype=bool)
@@ -119,7 +119,7 @@ def load_pool(class_files, classes, channels, size, on_bad_image, where=""):
     def decode():
         x, ok, bad = decode_all(files, channels, size, where)
         return {"x": x, "ok": ok, "bad": np.array(bad, dtype=str)}
-    arrays = cached_arrays(files_key(f"{channels}x{size}", files), decode, kind="folders")
+    arrays = cached_arrays(files_key(f"{channels}x{size}-decoder{DECODER}", files), decode, kind="folders")
     x, ok, bad = arrays["x"], arrays["ok"], [str(b) for b in arrays["bad"]]
     if bad and on_bad_image == "error":
         more = f" (and {len(bad) - 1} more bad files)" if len(bad) > 1 else ""
@@ -128,11 +128,15 @@ def load_pool(class_files, classes, channels, size, on_bad_image, where=""):
     return torch.from_numpy(x), torch.from_numpy(labels[ok]), kept, bad
 
 
-def folder(path, cfg, warn=to_stderr):
+@register_dataset("folder", arg="PATH", claims=os.path.isdir, shape="--image-size", classes="folders",
+                  sizes="from files", description="class subfolders of images; train/ + test/ (or val/) "
+                                                  "subfolders are the splits")
+def folder(path, cfg):
+    """The images under `path` (cfg: a DataConfig: image_size, on_bad_image)."""
     train_root, test_root = split_folders(path)
-    train_classes = scan_classes(train_root, warn)
+    train_classes = scan_classes(train_root)
     classes = list(train_classes)
-    test_classes = scan_classes(test_root, warn) if test_root else {}
+    test_classes = scan_classes(test_root) if test_root else {}
     extra = sorted(set(test_classes) - set(classes))
     if extra:
         raise CnnlabError(f"{test_root} has class folders not in {train_root}: {', '.join(extra)}.")
@@ -146,6 +150,6 @@ def folder(path, cfg, warn=to_stderr):
             test_classes, classes, channels, size, cfg.on_bad_image, f" in {test_root}")
         bad += bad_test
     if bad:
-        warn(f"warning: skipped {len(bad)} unreadable image(s); the list is in bad_images.txt in the run folder.")
+        note(f"warning: skipped {len(bad)} unreadable image(s); the list is in bad_images.txt in the run folder.")
     src.files["bad"] = bad
     return src

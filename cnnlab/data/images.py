@@ -1,6 +1,15 @@
-"""Decoding one image file safely: a pixel limit against decompression bombs, every PIL mode
-converted to L or RGB, and one clear CnnlabError (naming the file) for anything unreadable."""
+"""From an image to a model's pixels, the one path both training and prediction take: decode
+safely (a pixel limit against decompression bombs, one clear CnnlabError naming the file for
+anything unreadable), convert every PIL mode to L or RGB, resize, uint8 (C, S, S).
+
+A folder dataset is decoded with `load_array` and `cnnlab predict`/`serve` read their images with
+it (through Preprocess.image), and tensor sources are resized by the same `resize`: an image gives
+the model the same pixels at training time and at prediction time.
+"""
+import os
+
 import numpy as np
+import torch
 
 from ..errors import CnnlabError
 
@@ -56,15 +65,40 @@ def open_image(path_or_file, name=None):
         raise CnnlabError(f"{name}: cannot decode image ({str(e).splitlines()[0] or type(e).__name__}).") from None
 
 
-def load_array(path_or_file, channels, size, name=None):
-    """Decode, convert and resize to (C, size, size) uint8 numpy."""
+def array_to_image(arr):
+    """uint8 0..255 or float 0..1 arrays, HW / HWC / CHW -> PIL image."""
     from PIL import Image
 
-    img = to_mode(open_image(path_or_file, name), channels)
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
-    a = np.asarray(img, dtype=np.uint8)
-    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr * (255 if arr.max() <= 1.0 else 1) + 0.5, 0, 255).astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(1, 2, 0)
+    return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+
+
+def as_image(item, name=None):
+    """A path, file object, PIL image or array (numpy or torch) as a PIL image."""
+    if isinstance(item, (str, os.PathLike)) or hasattr(item, "read"):
+        return open_image(item, name)
+    if isinstance(item, np.ndarray) or torch.is_tensor(item):
+        return array_to_image(np.asarray(item))
+    return item
+
+
+def resize(x, size):
+    """uint8 (N, C, H, W) -> (N, C, size, size), stretched (bilinear, antialiased); size 0 keeps it.
+    Torch's uint8 kernel, not a float round trip: PIL-like results, and no float copy of a large
+    photo per decoding thread."""
+    if size == 0 or (x.shape[2] == size and x.shape[3] == size):
+        return x
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True).contiguous()
+
+
+def load_array(item, channels, size, name=None):
+    """An image (see `as_image`) -> mode L or RGB -> size x size -> uint8 (C, size, size) numpy."""
+    a = np.array(to_mode(as_image(item, name), channels), dtype=np.uint8)   # a writable copy for torch
+    x = torch.from_numpy(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    return np.ascontiguousarray(resize(x[None], size)[0].numpy())
 
 
 def has_colour(img):

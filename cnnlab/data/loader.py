@@ -19,7 +19,9 @@ def _generator(*keys):
 
 
 class BatchLoader:
-    def __init__(self, x, y, batch_size, mean, std, device="cpu", shuffle=False, seed=0,
+    """Batches of one split, normalised by `preprocess` (the Preprocess a model trains or was trained with)."""
+
+    def __init__(self, x, y, batch_size, preprocess, device="cpu", shuffle=False, seed=0,
                  augment="none", rank=0, world=1, channels_last=False):
         self.x = x.to(device)                       # (N, C, H, W) uint8, moved once
         self.y = y.to(device)
@@ -30,9 +32,7 @@ class BatchLoader:
         self.pad = (2 if h <= 28 else h // 8) if "crop" in augment else 0   # 2 px for digits, 4 for CIFAR
         # Zero-padded once here, so a random crop is a plain gather with no per-batch padding.
         self.padded = torch.nn.functional.pad(self.x, (self.pad,) * 4) if self.pad else self.x
-        std = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        mean = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.scale, self.shift = 1 / (255 * std), -mean / std   # x/255 then normalise, fused
+        self.preprocess, self.scale_shift = preprocess, preprocess.scale_shift(device)   # made once, used per batch
 
     def __len__(self):
         return math.ceil(len(self.y) / self.batch_size)
@@ -62,7 +62,7 @@ class BatchLoader:
         else:
             xb = augment_gather(self.padded, idx[mine], self.x.shape[2:], self.pad, "flip" in self.augment,
                                 _generator(self.seed, epoch, step, 7), len(idx), mine)
-        xb = xb.float().mul_(self.scale).add_(self.shift)
+        xb = self.preprocess.normalise(xb, self.scale_shift)
         if self.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         return xb, self.y[idx[mine]]

@@ -2,11 +2,17 @@
 
 Built from the training data (channels, size, the training split's mean and std), saved in every
 checkpoint, and used by the batch loader, inference, export and serve, so an image goes through
-the same conversion at training time and at prediction time.
+the same conversion at training time and at prediction time: `image` (an image -> the model's
+uint8 pixels, images.load_array) then `normalise` (uint8 batch -> float input).
 """
 from dataclasses import asdict, dataclass, fields
 
 import torch
+
+from ..errors import CnnlabError
+from .images import load_array
+
+RESIZE_POLICIES = ("stretch",)   # images.resize: bilinear to the square input, aspect not kept
 
 
 @dataclass
@@ -25,7 +31,11 @@ class Preprocess:
     def from_dict(cls, d):
         """From a checkpoint's dict; keys a newer or older cnnlab wrote and this one lacks are ignored."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        pre = cls(**{k: v for k, v in d.items() if k in names})
+        if pre.resize not in RESIZE_POLICIES:  # resizing another way would give the model other pixels
+            raise CnnlabError(f"the checkpoint resizes inputs by '{pre.resize}'; this cnnlab knows "
+                              f"{', '.join(RESIZE_POLICIES)} only (a newer cnnlab wrote it?).")
+        return pre
 
     def scale_shift(self, device="cpu"):
         """(scale, shift) of shape (1, C, 1, 1) with x_uint8 * scale + shift == (x / 255 - mean) / std:
@@ -33,3 +43,18 @@ class Preprocess:
         std = torch.as_tensor(self.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         mean = torch.as_tensor(self.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         return 1 / (255 * std), -mean / std
+
+    def normalise(self, x, scale_shift=None):
+        """uint8 (B, C, H, W) -> the network's float input. `scale_shift`: this object's
+        scale_shift() for x's device, made once by a caller that normalises many batches."""
+        scale, shift = scale_shift or self.scale_shift(x.device)
+        return x.float().mul_(scale).add_(shift)
+
+    def image(self, item, name=None, invert=None):
+        """One image (path, file object, PIL image, or array HW, HWC or CHW) -> uint8 (C, S, S)
+        tensor, converted and resized as the training images were; `invert` (None: this
+        object's own setting) gives 255 - x, for dark digits on light paper."""
+        a = load_array(item, self.channels, self.image_size, name)
+        if self.invert if invert is None else invert:
+            a = 255 - a
+        return torch.from_numpy(a)

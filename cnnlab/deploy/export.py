@@ -13,7 +13,9 @@ def export(checkpoint_path, fmt, out=None):
     net = model.net.eval()
     base = model.path[:-3] if model.path.endswith(".pt") else model.path
     out = out or f"{base}.{'onnx' if fmt == 'onnx' else 'torchscript.pt'}"
-    sample = torch.randn(4, *model.in_shape)  # normalised inputs, as the net sees them
+    # Random images through the checkpoint's own normalisation: inputs as the net sees them.
+    pixels = torch.randint(0, 256, (4, *model.in_shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    sample = model.inputs(pixels).cpu()
     with torch.inference_mode():
         expected = net(sample).numpy()
     got = export_onnx(net, sample, out) if fmt == "onnx" else export_torchscript(net, sample, out)

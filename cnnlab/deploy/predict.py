@@ -2,13 +2,12 @@
 Each unreadable file is reported on its own line; the rest are still predicted."""
 import json
 import os
-import sys
 
 import torch
 
 from ..data.folder import list_images
 from ..data.images import open_image
-from ..errors import CnnlabError
+from ..errors import CnnlabError, note
 from .inference import load
 
 
@@ -25,8 +24,8 @@ def warn_unlike_training(model, unlike):
     """One stderr line for inputs far from the training images (a photo into a digit model): the
     model still scores them, confidently and meaninglessly."""
     (path, what), more = unlike[0], len(unlike) - 1
-    print(f"warning: {path} ({what}) is unlike the {model.training_images()} images this model was trained on; "
-          "its scores mean little" + (f" (and {more} more such input(s))." if more else "."), file=sys.stderr)
+    note(f"warning: {path} ({what}) is unlike the {model.training_images()} images this model was trained on; "
+         "its scores mean little" + (f" (and {more} more such input(s))." if more else "."))
 
 
 def predict_files(checkpoint_path, paths, top_k=3, as_json=False, invert=False, batch_size=256):
@@ -37,7 +36,7 @@ def predict_files(checkpoint_path, paths, top_k=3, as_json=False, invert=False, 
             img = open_image(path)
             if what := model.unlike_training(img):
                 unlike.append((path, what))
-            ok_items.append((len(results), model.to_uint8(img, invert=invert or None)))
+            ok_items.append((len(results), model.preprocess.image(img, invert=invert or None)))
             results.append({"path": path})
         except CnnlabError as e:
             results.append({"path": path, "error": str(e)})
@@ -54,10 +53,10 @@ def predict_files(checkpoint_path, paths, top_k=3, as_json=False, invert=False, 
     else:
         for r in results:
             if "error" in r:
-                print(f"{r['path']}: error: {r['error']}", file=sys.stderr)
+                note(f"{r['path']}: error: {r['error']}")
             else:
                 guesses = ", ".join(f"{p['label']} {p['probability']:.1%}" for p in r["predictions"])
                 print(f"{r['path']}: {guesses}")
     if failed:
-        print(f"cnnlab: {failed} of {len(results)} file(s) could not be read", file=sys.stderr)
+        note(f"cnnlab: {failed} of {len(results)} file(s) could not be read")
     return 1 if failed else 0

@@ -4,11 +4,59 @@ import errno
 import io
 import os
 import socket
-import sys
 
-from ..errors import CnnlabError, UsageError
+from ..errors import CnnlabError, UsageError, note
 
 PAGE = os.path.join(os.path.dirname(__file__), "static", "index.html")
+
+
+class Refused(Exception):
+    """A request answered with an error status and `{"error": message}`."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def classify(model, raw, name, k):
+    """`{path, predictions}` for one uploaded file, or `{path, error}` when it is not a readable image."""
+    try:
+        x = model.preprocess.image(io.BytesIO(raw), name=name)
+    except CnnlabError as e:
+        return {"path": name, "error": str(e)}
+    return {"path": name, "predictions": model.top_k(model.logits(x[None]), k)[0]}
+
+
+def answer(model, files, k):
+    """(JSON body, status). One file: its result (400 if unreadable). Several: a list in the same
+    order, 400 only when none is readable (one message naming them all)."""
+    results = [classify(model, raw, name, k) for name, raw in files]
+    if len(results) == 1:
+        return results[0], 400 if "error" in results[0] else 200
+    if all("error" in r for r in results):  # each error message starts with its file's name
+        return {"error": "no file is a readable image: " + " ".join(r["error"] for r in results)}, 400
+    return results, 200
+
+
+async def uploaded_files(request, max_bytes):
+    """[(file name, bytes)]: the raw body, or every file of a multipart form in the order sent;
+    Refused over `max_bytes` (413) or without any file content (400)."""
+    declared = int(request.headers.get("content-length") or 0)
+    if declared > max_bytes:
+        raise Refused(413, f"request of {declared} bytes is over the {max_bytes}-byte limit")
+    body = await request.body()
+    if len(body) > max_bytes:
+        raise Refused(413, f"request is over the {max_bytes}-byte limit")
+    files = [("upload", body)]
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form()
+        # multi_items keeps repeated field names and their order (values() keeps only the last)
+        files = [(v.filename or "upload", await v.read()) for _, v in form.multi_items() if hasattr(v, "read")]
+        if not files:
+            raise Refused(400, "multipart request without a file field")
+    if not any(raw for _, raw in files):
+        raise Refused(400, "empty request: send an image as the body or a multipart file")
+    return files
 
 
 def create_app(model, top_k=5, max_bytes=5 * 2**20):
@@ -19,23 +67,6 @@ def create_app(model, top_k=5, max_bytes=5 * 2**20):
     app = FastAPI(title="cnnlab", description="Image classification with a cnnlab checkpoint.")
     digits = model.classes == [str(i) for i in range(10)]
 
-    def classify(raw, name, k):
-        try:
-            x = model.to_uint8(io.BytesIO(raw), name=name)
-        except CnnlabError as e:
-            return {"path": name, "error": str(e)}
-        return {"path": name, "predictions": model.top_k(model.logits(x[None]), k)[0]}
-
-    def answer(files, k):
-        """One file: its result (400 if unreadable). Several: a list in the same order, 400 only
-        when none is readable (one message naming them all)."""
-        results = [classify(raw, name, k) for name, raw in files]
-        if len(results) == 1:
-            return JSONResponse(results[0], 400 if "error" in results[0] else 200)
-        if all("error" in r for r in results):  # each error message starts with its file's name
-            return JSONResponse({"error": "no file is a readable image: " + " ".join(r["error"] for r in results)}, 400)
-        return results
-
     @app.post("/predict")
     async def predict(request: Request, top_k: int = top_k):
         """Classify the image sent as the raw body, or every file of a multipart form.
@@ -45,22 +76,12 @@ def create_app(model, top_k=5, max_bytes=5 * 2**20):
         sent, each `{path, predictions}` or, for a file that is not a readable image, `{path, error}`;
         `path` is the file's name. The status is 200 when at least one file was read, 400 when none
         was (or the body is empty or has no file), 413 above `--max-bytes` for the whole request."""
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > max_bytes:
-            return JSONResponse({"error": f"request of {declared} bytes is over the {max_bytes}-byte limit"}, 413)
-        body = await request.body()
-        if len(body) > max_bytes:
-            return JSONResponse({"error": f"request is over the {max_bytes}-byte limit"}, 413)
-        files = [("upload", body)]
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            form = await request.form()
-            # multi_items keeps repeated field names and their order (values() keeps only the last)
-            files = [(v.filename or "upload", await v.read()) for _, v in form.multi_items() if hasattr(v, "read")]
-            if not files:
-                return JSONResponse({"error": "multipart request without a file field"}, 400)
-        if not any(raw for _, raw in files):
-            return JSONResponse({"error": "empty request: send an image as the body or a multipart file"}, 400)
-        return await run_in_threadpool(answer, files, max(1, min(top_k, len(model.classes))))
+        try:
+            files = await uploaded_files(request, max_bytes)
+        except Refused as e:
+            return JSONResponse({"error": str(e)}, e.status)
+        body, status = await run_in_threadpool(answer, model, files, max(1, min(top_k, len(model.classes))))
+        return JSONResponse(body, status)
 
     @app.get("/health")
     def health():
@@ -69,7 +90,7 @@ def create_app(model, top_k=5, max_bytes=5 * 2**20):
     @app.get("/model")
     def info():
         return {"model": model.config.get("model"), "classes": model.classes, "input_shape": list(model.in_shape),
-                "preprocess": model.preprocess, "metrics": model.metrics, "digits": digits}
+                "preprocess": model.preprocess.to_dict(), "metrics": model.metrics, "digits": digits}
 
     @app.get("/", response_class=HTMLResponse)
     def page():
@@ -112,8 +133,7 @@ def serve(checkpoint_path, host="127.0.0.1", port=8000, top_k=5, max_bytes=5 * 2
         model = load(checkpoint_path)  # fails here, before serving, on a bad checkpoint
         app = create_app(model, top_k=top_k, max_bytes=max_bytes)
         port = sock.getsockname()[1]  # the real one when --port 0 asked for any free port
-        print(f"serving {model.path} ({len(model.classes)} classes) on http://{host}:{port}/  (Ctrl-C stops)",
-              file=sys.stderr, flush=True)  # a note, not a result: stdout stays empty
+        note(f"serving {model.path} ({len(model.classes)} classes) on http://{host}:{port}/  (Ctrl-C stops)")
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     finally:
         sock.close()

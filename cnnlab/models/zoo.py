@@ -1,17 +1,16 @@
 """`cnnlab models`: the zoo as a table, or one model layer by layer (torchinfo, as seed 003 does)."""
-from ..data import DATASETS
 from . import REGISTRY, count_params, create_model, forward_flops, model_names
 
 
 def data_shape(data, data_dir):
-    """(C, H, W) and class count of a dataset, without loading it when the table already knows."""
-    known = DATASETS.get(data)
-    if known and "x" in known[1]:
-        return tuple(int(v) for v in known[1].split("x")), int(known[2])
-    from ..config import make_config
-    from ..data import load_data
+    """(C, H, W) and class count of a dataset, without loading it when its registration says."""
+    from ..config import DataConfig
+    from ..data import declared_shape, load_data
 
-    loaded = load_data(make_config({"data": data, "data_dir": data_dir}))
+    known = declared_shape(data)
+    if known:
+        return known
+    loaded = load_data(DataConfig(data=data, data_dir=data_dir))
     return loaded.shape, len(loaded.classes)
 
 
