@@ -53,7 +53,7 @@ def run_data(model, run_dir=None, data=None, data_dir=None):
         cfg = make_config({"data": data, "classes": [], "image_size": model.preprocess.image_size}, base=cfg)
     elif run_dir and os.path.exists(os.path.join(run_dir, "splits.json")):
         splits = read_json(os.path.join(run_dir, "splits.json"))
-    loaded = load_data(cfg, splits=splits)
+    loaded = load_data(cfg.data_config(), splits=splits)   # the checkpoint's config holds training settings too
     if loaded.shape[0] != model.preprocess.channels:
         raise UsageError(f"data '{cfg.data}' has {loaded.shape[0]} channel(s); the model expects "
                          f"{model.preprocess.channels}.")
@@ -68,8 +68,7 @@ def evaluate_model(model, data, split="test", collect=False):
         raise UsageError(f"the {split} split is empty.")
     if data.classes != model.classes and len(data.classes) != len(model.classes):
         raise UsageError(f"data has {len(data.classes)} classes, the model {len(model.classes)}.")
-    p = model.preprocess
-    loader = BatchLoader(x, y, 256, p.mean, p.std, model.device, channels_last=True)
+    loader = BatchLoader(x, y, 256, model.preprocess, model.device, channels_last=True)
     raw = evaluate(model.net, loader, Context(device=model.device), len(model.classes), collect=collect)
     return metrics_of(raw, model.classes, split)
 
