@@ -7,16 +7,6 @@
 """
 __version__ = "0.1.0"
 
-
-def train(config=None, resume=None, quiet=False, **settings):
-    """Train with the CLI's settings as keyword arguments (train(data="cifar10", epochs=5, lr=0.01))."""
-    from .train.loop import fit
-
-    return fit(config, resume=resume, quiet=quiet, **settings)
-
-
-def load(path, device="cpu"):
-    """Rebuild a trained model from a checkpoint file or run folder (no code is run from the file)."""
-    from .deploy.inference import load as _load
-
-    return _load(path, device=device)
+# `cnnlab.train` is the training stage's package, and calling it is api.train (see train/__init__.py).
+from . import train  # noqa: E402  (after __version__, which cli.py imports alone)
+from .api import load  # noqa: E402

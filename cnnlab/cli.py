@@ -114,16 +114,15 @@ def cmd_train(args):
         from .train.distributed import launch
 
         return launch(args.nproc, args.argv)
-    from .train.loop import fit
+    from .api import train
 
     if args.resume:
         if args.config:
             raise UsageError("--resume takes the run's own config; drop --config.")
-        fit(resume=args.resume, **overrides)
+        train(resume=args.resume, **overrides)
         return 0
     base = make_config(load_yaml(args.config)) if args.config else None
-    cfg = make_config(overrides, base=base)
-    fit(cfg)
+    train(make_config(overrides, base=base))
     return 0
 
 
@@ -224,7 +223,8 @@ def cmd_data_check(args):
 
 def cmd_lr_find(args):
     from .config import load_yaml, make_config
-    from .train.lr_find import lr_find
+    from .evaluate.plots import save_lr_find
+    from .train.lr_find import default_plot_path, lr_find
 
     # Flags that shape a training run but have no meaning for the range test (one process, its own
     # lr sweep, 100 steps): refused rather than silently ignored. Recipe keys are fine.
@@ -237,7 +237,14 @@ def cmd_lr_find(args):
                          f"1e-7 to 10); drop {flag}, or give it to `cnnlab train`.")
     base = make_config(load_yaml(args.config)) if args.config else None
     cfg = make_config(train_overrides(args), base=base)
-    lr_find(cfg, out=args.plot)
+    curve = lr_find(cfg)
+    out = args.plot or default_plot_path(cfg)
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    save_lr_find(curve.lrs, curve.losses, curve.suggestion, out, minimum=curve.minimum)
+    (lowest_lr, lowest_loss), lrs = curve.minimum, curve.lrs
+    print(f"lr-find: {len(lrs)} steps from {lrs[0]:.1e} to {lrs[-1]:.1e}; lowest smoothed loss {lowest_loss:.4f} "
+          f"at lr {lowest_lr:.2e}; plot: {out}", file=sys.stderr)
+    print(f"suggested lr {curve.suggestion:.2e} (a tenth of the lr at the lowest loss)")
     return 0
 
 

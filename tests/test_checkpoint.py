@@ -15,7 +15,7 @@ from cnnlab.train.checkpoint import save as save_checkpoint
 from cnnlab.config import make_config
 from cnnlab.errors import CnnlabError
 from cnnlab.models import create_model
-from cnnlab.train.loop import payload
+from cnnlab.train.checkpoint import payload
 
 from .conftest import SHARED, run_cli
 
@@ -39,7 +39,8 @@ def test_load_gives_identical_logits(tmp_path):
         expected = net(normalised)
     meta = {"model": "net_bn", "model_args": args, "in_shape": [3, 16, 16], "classes": ["a", "b", "c"],
             "preprocess": {"channels": 3, "image_size": 16, "mean": mean, "std": std, "invert": False}}
-    save_checkpoint(payload(net, meta, make_config({"model": "net_bn", "model_args": args})), tmp_path / "m.pt")
+    save_checkpoint(payload(net.state_dict(), meta, make_config({"model": "net_bn", "model_args": args})),
+                    tmp_path / "m.pt")
     loaded = cnnlab.load(tmp_path / "m.pt")
     torch.testing.assert_close(loaded.logits(x), expected, rtol=1e-5, atol=1e-5)
     assert loaded.classes == ["a", "b", "c"]
@@ -155,3 +156,23 @@ def test_checkpoint_for_a_different_class_count(demo_run, tmp_path):
     torch.save(ckpt, tmp_path / "wrong.pt")
     with pytest.raises(CnnlabError, match="do not fit"):
         cnnlab.load(tmp_path / "wrong.pt")
+
+
+def test_version_1_checkpoints_are_upgraded_and_newer_ones_refused(tmp_path):
+    """Version 1 (before the Preprocess object and Progress.lr) still loads, in today's layout."""
+    net = create_model("lenet5", (1, 28, 28), 10)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    v1 = {"format": "cnnlab-checkpoint", "version": 1, "classes": [str(i) for i in range(10)],
+          "model": {"name": "lenet5", "args": {}, "in_shape": [1, 28, 28], "num_classes": 10},
+          "preprocess": {"channels": 1, "image_size": 28, "mean": [0.1], "std": [0.3], "invert": False},
+          "config": {}, "metrics": {}, "state_dict": net.state_dict(),
+          "train_state": {"optimizer": optimizer.state_dict(), "ema": None, "rng": {},
+                          "progress": {"epoch": 1, "step": 0, "global_step": 9, "sums": [0.0, 0, 0]}}}
+    torch.save(v1, tmp_path / "v1.pt")
+    ckpt = load_checkpoint(str(tmp_path / "v1.pt"))
+    assert ckpt["version"] == 2 and ckpt["preprocess"]["resize"] == "stretch"
+    assert ckpt["train_state"]["progress"]["lr"] == 0.05
+    assert cnnlab.load(tmp_path / "v1.pt").classes[0] == "0"
+    torch.save({**v1, "version": 99}, tmp_path / "v99.pt")
+    with pytest.raises(CnnlabError, match="newer cnnlab.*version 99"):
+        load_checkpoint(str(tmp_path / "v99.pt"))

@@ -11,7 +11,7 @@ from cnnlab.config import make_config
 from cnnlab.train.diagnose import diagnose
 from cnnlab.train.engine import ema_model
 from cnnlab.errors import CnnlabError
-from cnnlab.train.lr_find import suggest_lr
+from cnnlab.train.lr_find import lr_find, suggest_lr
 from cnnlab.train.loop import fit
 
 from .conftest import run_cli
@@ -90,6 +90,15 @@ def test_lr_find_suggests_a_rate_that_trains(tmp_path):
                   quiet=True)
     losses = [row["train_loss"] for row in trained.history]
     assert losses[-1] < losses[0] < math.log(10) and trained.summary["test_acc"] > 0.7   # chance: 0.1
+
+
+def test_lr_find_returns_its_curve_and_writes_nothing(tmp_path, monkeypatch):
+    """The library call draws and prints nothing (train/ does not import evaluate/): the CLI does."""
+    monkeypatch.chdir(tmp_path)
+    curve = lr_find(make_config({"train_samples": 200, "batch_size": 16, "report": False}), steps=12)
+    assert len(curve.lrs) == len(curve.losses) <= 12 and curve.lrs == sorted(curve.lrs)
+    assert curve.suggestion == pytest.approx(curve.minimum[0] / 10) and curve.minimum[1] == min(curve.losses)
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("flag,plot", [("--out", "run/lr_find.png"), ("--plot", "a/lr.png")])

@@ -7,7 +7,8 @@ import signal
 import pytest
 import torch
 
-import cnnlab.train.loop
+import cnnlab
+import cnnlab.train.callbacks
 from cnnlab.train.checkpoint import load as load_checkpoint
 from cnnlab.config import make_config
 from cnnlab.train.engine import Interrupted
@@ -65,7 +66,7 @@ def interrupt_at_step(monkeypatch, n):
             stop.signum = signal.SIGINT
             return True
         return False
-    monkeypatch.setattr(cnnlab.train.loop, "agreed_stop", fake_stop)
+    monkeypatch.setattr(cnnlab.train.callbacks, "agreed_stop", fake_stop)
 
 
 @pytest.mark.parametrize("stop_step", [12, 17], ids=["epoch-boundary", "mid-epoch"])
@@ -78,7 +79,7 @@ def test_resume_is_exact(tmp_path, monkeypatch, stop_step):
     state = load_checkpoint(tmp_path / "cut" / "last.pt", "last.pt")["train_state"]["progress"]
     assert state["global_step"] == stop_step
     monkeypatch.undo()
-    fit(resume=str(tmp_path / "cut"), quiet=True)
+    cnnlab.train(resume=str(tmp_path / "cut"), quiet=True)
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
     assert_same_weights(weights(tmp_path / "full", "best.pt"), weights(tmp_path / "cut", "best.pt"))
     assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "cut")

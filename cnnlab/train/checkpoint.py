@@ -5,6 +5,18 @@ back with `torch.load(weights_only=True)`, which refuses any pickled object that
 opening a checkpoint never runs code from it. It carries everything needed to rebuild and use the
 model with no command line: model name and arguments, input shape, class names, preprocessing,
 the resolved config and the metrics (nanoGPT's habit of storing the model's own arguments).
+
+This module owns the format: `payload` builds it (training's last.pt and best.pt), `load` reads
+and upgrades it, `build_model` / `preprocess_of` / `restore` turn it back into live objects.
+
+    format, version        "cnnlab-checkpoint", VERSION
+    model                  {name, args, in_shape, num_classes}: create_model's arguments
+    classes                class names, in the model's output order
+    preprocess             data.preprocess.Preprocess.to_dict(): how an image becomes the input
+    config                 the resolved TrainConfig as a dict
+    metrics                best.pt: {val_acc, epoch}; last.pt: {}
+    state_dict             the weights (the EMA average in best.pt when --ema is on)
+    train_state            last.pt only: {optimizer, ema, rng, progress}, what --resume needs
 """
 import os
 import pickle
@@ -13,9 +25,12 @@ import re
 import torch
 
 from ..errors import CnnlabError
+from ..models import count_params, create_model
+from ..runtime import rng_state, set_rng_state
 
 FORMAT = "cnnlab-checkpoint"
-VERSION = 1
+# 2: preprocess has "resize"; train_state.progress has "lr". Version 1 files are upgraded on load.
+VERSION = 2
 
 
 def resolve(path, name="best.pt"):
@@ -68,7 +83,7 @@ def load(path, name="best.pt"):
         raise CnnlabError(f"{path} is not a readable checkpoint (truncated or another kind of file: "
                           f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__}).") from None
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
-        return ckpt
+        return upgrade(ckpt, path)
     if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
         raise CnnlabError(f"{path} is a bare state_dict saved by plain PyTorch: it lacks the model name, "
                           "classes and preprocessing. Rebuild the network yourself and call "
@@ -78,8 +93,6 @@ def load(path, name="best.pt"):
 
 def build_model(ckpt, path=""):
     """The network a checkpoint describes, with its weights loaded (on the CPU, in train mode)."""
-    from ..models import create_model
-
     spec = ckpt["model"]
     try:
         net = create_model(spec["name"], spec["in_shape"], spec["num_classes"], **spec.get("args", {}))
@@ -95,3 +108,66 @@ def preprocess_of(ckpt):
     from ..data.preprocess import Preprocess
 
     return Preprocess.from_dict(ckpt["preprocess"])
+
+
+def upgrade(ckpt, path=""):
+    """A checkpoint of any earlier version in today's layout; a newer one is refused (its meaning
+    may have changed in ways this cnnlab cannot know)."""
+    version = ckpt.get("version", 1)
+    if version > VERSION:
+        raise CnnlabError(f"{path} was written by a newer cnnlab (checkpoint version {version}, this one reads "
+                          f"up to {VERSION}); upgrade cnnlab to use it.")
+    if version < 2:   # resizing was always a stretch; the lr of the last step was the optimizer's
+        ckpt["preprocess"] = {"resize": "stretch", **ckpt["preprocess"]}
+        train_state = ckpt.get("train_state")
+        if train_state:
+            train_state["progress"].setdefault("lr", train_state["optimizer"]["param_groups"][0]["lr"])
+    ckpt["version"] = VERSION
+    return ckpt
+
+
+def metadata(state):
+    """What every checkpoint of a run says about it (summary.json repeats some of it)."""
+    cfg, data, ctx = state.cfg, state.data, state.ctx
+    return {"model": cfg.model, "model_args": dict(cfg.model_args), "data": cfg.data, "classes": data.classes,
+            "in_shape": list(data.shape), "num_params": count_params(state.model), "device": str(ctx.device),
+            "world_size": ctx.world, "global_batch_size": cfg.batch_size, "augment": state.augment,
+            "preprocess": data.preprocess.to_dict()}
+
+
+def payload(weights, meta, config, metrics=None, train_state=None):
+    """A checkpoint dict: `weights` a state_dict (any device), `meta` from metadata(), `config` the
+    resolved TrainConfig; `train_state` only in last.pt. `save` adds the format and version."""
+    return {"model": {"name": meta["model"], "args": meta["model_args"], "in_shape": meta["in_shape"],
+                      "num_classes": len(meta["classes"])},
+            "classes": meta["classes"], "preprocess": meta["preprocess"], "config": config.to_dict(),
+            "metrics": metrics or {}, "state_dict": {k: v.detach().cpu() for k, v in weights.items()},
+            **({"train_state": train_state} if train_state is not None else {})}
+
+
+def last_payload(state):
+    """last.pt: the current weights and everything a resumed run needs to continue exactly."""
+    train_state = {"optimizer": state.optimizer.state_dict(), "ema": state.ema.state_dict() if state.ema else None,
+                   "rng": rng_state(state.ctx.device), "progress": state.progress.state_dict()}
+    return payload(state.model.state_dict(), state.meta, state.cfg, train_state=train_state)
+
+
+def best_payload(state):
+    """best.pt: the best epoch's weights and its validation accuracy."""
+    metrics = {"val_acc": state.row["val_acc"], "epoch": state.row["epoch"]}
+    return payload(state.best_weights, state.meta, state.cfg, metrics=metrics)
+
+
+def restore(state, run_dir):
+    """--resume: last.pt into the live model, optimizer, EMA, RNG and progress; best.pt's weights
+    become the best so far."""
+    ckpt = load(os.path.join(run_dir, "last.pt"), "last.pt")
+    saved = ckpt["train_state"]
+    state.model.load_state_dict(ckpt["state_dict"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    if state.ema is not None and saved["ema"] is not None:
+        state.ema.load_state_dict(saved["ema"])
+    set_rng_state(saved["rng"], state.ctx.device)
+    state.progress.load_state_dict(saved["progress"])
+    best = os.path.join(run_dir, "best.pt")
+    state.best_weights = load(best, "best.pt")["state_dict"] if os.path.exists(best) else None

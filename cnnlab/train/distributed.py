@@ -1,8 +1,10 @@
-"""`cnnlab train --nproc N`: launch torchrun on this machine for the user.
+"""Data-parallel training: `launch` (`cnnlab train --nproc N`) starts torchrun on this machine, and
+`wrap_for_training` puts DDP around the model inside each rank.
 
-The training code itself only reads RANK / WORLD_SIZE (runtime.setup); this module just builds
+The training code itself only reads RANK / WORLD_SIZE (runtime.setup); the launcher just builds
 the torchrun command line and passes signals on, so a Ctrl-C or SIGTERM reaches every rank and
-each one saves before it exits."""
+each one saves before it exits. (torch is imported inside the functions: the launcher itself
+never needs it.)"""
 import signal
 import subprocess
 import sys
@@ -38,3 +40,19 @@ def launch(nproc, train_argv):
               "that failed first. The run folder's last.pt, if written, resumes with --resume RUN_DIR.",
               file=sys.stderr)
     return code
+
+
+def wrap_for_training(model, cfg, ctx):
+    """The callable used for training forward passes: DDP and/or torch.compile around `model`."""
+    import torch
+
+    forward = model
+    if ctx.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if cfg.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        forward = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    if cfg.compile:
+        forward = torch.compile(forward)
+    return forward

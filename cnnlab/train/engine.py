@@ -1,17 +1,16 @@
-"""The training loop: `train_one_epoch()`, `evaluate()` and `fit()`, read top to bottom.
+"""The engine: the training step, one step of the loop, and the evaluation pass. `fit()` (loop.py)
+drives them; `Progress` (progress.py) holds where the run is.
 
-Everything that must survive a crash lives in `Progress` and goes into last.pt with the model,
-optimizer, EMA and RNG states; batches and augmentation are functions of (seed, epoch, step), so
-a resumed run replays exactly the steps an uninterrupted one would have taken.
+Batches and augmentation are functions of (seed, epoch, step), and everything else that changes
+goes into last.pt, so a resumed run replays exactly the steps an uninterrupted one would have taken.
 """
-import signal
-from dataclasses import asdict, dataclass, field
+import math
 
 import torch
 from torch.nn import functional as F
 
 from ..errors import CnnlabError
-from .optim import l2_penalty, lr_factor, set_lr
+from .optim import l2_penalty, set_lr
 
 
 class Interrupted(Exception):
@@ -22,24 +21,12 @@ class Interrupted(Exception):
         super().__init__(f"interrupted; resume with: cnnlab train --resume {run_dir}")
 
 
-@dataclass
-class Progress:
-    epoch: int = 0             # current epoch (0-based)
-    step: int = 0              # next step inside it
-    global_step: int = 0
-    sums: list = field(default_factory=lambda: [0.0, 0, 0])   # this epoch's loss sum, correct, seen
-    epoch_seconds: float = 0.0
-    best_val_acc: float = -1.0
-    best_epoch: int = 0
-    bad_epochs: int = 0        # epochs since the best, for early stopping
-    train_seconds: float = 0.0
-    samples_seen: int = 0
-    history: list = field(default_factory=list)
+def make_step(model, optimizer, cfg, ctx, *, forward=None, ema=None):
+    """One optimisation step on a batch at a given lr; returns (summed loss, correct count) as
+    device tensors, so nothing waits for the device. `forward`: the training wrapper of `model`
+    (DDP, torch.compile); `ema`: the averaged model to update after the step."""
+    forward = forward or model
 
-
-def make_step(model, forward, optimizer, cfg, ctx, ema):
-    """One optimisation step on a batch; returns (summed loss, correct count) as device tensors,
-    so nothing waits for the device until the epoch's totals are read."""
     def step(xb, yb, lr):
         set_lr(optimizer, lr)
         with ctx.autocast():
@@ -57,42 +44,38 @@ def make_step(model, forward, optimizer, cfg, ctx, ema):
     return step
 
 
-def train_one_epoch(step, loader, epoch, progress, ctx, cfg, on_step):
-    """Run the rest of `epoch` from progress.step; `on_step` may save or stop after any step."""
-    device = ctx.device
-    loss_sum = torch.tensor(progress.sums[0], device=device, dtype=torch.float64)
-    correct = torch.tensor(progress.sums[1], device=device)
-    seen = progress.sums[2]
-    steps_per_epoch = len(loader)
-    check_every = 1 if device.type == "cpu" else 25   # a finiteness check syncs the GPU
-    for xb, yb in loader.batches(epoch, start=progress.step):
-        lr = cfg.lr * lr_factor(cfg, progress.global_step, steps_per_epoch)
-        try:
-            batch_loss, batch_correct = step(xb, yb, lr)
-        except torch.cuda.OutOfMemoryError:
-            raise CnnlabError(
-                f"--batch-size {cfg.batch_size} does not fit in GPU memory with model '{cfg.model}' "
-                f"(out of memory at epoch {epoch + 1}, step {progress.step + 1}); try --batch-size "
-                f"{max(1, cfg.batch_size // 2)}, or --amp bf16 to halve activation memory.") from None
-        loss_sum += batch_loss
-        correct += batch_correct
-        seen += len(yb)
-        progress.step += 1
-        progress.global_step += 1
-        if progress.step % check_every == 0 and not torch.isfinite(loss_sum):
-            raise non_finite(epoch, progress.step, lr)
-        progress.sums = [loss_sum, correct, seen]
-        on_step(lr)
-    seen_t = torch.tensor(float(seen), device=device, dtype=torch.float64)
-    totals = ctx.all_reduce(torch.stack([loss_sum.double(), correct.double(), seen_t]))
-    if not torch.isfinite(totals[0]):   # steps between GPU checks, or another rank's loss
-        raise non_finite(epoch, progress.step, cfg.lr * lr_factor(cfg, progress.global_step - 1, steps_per_epoch))
-    return {"loss": float(totals[0] / totals[2]), "acc": float(totals[1] / totals[2]), "samples": int(totals[2])}
+def train_step(state, xb, yb):
+    """One step of the loop at the scheduled lr, counted in the epoch's running sums."""
+    progress, cfg = state.progress, state.cfg
+    lr = progress.next_lr(cfg, len(state.train_loader))
+    try:
+        loss_sum, correct = state.step(xb, yb, lr)
+    except torch.cuda.OutOfMemoryError:
+        raise CnnlabError(
+            f"--batch-size {cfg.batch_size} does not fit in GPU memory with model '{cfg.model}' "
+            f"(out of memory at epoch {progress.epoch + 1}, step {progress.step + 1}); try --batch-size "
+            f"{max(1, cfg.batch_size // 2)}, or --amp bf16 to halve activation memory.") from None
+    progress.add_step(loss_sum, correct, len(yb))
+    check_every = 1 if state.ctx.device.type == "cpu" else 25   # a finiteness check syncs the GPU
+    if progress.step % check_every == 0 and not progress.loss_is_finite():
+        raise non_finite(progress)
 
 
-def non_finite(epoch, step, lr):
-    return CnnlabError(f"loss became non-finite at epoch {epoch + 1}, step {step} (lr {lr:.3g}); training "
-                       "stopped and the last good checkpoint was kept. Try a lower --lr, --grad-clip 1, or --amp off.")
+def epoch_results(state):
+    """The finished epoch's training totals over all ranks, and its validation pass (None without
+    a validation split)."""
+    train = state.progress.epoch_totals(state.ctx)
+    if not math.isfinite(train["loss"]):   # steps between GPU checks, or another rank's loss
+        raise non_finite(state.progress)
+    if not len(state.data.val[1]):
+        return train, None
+    return train, evaluate(state.eval_model, state.val_loader, state.ctx, len(state.data.classes))
+
+
+def non_finite(progress):
+    return CnnlabError(f"loss became non-finite at epoch {progress.epoch + 1}, step {progress.step} (lr "
+                       f"{progress.lr:.3g}); training stopped and the last good checkpoint was kept. Try a lower "
+                       "--lr, --grad-clip 1, or --amp off.")
 
 
 def confusion_matrix(preds, targets, num_classes):
@@ -129,40 +112,28 @@ def evaluate(model, loader, ctx, num_classes, collect=False):
     out = {"loss": float(loss_sum) / max(1, n), "acc": float(cm.diag().sum()) / max(1, n), "cm": cm.cpu(),
            "top5": float(top5) / max(1, n) if num_classes >= 10 else None}
     if collect:
-        out["probs"] = torch.cat(probs) if probs else torch.zeros(0, num_classes)
-        out["losses"] = torch.cat(losses) if losses else torch.zeros(0)
+        out["probs"] = gather_shards(probs, ctx) if probs else torch.zeros(0, num_classes)
+        out["losses"] = gather_shards(losses, ctx) if losses else torch.zeros(0)
     return out
 
 
-class StopSignal:
-    """SIGINT/SIGTERM set a flag; the loop finishes the current step, saves and stops."""
+def gather_shards(parts, ctx):
+    """Per-batch CPU tensors of this rank -> the whole split's, in the loader's order. Under DDP
+    rank r holds samples r, r + world, ... of each batch (BatchLoader.make_batch): every rank's
+    parts are gathered and interleaved back, so per-sample results line up with the split."""
+    if not ctx.distributed:
+        return torch.cat(parts)
+    import torch.distributed as dist
 
-    def __init__(self):
-        self.signum, self._old = None, {}
-
-    def __enter__(self):
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread (e.g. a notebook worker): no handlers
-            pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def progress_state(progress, elapsed=0.0):
-    """Progress as plain data for a checkpoint (device tensors read once, here); `elapsed` is the
-    time spent so far in the unfinished epoch."""
-    state = asdict(progress)
-    state["sums"] = [float(progress.sums[0]), int(progress.sums[1]), int(progress.sums[2])]
-    state["epoch_seconds"] = progress.epoch_seconds + elapsed
-    return state
+    ranks = [None] * ctx.world
+    dist.all_gather_object(ranks, parts)
+    merged = []
+    for shards in zip(*ranks):
+        batch = shards[0].new_empty((sum(len(s) for s in shards), *shards[0].shape[1:]))
+        for r, shard in enumerate(shards):
+            batch[r::ctx.world] = shard
+        merged.append(batch)
+    return torch.cat(merged)
 
 
 def snapshot(model):

@@ -8,24 +8,28 @@ test, steepest descent before the minimum 1.5e-2 -> 80.4%, fastai's valley 3e-4 
 rule (steepest descent anywhere) picked 0.2, on a slope after the divergence (10% accuracy, issue 14)."""
 import math
 import os
-import sys
+from dataclasses import dataclass
 
+from .loop import build
+from .state import TrainState
 from ..errors import CnnlabError
+from ..runtime import setup, teardown
 
 
-def lr_find(cfg, out=None, start=1e-7, end=10.0, steps=100):
-    """Run the range test, save the plot (default: default_plot_path) and return the suggested lr."""
-    from ..evaluate.plots import save_lr_find
+@dataclass
+class RangeTest:
+    lrs: list
+    losses: list          # bias-corrected moving average of the training loss, up to divergence
+    suggestion: float     # a tenth of the lr at `minimum`
+    minimum: tuple        # (lr, loss) at the lowest smoothed loss before divergence
 
+
+def lr_find(cfg, start=1e-7, end=10.0, steps=100):
+    """Run the range test; returns the curve and the suggested lr (drawing it is the caller's:
+    evaluate.plots.save_lr_find)."""
     lrs, losses = range_test(cfg, start, end, steps)
-    best, suggestion = minimum_index(lrs, losses), suggest_lr(lrs, losses)
-    out = out or default_plot_path(cfg)
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    save_lr_find(lrs, losses, suggestion, out, minimum=(lrs[best], losses[best]))
-    print(f"lr-find: {len(lrs)} steps from {lrs[0]:.1e} to {lrs[-1]:.1e}; lowest smoothed loss {losses[best]:.4f} "
-          f"at lr {lrs[best]:.2e}; plot: {out}", file=sys.stderr)
-    print(f"suggested lr {suggestion:.2e} (a tenth of the lr at the lowest loss)")
-    return suggestion
+    best = minimum_index(lrs, losses)
+    return RangeTest(lrs, losses, suggest_lr(lrs, losses), (lrs[best], losses[best]))
 
 
 def default_plot_path(cfg):
@@ -36,31 +40,25 @@ def default_plot_path(cfg):
 
 
 def range_test(cfg, start=1e-7, end=10.0, steps=100, beta=0.9):
-    """(lrs, bias-corrected moving average of the training loss), up to the first diverged point."""
-    from ..data import default_augment, load_data
-    from ..data.loader import BatchLoader
-    from .engine import make_step
-    from ..models import create_model
-    from .optim import build_optimizer
-    from ..runtime import setup
-    from .loop import wrap_for_training
-
+    """(lrs, bias-corrected moving average of the training loss), up to the first diverged point,
+    with the model, step and loader built exactly as training builds them (loop.build)."""
     ctx = setup(cfg)
-    data = load_data(cfg)
-    model = create_model(cfg.model, data.shape, len(data.classes), **cfg.model_args).to(ctx.device)
-    if cfg.channels_last:
-        import torch
+    try:
+        state = TrainState(cfg, ctx)
+        build(state)
+        return sweep(state, start, end, steps, beta)
+    finally:
+        teardown(ctx)
 
-        model = model.to(memory_format=torch.channels_last)
-    step = make_step(model, wrap_for_training(model, cfg, ctx), build_optimizer(cfg, model), cfg, ctx, ema=None)
-    loader = BatchLoader(*data.train, cfg.batch_size, data.mean, data.std, ctx.device, shuffle=True, seed=cfg.seed,
-                         augment=default_augment(data, cfg.augment), channels_last=cfg.channels_last)
-    batches = (b for epoch in range(10**6) for b in loader.batches(epoch))
+
+def sweep(state, start, end, steps, beta):
+    """Training steps at exponentially growing lrs until the smoothed loss diverges."""
+    batches = (b for epoch in range(10**6) for b in state.train_loader.batches(epoch))
     lrs, losses, avg = [], [], 0.0
     for i in range(steps):
         lr = start * (end / start) ** (i / max(1, steps - 1))
         xb, yb = next(batches)
-        avg = beta * avg + (1 - beta) * step(xb, yb, lr)[0].item() / len(yb)
+        avg = beta * avg + (1 - beta) * state.step(xb, yb, lr)[0].item() / len(yb)
         lrs.append(lr)
         losses.append(avg / (1 - beta ** (i + 1)))
         if divergence_index(losses) < len(losses):

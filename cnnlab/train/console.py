@@ -1,0 +1,94 @@
+"""What a training run prints (stdout, rank 0, nothing when quiet): the settings block, the
+progress bar or --log-every lines, one line per epoch and the test line. Callbacks (callbacks.py)."""
+import sys
+
+from .callbacks import Callback
+
+
+class Console(Callback):
+    def on_setup(self, state):
+        state.log(banner_title(state.resumed), flush=True)   # at once: a large folder's first decode takes a minute
+
+    def on_start(self, state):
+        for line in settings_lines(state):
+            state.log(line)
+
+    def on_epoch_end(self, state):
+        state.log(epoch_line(state.row, state.cfg.epochs, state.progress.improved))
+
+    def on_end(self, state):
+        test, summary, progress = state.test, state.summary, state.progress
+        state.log(f"test: loss {test['loss']:.4f}  acc {test['acc']:.2%}  (best val {progress.best_val_acc:.2%} at "
+                  f"epoch {progress.best_epoch}; {summary['train_seconds']:.1f}s, "
+                  f"{summary['samples_per_second']:.0f} img/s)")
+        state.log(f"run folder: {state.run_dir}")
+
+
+def banner_title(resumed):
+    return "===== cnnlab train" + (" (resumed)" if resumed else "") + " ====="
+
+
+def settings_lines(state):
+    """The resolved settings before training, like seed 004's HYPERPARAMETERS block (its title
+    line, `banner_title`, is printed before the data is loaded)."""
+    cfg, data, meta = state.cfg, state.data, state.meta
+    sizes = " / ".join(f"{len(data.splits[k])}" for k in ("train", "val", "test"))
+    return [
+        f"data       {cfg.data}: {'x'.join(map(str, data.shape))}, {len(data.classes)} classes, "
+        f"train/val/test {sizes} ({data.nbytes() / 2**20:.1f} MiB in memory), augment {meta['augment']}",
+        f"model      {cfg.model} {meta['model_args'] or ''}({meta['num_params']:,} parameters)",
+        f"optimizer  {cfg.optimizer} lr {cfg.lr:g}, batch {cfg.batch_size} (global), {cfg.epochs} epochs, "
+        f"schedule {cfg.schedule}" + (f", weight decay {cfg.weight_decay:g}" if cfg.weight_decay else "")
+        + (f", l2 {cfg.l2:g}" if cfg.l2 else ""),
+        f"device     {meta['device']}" + (f" x {meta['world_size']} processes" if meta["world_size"] > 1 else "")
+        + f", seed {cfg.seed}, amp {cfg.amp}",
+        f"run folder {state.run_dir}",
+        "=" * 36,
+    ]
+
+
+def epoch_line(row, epochs, improved):
+    return (f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:7.2%}  "
+            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:7.2%}  lr {row['lr']:.2e}  "
+            f"{row['seconds']:.1f}s" + ("  *" if improved else ""))
+
+
+class ProgressBar(Callback):
+    """A tqdm bar inside the epoch when stdout is a terminal (rank 0); plain `--log-every` lines
+    otherwise, so log files don't fill with redraws."""
+
+    def __init__(self):
+        self.bar, self.every, self.total = None, 0, 0
+
+    def on_start(self, state):
+        self.total = len(state.train_loader)
+        self.every = max(1, round(state.cfg.log_every * self.total)) if state.cfg.log_every else 0
+
+    def on_epoch_start(self, state):
+        if state.ctx.is_main and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=state.progress.step, desc=f"epoch {state.progress.epoch + 1}",
+                            leave=False, dynamic_ncols=True)
+
+    def on_step(self, state):
+        progress = state.progress
+        if self.bar is not None:
+            self.bar.update(1)   # tqdm redraws at most 10 times a second
+        if self.every and progress.step % self.every == 0:
+            state.log(f"  epoch {progress.epoch + 1} {progress.step / self.total:4.0%}  "
+                      f"train loss {progress.running_loss():.4f}  took {progress.elapsed():.1f}s")
+
+    def on_epoch_end(self, state):
+        self.close()
+
+    def on_interrupt(self, state):
+        self.close()
+
+    def on_close(self, state):
+        self.close()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

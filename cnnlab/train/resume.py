@@ -1,0 +1,31 @@
+"""Which config a run trains with, and the resume policy: `--resume RUN` continues the saved
+config, with only the settings that do not change what the run IS allowed to differ."""
+import os
+
+from ..config import load_yaml, make_config
+from ..errors import UsageError
+
+# Settings that define what a run IS; changing them on --resume would silently mix two runs.
+MUST_MATCH = ("data", "classes", "model", "model_args", "image_size", "val_fraction", "test_fraction",
+              "train_samples", "val_samples", "test_samples", "seed", "batch_size", "optimizer", "augment")
+
+
+def resolve_config(config=None, resume=None, overrides=None):
+    """The TrainConfig to train with: with `resume` (a run folder) its saved config plus the allowed
+    `overrides`; otherwise `config` (a TrainConfig, or None for the defaults) with `overrides` applied."""
+    overrides = overrides or {}
+    if resume:
+        return resume_config(resume, overrides)
+    return make_config(overrides, base=config) if config is None or overrides else config
+
+
+def resume_config(run_dir, overrides):
+    """The saved config with the allowed overrides applied; refuses changes to MUST_MATCH keys."""
+    if not os.path.exists(os.path.join(run_dir, "last.pt")):
+        raise UsageError(f"cannot resume: {run_dir} has no last.pt (is it a cnnlab run folder?).")
+    saved = make_config(load_yaml(os.path.join(run_dir, "config.yaml")))
+    changed = [k for k in MUST_MATCH if k in overrides and make_config({k: overrides[k]}).to_dict()[k] != getattr(saved, k)]
+    if changed:
+        diffs = ", ".join(f"{k}: {getattr(saved, k)!r} -> {overrides[k]!r}" for k in changed)
+        raise UsageError(f"cannot resume {run_dir} with a different {diffs}; start a new run instead.")
+    return make_config({k: v for k, v in overrides.items() if k != "out"}, base=saved)
