@@ -245,3 +245,20 @@ def test_report_writer_writes_nothing_on_other_ranks(tmp_path):
     state = _finished_training(tmp_path, rank=1, world=2)
     ReportWriter().on_end(state)
     assert sorted(os.listdir(state.run_dir)) == ["metrics.csv", "summary.json"]
+
+
+def test_a_training_run_reports_from_its_own_test_results(tmp_path, monkeypatch):
+    """The report of `cnnlab train` is rendered from the test evaluation training made (the test
+    split is evaluated once per run): evaluate/'s own evaluation is never called."""
+    import cnnlab
+    import cnnlab.evaluate.evaluation
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("the report evaluated the test split a second time")
+    monkeypatch.setattr(cnnlab.evaluate.evaluation, "evaluate", no_evaluation)
+    result = cnnlab.train(train_samples=600, val_samples=200, test_samples=200, epochs=1, out=str(tmp_path / "run"),
+                          quiet=True)
+    for name in PICTURES + ("report.html",):
+        assert os.path.getsize(os.path.join(result.run_dir, name)) > 1000, name
+    page = open(os.path.join(result.run_dir, "report.html"), encoding="utf-8").read()
+    assert f"<td>{result.summary['test_acc']:.1%}</td>" in page

@@ -12,6 +12,7 @@ import torch
 
 from . import plots
 from ..data.splits import stratified_order
+from ..train.callbacks import Callback
 from ..train.run_folder import read_json, read_metrics
 from .evaluation import metrics_of
 
@@ -54,23 +55,12 @@ def write_report(run_dir, data, metrics, config, summary=None, quiet=False):
     return out
 
 
-class ReportWriter:
+class ReportWriter(Callback):
     """Training callback: at the end of a run, its pictures and report.html (rank 0 only), from the
     test evaluation training already made of the best weights (`state.test`: engine.evaluate's
     dict with collect=True), so the test split is evaluated once per run. The caller of the
-    training loop adds it when the config's `report` is on (train/ does not import evaluate/)."""
-
-    def on_start(self, state):
-        return None
-
-    def on_step(self, state):
-        return None
-
-    def on_epoch_end(self, state):
-        return None
-
-    def on_interrupt(self, state):
-        return None
+    training loop adds it when the config's `report` is on (train/ does not import evaluate/);
+    every other hook is Callback's, doing nothing."""
 
     def on_end(self, state):
         if not state.ctx.is_main:
