@@ -2,7 +2,6 @@
 computed elsewhere (evaluation.py, or the training run's own test evaluation through
 `ReportWriter`). Nothing here evaluates a model."""
 import base64
-import copy
 import html
 import json
 import os
@@ -65,24 +64,9 @@ class ReportWriter(Callback):
     def on_end(self, state):
         if not state.ctx.is_main:
             return None
-        data = evaluated_part(state.data, state.test, state.ctx)
-        write_report(state.run_dir, data, metrics_of(state.test, state.data.classes), state.cfg.to_dict(),
+        write_report(state.run_dir, state.data, metrics_of(state.test, state.data.classes), state.cfg.to_dict(),
                      summary=state.summary, quiet=True)
         return None
-
-
-def evaluated_part(data, test, ctx):
-    """`data` with its test split cut to the images whose per-sample results `test` holds: all of
-    them on one process; under DDP this rank's shard, as the batch loader hands it out (rank r gets
-    images r, r + world, r + 2 * world, ... of the unshuffled split). The confusion matrix and the
-    averages are all-reduced over every rank, so only the mistakes picture sees the shard."""
-    x, y = data.test
-    if len(test["probs"]) == len(y):
-        return data
-    mine = slice(ctx.rank, None, ctx.world)
-    part = copy.copy(data)   # a view for the pictures; the run's Data stays whole
-    part.test = (x[mine], y[mine])
-    return part
 
 
 def _table(rows, header=None):
