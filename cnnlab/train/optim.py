@@ -1,7 +1,8 @@
 """Optimizers and learning-rate schedules.
 
-The schedule is a pure function of the global step (`lr_factor`), applied by setting each group's
-lr before the step. Nothing to save or restore, so resume is exact by construction.
+The schedule is a pure function of the global step (`lr_factor`): Progress.next_lr (progress.py)
+makes it the current lr, and the step sets it on each group (`set_lr`) before it runs. Nothing to
+save or restore, so resume is exact by construction.
 
 `weight_decay` is the optimizer's own decay (decoupled for AdamW, added to the gradient for SGD and
 Adam); `l2` is seed 002's explicit penalty `l2 * sum(w^2)` added to the loss, which Adam then
