@@ -79,6 +79,16 @@ def test_bare_paths_as_data(tmp_path):
     assert len(missing.stderr.strip().splitlines()) == 1
 
 
+def test_datasets_command_lists_the_registry(tmp_path):
+    from cnnlab.data import datasets
+
+    result = run_cli("datasets", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    names = [line.split()[0] for line in result.stdout.strip().splitlines()[1:]]
+    assert names == [d.usage for d in datasets()] and names[:2] == ["mnist-5k", "mnist"]
+    assert {"npz:PATH", "folder:PATH", "synthetic[:CxHxW:K:N]", "cifar2"} <= set(names)
+
+
 def test_recipes_by_name_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     parse = lambda *argv: build_parser().parse_args(["train", *argv]).config

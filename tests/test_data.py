@@ -342,15 +342,15 @@ def test_a_registered_dataset_trains_by_name(registry, tmp_path):
     import cnnlab
     from cnnlab.data import Source, datasets, register_dataset
 
-    @register_dataset("toy-bars", description="bright top or bottom half", shape="1x12x12", classes=2, sizes="96 / -")
+    @register_dataset("toy-bars", description="bright top or bottom half", shape="1x16x16", classes=2, sizes="96 / -")
     def toy_bars(cfg):
         y = torch.arange(96) % 2
-        x = torch.zeros(96, 1, 12, 12, dtype=torch.uint8)
-        x[y == 0, :, :6], x[y == 1, :, 6:] = 200, 200
+        x = torch.zeros(96, 1, 16, 16, dtype=torch.uint8)
+        x[y == 0, :, :8], x[y == 1, :, 8:] = 200, 200
         return Source(x, y, classes=["top", "bottom"])
 
     assert datasets()[-1].name == "toy-bars"                              # `cnnlab datasets` lists it
-    result = cnnlab.train(data="toy-bars", model="lenet5", epochs=1, out=str(tmp_path / "run"), report=False, quiet=True)
+    result = cnnlab.train(data="toy-bars", epochs=1, out=str(tmp_path / "run"), report=False, quiet=True)
     assert "test_acc" in result.summary and cnnlab.load(result.run_dir).classes == ["top", "bottom"]
     with pytest.raises(ValueError, match="registered twice"):
         register_dataset("toy-bars", description="again")(toy_bars)

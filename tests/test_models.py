@@ -199,3 +199,12 @@ def test_bad_model_arg_on_the_command_line_is_one_line(tmp_path):
     result = run_cli("train", "--model", "net_dropout", "--model-arg", "p=1.5", "--out", tmp_path / "never")
     assert result.returncode == 2 and "dropout probability" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "never").exists()
+
+
+def test_the_zoo_reads_registered_shapes_and_loads_the_rest(tmp_path):
+    """`cnnlab models --data cifar10` needs no CIFAR files (its registration gives the shape);
+    a generated or file dataset is loaded to learn it."""
+    from cnnlab.models.zoo import data_shape
+
+    assert data_shape("cifar10", str(tmp_path / "nowhere")) == ((3, 32, 32), 10)
+    assert data_shape("synthetic:3x20x20:4:40", "data") == ((3, 20, 20), 4)
