@@ -26,7 +26,7 @@ def cnnlab(*args):
 
 
 def weights(run_dir):
-    from cnnlab.train.checkpoint import load
+    from cnnlab.training.checkpoint import load
 
     return load(os.path.join(run_dir, "last.pt"), "last.pt")["state_dict"]
 

@@ -70,18 +70,18 @@ def training_gflops(data_dir, batch_size, steps=150):
     from cnnlab.config import make_config
     from cnnlab.data import load_data
     from cnnlab.data.loader import BatchLoader
-    from cnnlab.train.engine import make_step
+    from cnnlab.training.engine import make_step
     from cnnlab.models import create_model
-    from cnnlab.train.optim import build_optimizer
+    from cnnlab.training.optim import build_optimizer
     from cnnlab.runtime import setup
 
     cfg = make_config({"data": "mnist", "data_dir": data_dir, "batch_size": batch_size, "val_fraction": 0.0,
                        "augment": "none"})
     ctx = setup(cfg)
-    data = load_data(cfg)
+    data = load_data(cfg.data_config())
     model = create_model("mnist_cnn", data.shape, 10).to(memory_format=torch.channels_last)
-    step = make_step(model, model, build_optimizer(cfg, model), cfg, ctx, None)
-    loader = BatchLoader(*data.train, batch_size, data.mean, data.std, shuffle=True, channels_last=True)
+    step = make_step(model, build_optimizer(cfg, model), cfg, ctx)
+    loader = BatchLoader(*data.train, batch_size, data.preprocess, shuffle=True, channels_last=True)
     batches = [b for _, b in zip(range(steps + 10), loader.batches(0))]
     with FlopCounterMode(display=False) as counter:
         step(*batches[0], cfg.lr)
@@ -98,10 +98,9 @@ def training_gflops(data_dir, batch_size, steps=150):
 def evaluate_speed(data_dir, run_dir):
     import torch
 
-    from cnnlab.deploy.inference import load
-    from cnnlab.evaluate.report import evaluate_model, run_data
+    from cnnlab.evaluate.evaluation import evaluate_model, load_trained, run_data
 
-    model = load(run_dir)
+    model, _ = load_trained(run_dir)
     data = run_data(model, run_dir, data="mnist")
     evaluate_model(model, data)          # warm-up
     t = time.perf_counter()
@@ -133,8 +132,8 @@ def loader_speed(data_dir, batches=200):
     t = time.perf_counter()
     n = sum(len(y) for _, (x, y) in zip(range(batches * 4), dl))
     tutorial_rate = n / (time.perf_counter() - t)
-    data = load_data(make_config({"data": "mnist", "data_dir": data_dir, "val_fraction": 0.0}))
-    loader = BatchLoader(*data.train, 256, data.mean, data.std, shuffle=True, augment="crop")
+    data = load_data(make_config({"data": "mnist", "data_dir": data_dir, "val_fraction": 0.0}).data_config())
+    loader = BatchLoader(*data.train, 256, data.preprocess, shuffle=True, augment="crop")
     t = time.perf_counter()
     n = sum(len(y) for _, (x, y) in zip(range(batches), loader.batches(0)))
     return tutorial_rate, n / (time.perf_counter() - t)
@@ -154,10 +153,10 @@ def main():
     a = tutorial(args.data_dir, args.tutorial_epochs)
     print(f"(a) tutorial: {a['train_images_per_second']:.0f} train img/s, {a['wall_seconds']:.1f} s for "
           f"{args.tutorial_epochs} epochs, test acc {a['test_acc']:.2%}", flush=True)
+    import cnnlab
     from cnnlab.config import load_yaml, make_config
-    from cnnlab.train.loop import fit
 
-    b = fit(make_config({**load_yaml(os.path.join(ROOT, "cnnlab", "recipes", "seed003_mnist.yaml")), "data_dir": args.data_dir,
+    b = cnnlab.train(make_config({**load_yaml(os.path.join(ROOT, "cnnlab", "recipes", "seed003_mnist.yaml")), "data_dir": args.data_dir,
                          "epochs": 1, "out": os.path.join(ROOT, "runs", "bench-b"), "report": False}), quiet=True)
     b_rate = b.summary["samples_per_second"]
     print(f"(b) cnnlab, same model, batch 32: {b_rate:.0f} train img/s", flush=True)

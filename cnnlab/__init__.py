@@ -7,6 +7,4 @@
 """
 __version__ = "0.1.0"
 
-# `cnnlab.train` is the training stage's package, and calling it is api.train (see train/__init__.py).
-from . import train  # noqa: E402  (after __version__, which cli.py imports alone)
-from .api import load  # noqa: E402
+from .api import load, train  # noqa: E402  (after __version__, which cli.py imports alone)

@@ -23,9 +23,9 @@ class Result:
 def train(config=None, resume=None, quiet=False, callbacks=(), **settings):
     """Train with the CLI's settings as keyword arguments (train(data="cifar10", epochs=5, lr=0.01));
     `config`: a TrainConfig to start from; `resume`: a run folder to continue exactly; `callbacks`:
-    objects with training hooks (cnnlab.train.callbacks). Returns a Result."""
-    from .train.loop import fit
-    from .train.resume import resolve_config
+    objects with training hooks (cnnlab.training.callbacks). Returns a Result."""
+    from .training.loop import fit
+    from .training.resume import resolve_config
 
     cfg = resolve_config(config, resume, settings)
     state = fit(cfg, resume=resume, quiet=quiet, callbacks=[*callbacks, *report_callbacks(cfg)])

@@ -111,7 +111,7 @@ def cmd_train(args):
 
     overrides = train_overrides(args)
     if args.nproc:
-        from .train.distributed import launch
+        from .training.distributed import launch
 
         return launch(args.nproc, args.argv)
     from .api import train
@@ -224,7 +224,7 @@ def cmd_data_check(args):
 def cmd_lr_find(args):
     from .config import load_yaml, make_config
     from .evaluate.plots import save_lr_find
-    from .train.lr_find import default_plot_path, lr_find
+    from .training.lr_find import default_plot_path, lr_find
 
     # Flags that shape a training run but have no meaning for the range test (one process, its own
     # lr sweep, 100 steps): refused rather than silently ignored. Recipe keys are fine.
@@ -339,7 +339,7 @@ def main(argv=None):
         sys.stderr.close()
         return 0
     except Exception as e:  # an unexpected failure: still one line, and a way to see more
-        from .train.engine import Interrupted
+        from .training.engine import Interrupted
 
         if isinstance(e, Interrupted):
             world = int(os.environ.get("WORLD_SIZE", 1))

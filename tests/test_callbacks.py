@@ -8,11 +8,11 @@ import torch
 
 import cnnlab
 from cnnlab.config import make_config
-from cnnlab.train.callbacks import Callback, Stop
-from cnnlab.train.checkpoint import load as load_checkpoint
-from cnnlab.train.engine import Interrupted, gather_shards
-from cnnlab.train.loop import fit
-from cnnlab.train.progress import Progress
+from cnnlab.training.callbacks import Callback, Stop
+from cnnlab.training.checkpoint import load as load_checkpoint
+from cnnlab.training.engine import Interrupted, gather_shards
+from cnnlab.training.loop import fit
+from cnnlab.training.progress import Progress
 
 TINY = dict(data="mnist-5k", train_samples=200, val_samples=100, test_samples=120, batch_size=50, epochs=2,
             report=False)
@@ -58,11 +58,11 @@ class Recorder(Callback):
 
 
 def test_hooks_run_in_order_and_the_test_split_is_evaluated_once(tmp_path, monkeypatch):
-    import cnnlab.train.loop
+    import cnnlab.training.loop
 
     evaluations = []
-    real = cnnlab.train.loop.evaluate
-    monkeypatch.setattr(cnnlab.train.loop, "evaluate", lambda *a, **k: evaluations.append(len(a[1].y)) or real(*a, **k))
+    real = cnnlab.training.loop.evaluate
+    monkeypatch.setattr(cnnlab.training.loop, "evaluate", lambda *a, **k: evaluations.append(len(a[1].y)) or real(*a, **k))
     rec = Recorder()
     state = fit(make_config({**TINY, "out": str(tmp_path / "r")}), quiet=True, callbacks=[rec])
     steps = ["on_step"] * 4

@@ -10,12 +10,12 @@ import torch
 from torch.nn import functional as F
 
 import cnnlab
-from cnnlab.train.checkpoint import load as load_checkpoint
-from cnnlab.train.checkpoint import save as save_checkpoint
+from cnnlab.training.checkpoint import load as load_checkpoint
+from cnnlab.training.checkpoint import save as save_checkpoint
 from cnnlab.config import make_config
 from cnnlab.errors import CnnlabError
 from cnnlab.models import create_model
-from cnnlab.train.checkpoint import payload
+from cnnlab.training.checkpoint import payload
 
 from .conftest import SHARED, run_cli
 

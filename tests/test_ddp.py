@@ -7,7 +7,7 @@ import pytest
 
 import cnnlab
 from cnnlab.config import make_config
-from cnnlab.train.loop import fit
+from cnnlab.training.loop import fit
 
 from .conftest import run_cli
 
@@ -83,7 +83,7 @@ def test_a_dead_rank_stops_the_others_quickly(tmp_path):
 def test_sigterm_to_the_launcher_leaves_a_resumable_checkpoint(tmp_path):
     import signal
 
-    from cnnlab.train.checkpoint import load as load_checkpoint
+    from cnnlab.training.checkpoint import load as load_checkpoint
 
     from .conftest import signal_and_wait, start_train
 

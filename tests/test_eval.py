@@ -12,7 +12,7 @@ import torch
 from cnnlab.evaluate import plots
 from cnnlab.evaluate.compare import compare_table
 from cnnlab.evaluate.report import environment_rows, summary_rows
-from cnnlab.train.diagnose import diagnose
+from cnnlab.training.diagnose import diagnose
 
 from .conftest import run_cli
 
@@ -196,7 +196,7 @@ def _finished_training(tmp_path, rank=0, world=1, k=3, n_test=12):
 
     from cnnlab.config import make_config
     from cnnlab.runtime import Context
-    from cnnlab.train.engine import confusion_matrix
+    from cnnlab.training.engine import confusion_matrix
 
     run_dir = _fake_run(tmp_path / "run", epochs=3)
     g = torch.Generator().manual_seed(0)
@@ -218,12 +218,12 @@ PICTURES = ("curves.png", "confusion.png", "samples.png", "mistakes.png", "per_c
 
 def test_report_writer_renders_training_results_without_evaluating(tmp_path, monkeypatch):
     import cnnlab.evaluate.evaluation
-    import cnnlab.train.engine
+    import cnnlab.training.engine
     from cnnlab.evaluate.report import ReportWriter
 
     def no_evaluation(*args, **kwargs):
         raise AssertionError("the report evaluated the test split a second time")
-    monkeypatch.setattr(cnnlab.train.engine, "evaluate", no_evaluation)
+    monkeypatch.setattr(cnnlab.training.engine, "evaluate", no_evaluation)
     monkeypatch.setattr(cnnlab.evaluate.evaluation, "evaluate", no_evaluation)
     state = _finished_training(tmp_path)
     writer = ReportWriter()

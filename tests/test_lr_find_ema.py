@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cnnlab.config import make_config
-from cnnlab.train.diagnose import diagnose
-from cnnlab.train.engine import ema_model
+from cnnlab.training.diagnose import diagnose
+from cnnlab.training.engine import ema_model
 from cnnlab.errors import CnnlabError
-from cnnlab.train.lr_find import lr_find, suggest_lr
-from cnnlab.train.loop import fit
+from cnnlab.training.lr_find import lr_find, suggest_lr
+from cnnlab.training.loop import fit
 
 from .conftest import run_cli
 

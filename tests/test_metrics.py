@@ -13,7 +13,7 @@ from sklearn.metrics import confusion_matrix as sk_confusion
 import cnnlab
 from cnnlab.evaluate.evaluation import load_trained, run_data
 from cnnlab.evaluate.metrics import summarize
-from cnnlab.train.engine import confusion_matrix
+from cnnlab.training.engine import confusion_matrix
 
 from .conftest import run_cli
 

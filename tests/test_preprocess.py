@@ -14,7 +14,7 @@ from cnnlab.deploy.inference import Model
 from cnnlab.deploy.predict import predict_files
 from cnnlab.errors import CnnlabError
 from cnnlab.models import create_model
-from cnnlab.train import checkpoint
+from cnnlab.training import checkpoint
 
 
 def write_folder(root, mode, size, n=4):

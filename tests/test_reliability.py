@@ -15,7 +15,7 @@ from cnnlab.config import make_config
 from cnnlab.data.images import load_array
 from cnnlab.errors import CnnlabError
 
-import cnnlab.train.loop  # noqa: F401  (monkeypatched below)
+import cnnlab.training.loop  # noqa: F401  (monkeypatched below)
 
 from .conftest import FAULT_REPORT, ROOT, bomb_png, run_cli
 
@@ -179,11 +179,11 @@ def test_kill_and_resume_small():
 def test_full_disk_is_detected_before_training(tmp_path, monkeypatch):
     import shutil
 
-    import cnnlab.train.run_folder
+    import cnnlab.training.run_folder
     from cnnlab.errors import CnnlabError as Error
-    from cnnlab.train.loop import fit
+    from cnnlab.training.loop import fit
 
-    monkeypatch.setattr(cnnlab.train.run_folder.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    monkeypatch.setattr(cnnlab.training.run_folder.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
     with pytest.raises(Error, match="MiB free"):
         fit(make_config({"out": str(tmp_path / "full")}), quiet=True)
     assert not (tmp_path / "full").exists()
@@ -194,12 +194,12 @@ def test_out_of_memory_names_the_batch_size(monkeypatch, tmp_path):
     import torch
 
     from cnnlab.errors import CnnlabError as Error
-    from cnnlab.train.loop import fit
+    from cnnlab.training.loop import fit
 
     def exploding(*args, **kwargs):
         def run(xb, yb, lr):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return run
-    monkeypatch.setattr(cnnlab.train.loop, "make_step", exploding)
+    monkeypatch.setattr(cnnlab.training.loop, "make_step", exploding)
     with pytest.raises(Error, match="--batch-size 512 does not fit.*try --batch-size 256"):
         fit(make_config({"batch_size": 512, "out": str(tmp_path / "oom"), "train_samples": 600}), quiet=True)

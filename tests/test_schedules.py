@@ -1,4 +1,4 @@
-"""Learning-rate schedules: `cnnlab.train.optim.lr_factor` over whole random runs, against
+"""Learning-rate schedules: `cnnlab.training.optim.lr_factor` over whole random runs, against
 torch.optim.lr_scheduler's own schedulers and against formulas written out by hand."""
 import math
 
@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch.optim import lr_scheduler as S
 
 from cnnlab.config import make_config
-from cnnlab.train.optim import lr_factor
+from cnnlab.training.optim import lr_factor
 
 
 @st.composite

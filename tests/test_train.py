@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import cnnlab
-import cnnlab.train.callbacks
-from cnnlab.train.checkpoint import load as load_checkpoint
+import cnnlab.training.callbacks
+from cnnlab.training.checkpoint import load as load_checkpoint
 from cnnlab.config import make_config
-from cnnlab.train.engine import Interrupted
-from cnnlab.train.loop import fit
+from cnnlab.training.engine import Interrupted
+from cnnlab.training.loop import fit
 
 from .conftest import run_cli, signal_and_wait, start_train
 
@@ -66,7 +66,7 @@ def interrupt_at_step(monkeypatch, n):
             stop.signum = signal.SIGINT
             return True
         return False
-    monkeypatch.setattr(cnnlab.train.callbacks, "agreed_stop", fake_stop)
+    monkeypatch.setattr(cnnlab.training.callbacks, "agreed_stop", fake_stop)
 
 
 @pytest.mark.parametrize("stop_step", [12, 17], ids=["epoch-boundary", "mid-epoch"])

@@ -3,7 +3,7 @@ exactly its training preprocessing, the checkpoint's Preprocess: `preprocess.ima
 conversion, resize, optional inversion) then `inputs` (normalisation)."""
 import torch
 
-from ..train import checkpoint
+from ..training import checkpoint
 
 
 class Model:

@@ -4,7 +4,7 @@ import os
 
 from . import plots
 from ..errors import CnnlabError
-from ..train.run_folder import read_json, read_metrics
+from ..training.run_folder import read_json, read_metrics
 from .report import fmt_count
 
 COMPARE_HEADER = ("run", "model", "data", "params", "epochs", "best val", "test acc", "seconds")

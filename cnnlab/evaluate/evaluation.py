@@ -1,7 +1,7 @@
 """Computing results: a trained network's metrics on a split of its data. Rendering them (pictures,
 report.html) is report.py's job, and never evaluates when the results are given.
 
-A model is loaded here from its checkpoint with train/checkpoint.py, not with deploy/inference.py:
+A model is loaded here from its checkpoint with training/checkpoint.py, not with deploy/inference.py:
 evaluation needs the network, its classes and its Preprocess, not the prediction-side conversion
 of single images (and evaluate/ sits below deploy/ in the pipeline).
 """
@@ -16,9 +16,9 @@ from ..data.loader import BatchLoader
 from ..data.preprocess import Preprocess
 from ..errors import UsageError
 from ..runtime import Context
-from ..train import checkpoint
-from ..train.engine import evaluate
-from ..train.run_folder import read_json
+from ..training import checkpoint
+from ..training.engine import evaluate
+from ..training.run_folder import read_json
 from .metrics import summarize
 
 

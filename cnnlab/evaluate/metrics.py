@@ -1,5 +1,5 @@
 """Classification metrics as pure tensor functions of a confusion matrix (rows = true class; the
-matrix itself is counted by the evaluation loop, train/engine.py)."""
+matrix itself is counted by the evaluation loop, training/engine.py)."""
 import torch
 
 

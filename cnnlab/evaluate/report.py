@@ -11,8 +11,8 @@ import torch
 
 from . import plots
 from ..data.splits import stratified_order
-from ..train.callbacks import Callback
-from ..train.run_folder import read_json, read_metrics
+from ..training.callbacks import Callback
+from ..training.run_folder import read_json, read_metrics
 from .evaluation import metrics_of
 
 
