@@ -87,14 +87,10 @@ def recipe_description(name):
 
 
 def train_overrides(args):
-    """Flags the user actually gave (argparse defaults are None), as config keys. A bare path
-    given as --data is stored as folder:PATH or npz:PATH, as `cnnlab datasets` names them."""
+    """Flags the user actually gave (argparse defaults are None), as config keys."""
     from .config import FIELD_TYPES
-    from .data import resolve_name
 
     given = {k: v for k, v in vars(args).items() if k in FIELD_TYPES and v is not None}
-    if "data" in given:
-        given["data"] = resolve_name(given["data"])
     if "model_args" in given:
         pairs = {}
         for item in given["model_args"]:
@@ -225,6 +221,7 @@ def cmd_lr_find(args):
     from .config import load_yaml, make_config
     from .evaluate.plots import save_lr_find
     from .training.lr_find import default_plot_path, lr_find
+    from .training.resume import with_data_name
 
     # Flags that shape a training run but have no meaning for the range test (one process, its own
     # lr sweep, 100 steps): refused rather than silently ignored. Recipe keys are fine.
@@ -236,7 +233,7 @@ def cmd_lr_find(args):
         raise UsageError(f"lr-find does not use {flag} (it runs 100 steps on one process, sweeping the lr from "
                          f"1e-7 to 10); drop {flag}, or give it to `cnnlab train`.")
     base = make_config(load_yaml(args.config)) if args.config else None
-    cfg = make_config(train_overrides(args), base=base)
+    cfg = with_data_name(make_config(train_overrides(args), base=base))
     curve = lr_find(cfg)
     out = args.plot or default_plot_path(cfg)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

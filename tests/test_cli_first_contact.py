@@ -166,3 +166,15 @@ def test_predict_warns_once_about_unlike_inputs(digit_model, tmp_path):
     assert "1 more" in warnings[0]
     alike = run_cli("predict", digit_model, tmp_path / "digit.png")
     assert alike.returncode == 0 and "warning" not in alike.stderr
+
+
+def test_python_api_names_a_bare_path_like_the_cli(tmp_path, monkeypatch):
+    """cnnlab.train(data="/path/x.npz") stores npz:PATH and names the run folder after the source
+    kind, as the CLI does (it used to nest the path inside the run folder's name)."""
+    path = tmp_path / "tiny.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x_train=rng.integers(0, 256, (60, 8, 8), dtype=np.uint8), y_train=np.arange(60) % 2)
+    monkeypatch.chdir(tmp_path)
+    result = cnnlab.train(data=str(path), model="net_width", epochs=1, report=False, quiet=True)
+    assert result.summary["data"] == f"npz:{path}"
+    assert os.path.dirname(result.run_dir) == "runs" and os.path.basename(result.run_dir).startswith("net_width-npz-")

@@ -16,7 +16,17 @@ def resolve_config(config=None, resume=None, overrides=None):
     overrides = overrides or {}
     if resume:
         return resume_config(resume, overrides)
-    return make_config(overrides, base=config) if config is None or overrides else config
+    cfg = make_config(overrides, base=config) if config is None or overrides else config
+    return with_data_name(cfg)
+
+
+def with_data_name(cfg):
+    """A bare path as `data` (from a flag, a recipe or Python) stored as the registry names it,
+    folder:PATH or npz:PATH, so run names, config.yaml and evaluate all see one form."""
+    from ..data import resolve_name
+
+    name = resolve_name(cfg.data)
+    return cfg if name == cfg.data else make_config({"data": name}, base=cfg)
 
 
 def resume_config(run_dir, overrides):
