@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/cnnlab train --out runs/demo
+	$(VENV)/bin/cnnlab train --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra

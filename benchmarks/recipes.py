@@ -31,7 +31,7 @@ def run(name):
     out = os.path.join(ROOT, "runs", f"recipe-{name}")
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "cnnlab", "train", "--config", name, *extra,
-                             "--out", out, "--report", "false"], cwd=ROOT, capture_output=True, text=True)
+                             "--out", out, "--overwrite", "--report", "false"], cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if result.returncode:
         return f"| {name} | {label} | failed: {result.stderr.strip()[-120:]} | | |"

@@ -38,7 +38,7 @@ def fastest_recipe(data_dir, seed):
     out_dir = os.path.join(ROOT, "runs", f"bench-mnist-fast-{seed}")
     code = ("import time, torch; t = time.perf_counter(); from cnnlab.cli import main; "
             f"rc = main(['train', '--config', 'mnist_fast', '--data-dir', {data_dir!r}, "
-            f"'--seed', '{seed}', '--out', {out_dir!r}, '--report', 'false']); "
+            f"'--seed', '{seed}', '--out', {out_dir!r}, '--overwrite', '--report', 'false']); "
             "print('SPAN', time.perf_counter() - t); raise SystemExit(rc)")
     start = time.perf_counter()
     out = sh(sys.executable, "-c", code).stdout
@@ -157,7 +157,7 @@ def main():
     from cnnlab.config import load_yaml, make_config
 
     b = cnnlab.train(make_config({**load_yaml(os.path.join(ROOT, "cnnlab", "recipes", "seed003_mnist.yaml")), "data_dir": args.data_dir,
-                         "epochs": 1, "out": os.path.join(ROOT, "runs", "bench-b"), "report": False}), quiet=True)
+                         "epochs": 1, "out": os.path.join(ROOT, "runs", "bench-b"), "overwrite": True, "report": False}), quiet=True)
     b_rate = b.summary["samples_per_second"]
     print(f"(b) cnnlab, same model, batch 32: {b_rate:.0f} train img/s", flush=True)
     runs = [fastest_recipe(args.data_dir, s) for s in args.seeds]

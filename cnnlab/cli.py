@@ -29,7 +29,8 @@ HELP = {
     "patience": "early stopping: stop after this many epochs without a better val accuracy (0 = off)",
     "save_every_steps": "also write last.pt every N steps inside epochs",
     "log_every": "print loss and elapsed time every fraction of an epoch (e.g. 0.25)",
-    "out": "run folder (default runs/<model>-<data>-<time>)",
+    "out": "run folder (default runs/<model>-<data>-<time>); an existing run there is refused",
+    "overwrite": "replace the run already in --out (its files are deleted first) instead of refusing",
     "device": "auto, cpu or cuda",
 }
 

@@ -65,6 +65,7 @@ class TrainConfig(DataConfig):
     eval_batch_size: int = 256                     # cache-friendly: 33k vs 6.7k img/s at 1000 (CPU)
     # output
     out: str = ""
+    overwrite: bool = False                       # replace an existing run folder instead of refusing
     save_every_steps: int = 0
     log_every: float = 0.0
     tensorboard: bool = False

@@ -40,7 +40,8 @@ def test_ddp_matches_single_process(ddp_run, tmp_path):
 def test_only_rank_zero_prints_and_writes(ddp_run):
     out, result = ddp_run
     assert result.stdout.count("epoch   1/2") == 1 and result.stdout.count("===== cnnlab train") == 1
-    assert sorted(os.listdir(out)) == ["best.pt", "config.yaml", "last.pt", "metrics.csv", "splits.json", "summary.json"]
+    assert sorted(os.listdir(out)) == [".lock", "best.pt", "config.yaml", "last.pt", "metrics.csv", "splits.json",
+                                       "summary.json"]
     summary = json.load(open(out / "summary.json"))
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 50
 

@@ -203,3 +203,49 @@ def test_out_of_memory_names_the_batch_size(monkeypatch, tmp_path):
     monkeypatch.setattr(cnnlab.training.loop, "make_step", exploding)
     with pytest.raises(Error, match="--batch-size 512 does not fit.*try --batch-size 256"):
         fit(make_config({"batch_size": 512, "out": str(tmp_path / "oom"), "train_samples": 600}), quiet=True)
+
+
+TINY_RUN = ["--epochs", "1", "--train-samples", "300", "--val-samples", "100", "--test-samples", "100",
+            "--report", "false"]
+
+
+def test_a_finished_run_is_not_overwritten(tmp_path):
+    """`train --out` on a finished run is refused in one line (exit 2) and leaves its files as they
+    were; --overwrite replaces it whole (no stale file of the old run left beside the new one)."""
+    run = tmp_path / "run"
+    assert run_cli("train", *TINY_RUN, "--out", run).returncode == 0
+    run_files = lambda: {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    before = run_files()
+    refused = run_cli("train", *TINY_RUN, "--model", "lenet5", "--out", run)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert len(refused.stderr.strip().splitlines()) == 1 and "--resume" in refused.stderr and "--overwrite" in refused.stderr
+    assert run_files() == before
+    (run / "report.html").write_text("the old run's report")
+    replaced = run_cli("train", *TINY_RUN, "--model", "lenet5", "--out", run, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert not (run / "report.html").exists() and "lenet5" in (run / "config.yaml").read_text()
+    FAULT_REPORT.append("train --out on a finished run: refused (exit 2), files unchanged; --overwrite replaces it")
+
+
+def test_a_foreign_folder_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = run_cli("train", *TINY_RUN, "--out", tmp_path, "--overwrite")
+    assert result.returncode == 2 and "holds no cnnlab run" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".lock") == ["notes.txt"]
+
+
+def test_a_run_folder_in_use_is_refused(tmp_path):
+    """Two trainings on one --out: the second gets one line naming the holder's pid and writes nothing.
+    The holder here is this test process's own lock (no race on timing)."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242")
+        held.flush()
+        result = run_cli("train", *TINY_RUN, "--out", run)
+    assert result.returncode == 1 and "in use by another cnnlab process (pid 4242)" in result.stderr
+    assert [p.name for p in run.iterdir()] == [".lock"]
+    FAULT_REPORT.append("two trainings on one --out: the second refused in one line naming the holder")

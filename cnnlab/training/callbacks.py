@@ -88,6 +88,9 @@ class RunFiles(Callback):
     def on_end(self, state):
         state.run.write_json("summary.json", state.summary)
 
+    def on_close(self, state):
+        state.run.release()
+
 
 class Checkpoints(Callback):
     """best.pt when validation improves; last.pt after every epoch, every --save-every-steps steps

@@ -88,6 +88,7 @@ def check_run(state):
     check_names(cfg)
     if ctx.is_main:
         check_writable(state.run_dir, need_bytes=64 * 2**20)
+    state.run.claim(resume=state.resumed, overwrite=cfg.overwrite)
 
 
 def check_names(cfg):

@@ -35,9 +35,57 @@ def check_writable(path, need_bytes):
                           "for checkpoints; free some space or choose another --out.")
 
 
+LOCK = ".lock"
+
+
 class RunFolder:
     def __init__(self, path, enabled=True):
         self.path, self.enabled = path, enabled
+        self._lock, self._created = None, False
+
+    def claim(self, resume=False, overwrite=False):
+        """Take the folder for this run: an OS lock held for the run's life (a second process on
+        the same folder gets one line naming the holder), then refuse a finished or foreign run in
+        it unless we resume it or were told to overwrite it. Nothing is written to a refused folder."""
+        if not self.enabled:
+            return
+        self._created = not os.path.exists(self.path)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create output folder '{self.path}': {e.strerror or e}.") from None
+        self._lock = hold_lock(self.file(LOCK))
+        if not resume:
+            self._check_empty(overwrite)
+
+    def _check_empty(self, overwrite):
+        entries = [e for e in os.listdir(self.path) if e != LOCK]
+        if not entries:
+            return
+        if not os.path.exists(self.file("config.yaml")):
+            self.release()
+            raise UsageError(f"output folder '{self.path}' is not empty and holds no cnnlab run; choose another --out.")
+        if not overwrite:
+            self.release()
+            raise UsageError(f"'{self.path}' already holds a run; continue it with --resume {self.path}, replace it "
+                             "with --overwrite, or choose another --out.")
+        for entry in entries:   # a cnnlab run folder: every file in it belongs to the old run
+            path = self.file(entry)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+
+    def release(self):
+        """Drop the lock; a folder this run created and never wrote to (it failed before starting)
+        is removed, so a refused or failed command leaves nothing behind."""
+        if self._lock is None:
+            return
+        if self._created and os.listdir(self.path) == [LOCK]:
+            try:                 # unlinked while still locked: no one can take this lock meanwhile
+                os.remove(self.file(LOCK))
+                os.rmdir(self.path)
+            except OSError:
+                pass
+        self._lock.close()       # closing the file drops the flock
+        self._lock = None
 
     def file(self, name):
         return os.path.join(self.path, name)
@@ -76,6 +124,26 @@ class RunFolder:
     def save_checkpoint(self, name, payload):
         if self.enabled:
             checkpoint.save(payload, self.file(name))
+
+
+def hold_lock(path):
+    """An exclusive, non-blocking flock on `path`, with our pid written in it for the next comer."""
+    import fcntl
+
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise CnnlabError(f"run folder '{os.path.dirname(path)}' is in use by another cnnlab process (pid {holder}); "
+                          "wait for it to finish or choose another --out.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 def read_json(path):
