@@ -25,7 +25,7 @@ def atomic_path(path):
         os.replace(tmp, path)
     except OSError as e:
         raise CnnlabError(f"could not write {path}: {e.strerror or e}. "
-                          "Any previous version of the file is intact.") from None
+                          "Any previous version is intact; free some space or choose a writable folder.") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

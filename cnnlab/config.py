@@ -192,5 +192,6 @@ def load_yaml(path):
 def dump_yaml(cfg, path):
     import yaml
 
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg, f, sort_keys=False)
+    from .atomic import write_text
+
+    write_text(path, yaml.safe_dump(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg, sort_keys=False))

@@ -1,7 +1,10 @@
 """`cnnlab export`: ONNX (dynamic batch) or TorchScript, verified against PyTorch's own logits
 in the same command."""
+import io
+
 import torch
 
+from ..atomic import atomic_path
 from ..errors import CnnlabError
 from .inference import load
 
@@ -18,11 +21,12 @@ def export(checkpoint_path, fmt, out=None):
     sample = model.inputs(pixels).cpu()
     with torch.inference_mode():
         expected = net(sample).numpy()
-    got = export_onnx(net, sample, out) if fmt == "onnx" else export_torchscript(net, sample, out)
-    diff = float(abs(got - expected).max())
-    if not diff <= TOLERANCE:
-        raise CnnlabError(f"parity check FAILED: {fmt} output differs from PyTorch by {diff:.2e} "
-                          f"(> {TOLERANCE:g}); {out} should not be trusted.")
+    with atomic_path(out) as tmp:   # a file that fails the parity check never appears at `out`
+        got = export_onnx(net, sample, tmp) if fmt == "onnx" else export_torchscript(net, sample, tmp)
+        diff = float(abs(got - expected).max())
+        if not diff <= TOLERANCE:
+            raise CnnlabError(f"parity check FAILED: {fmt} output differs from PyTorch by {diff:.2e} "
+                              f"(> {TOLERANCE:g}); nothing was written to {out}.")
     print(f"wrote {out}")
     print(f"parity check passed: max abs difference {diff:.2e} <= {TOLERANCE:g} on a batch of {len(sample)} "
           f"(input {'x'.join(map(str, model.in_shape))}, normalised with the checkpoint's mean/std)")
@@ -51,7 +55,10 @@ def export_torchscript(net, sample, out):
     with warnings.catch_warnings():  # TorchScript is deprecated upstream but still what many runtimes load
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.trace(net, sample)
-        scripted.save(out)
+        buffer = io.BytesIO()   # torch's C++ file writer aborts the process on a full disk; Python's raises
+        torch.jit.save(scripted, buffer)
+        with open(out, "wb") as f:
+            f.write(buffer.getbuffer())
         reloaded = torch.jit.load(out)
     with torch.inference_mode():
         return reloaded(sample).numpy()

@@ -28,8 +28,8 @@ def compare(run_dirs, out=None):
     out = out or os.path.join(parent, "compare.png")
     try:
         plots.save_compare(histories, out)
-    except OSError as e:
-        raise CnnlabError(f"cannot write {out} ({e.strerror or e}); choose another place with --out.") from None
+    except CnnlabError as e:
+        raise CnnlabError(f"{e} --out writes the picture elsewhere.") from None
     return rows, out
 
 

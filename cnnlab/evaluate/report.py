@@ -10,6 +10,7 @@ import platform
 import torch
 
 from . import plots
+from ..atomic import write_text
 from ..data.splits import stratified_order
 from ..training.callbacks import Callback
 from ..training.run_folder import read_json, read_metrics
@@ -47,8 +48,7 @@ def write_report(run_dir, data, metrics, config, summary=None, quiet=False):
         summary = read_json(summary_path) if os.path.exists(summary_path) else {}
     page = render_html(run_dir, summary, config, metrics, paths, history)
     out = os.path.join(run_dir, "report.html")
-    with open(out, "w", encoding="utf-8") as f:
-        f.write(page)
+    write_text(out, page)
     if not quiet:
         print(f"wrote {out} and {', '.join(os.path.basename(p) for p in paths.values())}")
     return out

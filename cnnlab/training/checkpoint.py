@@ -18,12 +18,14 @@ and upgrades it, `build_model` / `preprocess_of` / `restore` turn it back into l
     state_dict             the weights (the EMA average in best.pt when --ema is on)
     train_state            last.pt only: {optimizer, ema, rng, progress}, what --resume needs
 """
+import io
 import os
 import pickle
 import re
 
 import torch
 
+from ..atomic import atomic_path
 from ..errors import CnnlabError
 from ..models import count_params, create_model
 from ..runtime import rng_state, set_rng_state
@@ -46,26 +48,12 @@ def resolve(path, name="best.pt"):
 
 
 def save(payload, path):
-    """Write atomically: a temporary file in the same folder, flushed and fsynced, then renamed over
-    `path`. A crash at any moment leaves either the old file or the new one, never half of one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise CnnlabError(f"could not write checkpoint {path}: {e.strerror or e}. "
-                          "The previous checkpoint, if any, is intact.") from None
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    """Write atomically (cnnlab.atomic): a crash or a full disk at any moment leaves either the old
+    file or the new one, never half of one."""
+    buffer = io.BytesIO()   # torch's own file writer fails with a RuntimeError and no file name
+    torch.save({"format": FORMAT, "version": VERSION, **payload}, buffer)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(buffer.getbuffer())
 
 
 def load(path, name="best.pt"):

@@ -7,6 +7,7 @@ import shutil
 import time
 
 from . import checkpoint
+from ..atomic import atomic_path, write_text
 from ..config import dump_yaml
 from ..errors import CnnlabError, UsageError
 
@@ -92,15 +93,11 @@ class RunFolder:
 
     def write_json(self, name, obj):
         if self.enabled:
-            tmp = self.file(name + ".tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(obj, f, indent=2)
-            os.replace(tmp, self.file(name))
+            write_text(self.file(name), json.dumps(obj, indent=2))
 
     def write_text(self, name, text):
         if self.enabled:
-            with open(self.file(name), "w", encoding="utf-8") as f:
-                f.write(text)
+            write_text(self.file(name), text)
 
     def create(self, cfg):
         """Make the folder and write config.yaml: the first thing a run writes."""
@@ -116,7 +113,7 @@ class RunFolder:
         if not self.enabled:
             return
         extra = [k for k in (history[0] if history else {}) if k not in METRIC_COLUMNS]
-        with open(self.file("metrics.csv"), "w", newline="") as f:
+        with atomic_path(self.file("metrics.csv")) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS + extra)
             writer.writeheader()
             writer.writerows(history)
