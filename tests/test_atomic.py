@@ -75,6 +75,7 @@ def test_atomic_path_keeps_the_old_file_when_the_writer_fails(tmp_path):
     assert os.listdir(tmp_path) == ["page.html"]
 
 
+def test_atomic_path_keeps_the_extension_for_writers_that_need_it(tmp_path):
     seen = []
     with atomic_path(tmp_path / "curves.png") as tmp:
         seen.append(tmp)
