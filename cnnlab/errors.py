@@ -44,3 +44,11 @@ def note(message):
     """A note or warning for the person at the terminal: one line on stderr, from rank 0 only."""
     if on_main_rank():
         print(message, file=sys.stderr, flush=True)
+
+
+def printable(text):
+    """`text` with control characters (a newline, an escape sequence) written as Python escapes
+    (\\n, \\x1b): a file or folder name taken from the data can then neither split a one-line
+    message nor drive the terminal. Printable text, accents included, is left as it is, so
+    escaping twice changes nothing."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))

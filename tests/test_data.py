@@ -311,7 +311,7 @@ def test_class_without_val_or_test_images_is_named(tmp_path, capsys):
     assert out == ""
     assert "no val images for class 'rare'" in err and "no test images for class 'rare'" in err
     load_data(DataConfig(data=f"npz:{path}", val_fraction=0.0, classes=["a", "b"]))
-    assert "warning" not in capsys.readouterr().err                  # no val split at all: nothing to say
+    assert "val images" not in capsys.readouterr().err               # no val split at all: nothing to say of it
 
 
 @settings(max_examples=200, deadline=None)
@@ -374,3 +374,60 @@ def test_prefix_sources_take_the_text_after_the_colon(registry):
     with pytest.raises(UsageError, match="unknown dataset 'mnist:x'"):
         resolve_name("mnist:x")                                              # and a plain name takes none
     assert resolve_name("synthetic") == "synthetic"                          # optional argument
+
+
+# --- folder oddities (issue 23 item 13): said in one line each, never passed over in silence ---
+
+@pytest.fixture
+def pets(tmp_path, monkeypatch):
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    make_folder(tmp_path / "imgs")
+    return tmp_path / "imgs"
+
+
+def test_names_with_control_characters_are_printed_escaped(pets, capsys):
+    from .conftest import FAULT_REPORT
+
+    os.makedirs(pets / "e\nmpty")
+    make_folder(pets / "more")                                                 # a class folder named with an escape
+    os.rename(pets / "more" / "cat", pets / "bi\x1b[31mrd")
+    (pets / "cat" / "bad\nname.png").write_bytes(b"")
+    with pytest.raises(CnnlabError) as err:
+        load_data(DataConfig(data=f"folder:{pets}"))
+    assert "bad\\nname.png" in str(err.value) and "\n" not in str(err.value)
+    data = load_data(DataConfig(data=f"folder:{pets}", on_bad_image="skip"))
+    printed = capsys.readouterr().err
+    assert "\x1b" not in printed and "e\\nmpty' holds no images" in printed
+    assert "bi\\x1b[31mrd" in data.classes and "bad\\nname.png" in data.files["bad"][0]
+    FAULT_REPORT.append("file and folder names with a newline and an escape sequence: printed escaped")
+
+
+def test_a_class_folder_linked_outside_the_dataset_is_named(pets, tmp_path, capsys):
+    make_folder(tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere" / "cat", pets / "lynx")
+    data = load_data(DataConfig(data=f"folder:{pets}"))
+    assert data.classes == ["cat", "dog", "lynx"]                                # followed, by design
+    assert (f"class folder '{pets / 'lynx'}' is a symlink to '{tmp_path / 'elsewhere' / 'cat'}', outside the dataset"
+            in capsys.readouterr().err)
+
+
+def test_a_class_left_without_readable_images_is_left_out(pets, capsys):
+    os.makedirs(pets / "owl")
+    for name in ("0.png", "1.jpg"):
+        (pets / "owl" / name).write_bytes(b"not an image")
+    data = load_data(DataConfig(data=f"folder:{pets}", on_bad_image="skip"))
+    assert data.classes == ["cat", "dog"] and len(data.files["bad"]) == 2
+    assert len(data.files["train"]) == 12                                      # kept aligned with the rows
+    assert "class 'owl' has no readable training image left" in capsys.readouterr().err
+
+
+def test_image_files_cnnlab_does_not_decode_are_counted_with_the_bad_ones(pets, capsys):
+    (pets / "cat" / "drawing.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
+    (pets / "dog" / "photo.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
+    (pets / "dog" / "notes.txt").write_text("not a picture at all")
+    (pets / "dog" / "broken.png").write_bytes(b"")
+    data = load_data(DataConfig(data=f"folder:{pets}", on_bad_image="skip"))
+    assert len(data.train[1]) + len(data.val[1]) + len(data.test[1]) == 12
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
+    assert "skipped 1 unreadable image(s)" in line and "2 file(s) in formats cnnlab does not decode" in line
+    assert "1 .svg" in line and "1 .heic" in line and "notes" not in line and "1 .txt" not in line

@@ -12,7 +12,7 @@ from . import sources, folder, synthetic  # noqa: F401
 from .images import resize
 from .preprocess import Preprocess
 from .registry import Source, datasets, declared_shape, open_source, register_dataset, resolve_name  # noqa: F401
-from .splits import make_splits
+from .splits import make_splits, match_splits, read_splits  # noqa: F401
 
 
 @dataclass
@@ -54,7 +54,8 @@ def channel_stats(x):
 
 def load_data(cfg, splits=None):
     """Decode the source, cut or reuse the splits, and compute the normalisation statistics.
-    `cfg`: a DataConfig (TrainConfig.data_config() gives one)."""
+    `cfg`: a DataConfig (TrainConfig.data_config() gives one). `splits`: a run's saved splits
+    (read_splits(run_dir)), found again in the data as it is now, or refused if it changed."""
     src = open_source(cfg)
     if cfg.class_names:
         if len(cfg.class_names) != len(src.classes):
@@ -64,7 +65,7 @@ def load_data(cfg, splits=None):
         src = sources.select_classes(src, cfg.classes)
     if len(torch.unique(src.train_y)) < 2:
         raise UsageError(f"'{cfg.data}' has fewer than 2 classes in its training data.")
-    splits = splits or make_splits(src.train_y, src.test_y, cfg)
+    splits = match_splits(splits, src, cfg.data) if splits else make_splits(src, cfg)
     test_x, test_y = (src.test_x, src.test_y) if splits["test_pool"] == "test" else (src.train_x, src.train_y)
     pick = lambda x, y, idx: (resize(x[idx], cfg.image_size), y[idx])
     train = pick(src.train_x, src.train_y, splits["train"])
@@ -74,6 +75,7 @@ def load_data(cfg, splits=None):
                 test=pick(test_x, test_y, splits["test"]),
                 mean=mean, std=std, flip_ok=src.flip_ok, splits=splits, files=src.files)
     warn_missing_classes(data)
+    warn_small_splits(data)
     return data
 
 
@@ -84,17 +86,42 @@ def absent_classes(y, classes):
 
 
 def warn_missing_classes(data):
-    """A class with no validation or test images is never measured there; say so (stderr) rather
-    than let a per-class table or a stopping rule quietly ignore it."""
+    """A class with no training images cannot be learnt, and one with no validation or test images
+    is never measured there; say so (stderr) rather than let a per-class table or a stopping rule
+    quietly ignore it."""
+    untaught = absent_classes(data.train[1], data.classes)
+    if untaught:
+        note(f"warning: no training images for class {name_list(untaught)}; the model cannot learn "
+             f"{'it' if len(untaught) == 1 else 'them'} (more data or a smaller --val-fraction/--test-fraction fixes it).")
     for split, flag in (("val", "--val-fraction/--val-samples"), ("test", "--test-fraction/--test-samples")):
         y = getattr(data, split)[1]
         if len(y) == 0:
             continue  # the split is off as a whole (e.g. --val-fraction 0): nothing to warn about
         missing = absent_classes(y, data.classes)
         if missing:
-            names = ", ".join(repr(c) for c in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            note(f"warning: no {split} images for class {names}; {'its' if len(missing) == 1 else 'their'} "
+            note(f"warning: no {split} images for class {name_list(missing)}; {'its' if len(missing) == 1 else 'their'} "
                  f"{split} accuracy is not measured (more data or a larger {flag} fixes it).")
+
+
+def name_list(names):
+    return ", ".join(repr(c) for c in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+# Below this many images a split's accuracy moves by 5 points or more per image: too few to report
+# a number on without saying so.
+FEW_IMAGES = 20
+
+
+def warn_small_splits(data):
+    """A validation or test split of a handful of images gives accuracies like 100% on 1 image:
+    say how many images a reported number stands on (stderr)."""
+    for split, flag in (("val", "--val-fraction/--val-samples"), ("test", "--test-fraction/--test-samples")):
+        n = len(getattr(data, split)[1])
+        if 0 < n < FEW_IMAGES:
+            effect = (f"each one moves its accuracy by {100 / n:.0f} points" if n > 1
+                      else "its accuracy can only be 0% or 100%")
+            note(f"warning: the {split} split holds only {n} image{'s' if n > 1 else ''}, so {effect}; "
+                 f"more data or a larger {flag} gives a number to trust.")
 
 
 def default_augment(data, requested):

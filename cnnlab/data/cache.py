@@ -5,6 +5,9 @@ import os
 
 import numpy as np
 
+from ..atomic import atomic_path
+from ..errors import CnnlabError
+
 
 def cache_dir():
     return os.environ.get("CNNLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cnnlab")
@@ -43,9 +46,8 @@ def cached_arrays(key, make, kind="sets"):
     arrays = make()
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only home is no reason to fail; we just decode again next time
+        with atomic_path(path) as tmp:   # a crash mid-write leaves no half entry to be read
+            np.savez(tmp, **arrays)
+    except (OSError, CnnlabError):
+        pass  # a read-only home or a full disk is no reason to fail; we just decode again next time
     return arrays

@@ -2,6 +2,15 @@
 
 Layouts: PATH/<class>/... (cnnlab cuts the splits), or PATH/train/<class>/... with PATH/test/
 (or PATH/val/) beside it as the official held-out split.
+
+Oddities are said, never passed over in silence (stderr, one line each):
+- a class folder with no images, or none left readable after --on-bad-image skip, is left out;
+- files with an image-like suffix cnnlab does not decode (.svg, .heic, .psd, camera raw ...) are
+  counted, by suffix, in the same warning as unreadable images;
+- a class folder that is a symlink to a folder outside the dataset is followed (symlink farms are a
+  common way to build a dataset) with a warning naming its target: its images are trained on, and
+  shown in the report's pictures;
+- file and folder names are printed with control characters escaped (errors.printable).
 """
 import os
 from collections import Counter
@@ -11,41 +20,72 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..errors import CnnlabError, UsageError, note, on_main_rank
+from ..errors import CnnlabError, UsageError, note, on_main_rank, printable
 from .cache import cached_arrays, files_key
 from .images import GRAY_MODES, IMAGE_SUFFIXES, load_array
 from .registry import Source, register_dataset
+from .sources import select_classes
 
 # In the decoded arrays' cache key: bumped when decoding changes (2: images.resize, torch's
 # kernel, replaced PIL's), so an old entry is never mixed with new decodes or predictions.
 DECODER = 2
 
+# Suffixes of pictures that are not rasters cnnlab decodes (vector drawings, formats Pillow does not
+# read by default, layered editor files, camera raw): skipped, but counted in the skipped-files warning.
+NOT_DECODED = (".svg", ".svgz", ".eps", ".ai", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".psd", ".xcf",
+               ".raw", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".ico", ".tga")
+
 
 def list_images(root):
     """Image files below `root`, sorted; directory symlinks are not followed (no loops)."""
-    found = []
+    return list_files(root)[0]
+
+
+def list_files(root):
+    """(image files, image-like files not decoded) below `root`, sorted, as list_images."""
+    found, other = [], []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames.sort()
-        found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_SUFFIXES)]
-    return found
+        for f in sorted(filenames):
+            if f.lower().endswith(IMAGE_SUFFIXES):
+                found.append(os.path.join(dirpath, f))
+            elif f.lower().endswith(NOT_DECODED):
+                other.append(os.path.join(dirpath, f))
+    return found, other
 
 
-def scan_classes(root):
-    """{class name: [files]} for the class subfolders of `root`; empty classes are dropped with a warning."""
+def scan_classes(root, top):
+    """({class name: [files]}, [image-like files not decoded]) for the class subfolders of `root`
+    (`top`: the dataset folder, for the symlink check). Empty classes are dropped with a warning;
+    class names are printable (a folder name's control characters escaped)."""
     if not os.path.isdir(root):
-        raise UsageError(f"image folder not found: {root}")
+        raise UsageError(f"image folder not found: {printable(root)}")
     names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-    classes = {}
+    classes, other = {}, []
     for name in names:
-        files = list_images(os.path.join(root, name))
+        folder = os.path.join(root, name)
+        warn_outside_link(folder, top)
+        files, skipped = list_files(folder)
+        other += skipped
         if files:
-            classes[name] = files
+            classes[printable(name)] = files
         else:
-            note(f"warning: class folder '{os.path.join(root, name)}' holds no images; it is left out.")
+            note(f"warning: class folder '{printable(folder)}' holds no images; it is left out.")
     if len(classes) < 2:
-        raise CnnlabError(f"{root}: found {len(classes)} class folder(s) with images; a classifier needs "
+        raise CnnlabError(f"{printable(root)}: found {len(classes)} class folder(s) with images; a classifier needs "
                           "at least 2 (one subfolder of images per class).")
-    return classes
+    return classes, other
+
+
+def warn_outside_link(folder, top):
+    """A class folder that links outside the dataset is used, and said (its images are trained on
+    and appear in the report): a symlink farm is a normal way to build a dataset, a surprise is not."""
+    if not os.path.islink(folder):
+        return
+    target, inside = os.path.realpath(folder), os.path.realpath(top)
+    if os.path.commonpath([target, inside]) != inside:
+        note(f"warning: class folder '{printable(folder)}' is a symlink to '{printable(target)}', outside the dataset; "
+             "its images are used.")
 
 
 def split_folders(root):
@@ -89,7 +129,7 @@ def image_format(files, image_size, root):
     """choose_format, cached by the file list: reading 60,000 headers again costs ~10 s per load.
     A miss means a first load, which is announced: it takes a minute for 60,000 files."""
     def make():
-        note(f"first load of {len(files):,} images under {root}: reading headers, then decoding them once "
+        note(f"first load of {len(files):,} images under {printable(root)}: reading headers, then decoding them once "
              "(cached for next time)")
         return {"format": np.array(choose_format(files, image_size))}
     channels, size = cached_arrays(files_key(f"format-{image_size}", files), make, kind="formats")["format"]
@@ -120,7 +160,8 @@ def load_pool(class_files, classes, channels, size, on_bad_image, where=""):
         x, ok, bad = decode_all(files, channels, size, where)
         return {"x": x, "ok": ok, "bad": np.array(bad, dtype=str)}
     arrays = cached_arrays(files_key(f"{channels}x{size}-decoder{DECODER}", files), decode, kind="folders")
-    x, ok, bad = arrays["x"], arrays["ok"], [str(b) for b in arrays["bad"]]
+    # printable here, not when decoding: an entry cached before names were escaped is escaped too
+    x, ok, bad = arrays["x"], arrays["ok"], [printable(b) for b in arrays["bad"]]
     if bad and on_bad_image == "error":
         more = f" (and {len(bad) - 1} more bad files)" if len(bad) > 1 else ""
         raise CnnlabError(f"{bad[0]}{more}. Remove it, or pass --on-bad-image skip.")
@@ -134,22 +175,58 @@ def load_pool(class_files, classes, channels, size, on_bad_image, where=""):
 def folder(path, cfg):
     """The images under `path` (cfg: a DataConfig: image_size, on_bad_image)."""
     train_root, test_root = split_folders(path)
-    train_classes = scan_classes(train_root)
+    train_classes, not_decoded = scan_classes(train_root, path)
     classes = list(train_classes)
-    test_classes = scan_classes(test_root) if test_root else {}
+    test_classes, not_decoded_test = scan_classes(test_root, path) if test_root else ({}, [])
     extra = sorted(set(test_classes) - set(classes))
     if extra:
-        raise CnnlabError(f"{test_root} has class folders not in {train_root}: {', '.join(extra)}.")
+        raise CnnlabError(f"{printable(test_root)} has class folders not in {printable(train_root)}: {', '.join(extra)}.")
     all_files = [f for fs in list(train_classes.values()) + list(test_classes.values()) for f in fs]
     channels, size = image_format(all_files, cfg.image_size, path)
     train_x, train_y, train_files, bad = load_pool(train_classes, classes, channels, size, cfg.on_bad_image,
-                                                   f" in {train_root}")
+                                                   f" in {printable(train_root)}")
     src = Source(train_x, train_y, classes=classes, files={"train": train_files})
     if test_root:
         src.test_x, src.test_y, src.files["test"], bad_test = load_pool(
-            test_classes, classes, channels, size, cfg.on_bad_image, f" in {test_root}")
+            test_classes, classes, channels, size, cfg.on_bad_image, f" in {printable(test_root)}")
         bad += bad_test
-    if bad:
-        note(f"warning: skipped {len(bad)} unreadable image(s); the list is in bad_images.txt in the run folder.")
+    warn_skipped(bad, not_decoded + not_decoded_test)
     src.files["bad"] = bad
-    return src
+    src.ids = {pool: file_ids(src.files[pool], path) for pool in ("train", "test") if pool in src.files}
+    return drop_unlearnable(src, path)
+
+
+def file_ids(files, top):
+    """(path relative to the dataset folder, with '/', size in bytes) of each file: how splits.json
+    names them, so the folder may move but a changed file is noticed."""
+    return [(os.path.relpath(f, top).replace(os.sep, "/"), os.path.getsize(f)) for f in files]
+
+
+def warn_skipped(bad, not_decoded):
+    """One warning for every file left out: unreadable images (bad_images.txt lists them) and
+    image-like files in formats cnnlab does not decode, counted by suffix."""
+    parts = []
+    if bad:
+        parts.append(f"{len(bad)} unreadable image(s) (the list is in bad_images.txt in the run folder)")
+    if not_decoded:
+        kinds = Counter(os.path.splitext(f)[1].lower() for f in not_decoded).most_common()
+        parts.append(f"{len(not_decoded)} file(s) in formats cnnlab does not decode "
+                     f"({', '.join(f'{n} {suffix}' for suffix, n in kinds)}; convert them to PNG or JPEG to use them)")
+    if parts:
+        note("warning: skipped " + " and ".join(parts) + ".")
+
+
+def drop_unlearnable(src, path):
+    """A class with no readable training image left (after --on-bad-image skip) cannot be learnt:
+    it is left out, with its test images, and said."""
+    counts = torch.bincount(src.train_y, minlength=len(src.classes)).tolist()
+    empty = [c for c, n in zip(src.classes, counts) if n == 0]
+    if not empty:
+        return src
+    kept = [c for c in src.classes if c not in empty]
+    note(f"warning: class {', '.join(repr(c) for c in empty)} has no readable training image left after skipping "
+         "unreadable files; it is left out (a class with no images cannot be learnt).")
+    if len(kept) < 2:
+        raise CnnlabError(f"{printable(path)}: only {len(kept)} class(es) have readable images; a classifier needs "
+                          "at least 2. Replace its unreadable files (`cnnlab data check` lists them).")
+    return select_classes(src, kept)

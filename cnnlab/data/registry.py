@@ -31,6 +31,9 @@ class Source:
     classes: list = field(default_factory=list)
     flip_ok: bool = True             # mirror images are still valid examples (never for digits)
     files: dict = field(default_factory=dict)   # pool -> file list, for folder sources
+    # pool -> one (path relative to the dataset folder, size in bytes) per row, for sources whose
+    # rows are files: splits.json names its images by them, so a changed folder is noticed
+    ids: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -228,13 +228,15 @@ def select_classes(src, wanted):
             raise UsageError(f"unknown class '{w}'; the data's classes are {', '.join(src.classes)}.")
     remap = torch.full((len(src.classes),), -1, dtype=torch.int64)
     remap[index] = torch.arange(len(index))
+    masks = {pool: remap[y] >= 0 for pool, y in (("train", src.train_y), ("test", src.test_y)) if y is not None}
 
-    def keep(x, y):
-        if x is None:
-            return None, None
-        mask = remap[y] >= 0
-        return x[mask], remap[y[mask]]
+    def keep(x, y, pool):
+        return (x[masks[pool]], remap[y[masks[pool]]]) if y is not None else (None, None)
 
-    train_x, train_y = keep(src.train_x, src.train_y)
-    test_x, test_y = keep(src.test_x, src.test_y)
-    return Source(train_x, train_y, test_x, test_y, [src.classes[i] for i in index], src.flip_ok, src.files)
+    def keep_rows(per_pool):   # files and ids: one entry per row of a pool, kept with their rows
+        return {pool: [r for r, m in zip(rows, masks[pool].tolist()) if m] if pool in masks else rows
+                for pool, rows in per_pool.items()}
+
+    return Source(*keep(src.train_x, src.train_y, "train"), *keep(src.test_x, src.test_y, "test"),
+                  classes=[src.classes[i] for i in index], flip_ok=src.flip_ok, files=keep_rows(src.files),
+                  ids=keep_rows(src.ids))

@@ -11,14 +11,13 @@ from dataclasses import dataclass
 import torch
 
 from ..config import make_config
-from ..data import load_data
+from ..data import load_data, read_splits
 from ..data.loader import BatchLoader
 from ..data.preprocess import Preprocess
-from ..errors import UsageError
+from ..errors import UsageError, note
 from ..runtime import Context
 from ..training import checkpoint
 from ..training.engine import evaluate
-from ..training.run_folder import read_json
 from .metrics import summarize
 
 
@@ -44,15 +43,19 @@ def load_trained(path, device="cpu"):
 
 
 def run_data(model, run_dir=None, data=None, data_dir=None):
-    """The data `model` was trained on, with the run's saved split; or `data` (a --data name)
-    resized to the model's input. `data_dir` replaces the run's own --data-dir (relative to where
-    it was trained, or on another machine)."""
+    """The data `model` was trained on, with the run's saved split (refused, in one line, when the
+    data changed since); or `data` (a --data name, split afresh) resized to the model's input.
+    `data_dir` replaces the run's own --data-dir (relative to where it was trained, or on another
+    machine)."""
     cfg = make_config({"data_dir": data_dir} if data_dir else {}, base=make_config(model.config))
     splits = None
     if data:
         cfg = make_config({"data": data, "classes": [], "image_size": model.preprocess.image_size}, base=cfg)
-    elif run_dir and os.path.exists(os.path.join(run_dir, "splits.json")):
-        splits = read_json(os.path.join(run_dir, "splits.json"))
+    elif run_dir and os.path.exists(os.path.join(run_dir, "config.yaml")):   # a run folder keeps its splits.json
+        splits = read_splits(run_dir)
+    else:
+        note(f"note: {run_dir or 'this checkpoint'} is not a run folder (no config.yaml, no splits.json): the split "
+             "is cut afresh with the run's seed, the one it trained with only if the data has not changed since.")
     loaded = load_data(cfg.data_config(), splits=splits)   # the checkpoint's config holds training settings too
     if loaded.shape[0] != model.preprocess.channels:
         raise UsageError(f"data '{cfg.data}' has {loaded.shape[0]} channel(s); the model expects "

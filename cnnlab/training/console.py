@@ -14,14 +14,20 @@ class Console(Callback):
             state.log(line)
 
     def on_epoch_end(self, state):
-        state.log(epoch_line(state.row, state.cfg.epochs, state.progress.improved))
+        state.log(epoch_line(state.row, state.cfg.epochs, state.progress.improved, has_val(state)))
 
     def on_end(self, state):
         test, summary, progress = state.test, state.summary, state.progress
-        state.log(f"test: loss {test['loss']:.4f}  acc {test['acc']:.2%}  (best val {progress.best_val_acc:.2%} at "
-                  f"epoch {progress.best_epoch}; {summary['train_seconds']:.1f}s, "
+        chosen = (f"best val {progress.best_val_acc:.2%} at epoch {progress.best_epoch}" if has_val(state)
+                  else "no validation split: best.pt is the last epoch")
+        state.log(f"test: loss {test['loss']:.4f}  acc {test['acc']:.2%}  ({chosen}; {summary['train_seconds']:.1f}s, "
                   f"{summary['samples_per_second']:.0f} img/s)")
         state.log(f"run folder: {state.run_dir}")
+
+
+def has_val(state):
+    """Whether the run has a validation split; without one no accuracy is called "val"."""
+    return len(state.data.val[1]) > 0
 
 
 def banner_title(resumed):
@@ -47,10 +53,11 @@ def settings_lines(state):
     ]
 
 
-def epoch_line(row, epochs, improved):
+def epoch_line(row, epochs, improved, has_val=True):
+    """One epoch's numbers; `*` marks a new best validation accuracy (never shown without validation)."""
+    val = f"val loss {row['val_loss']:.4f} acc {row['val_acc']:7.2%}" if has_val else "no val split"
     return (f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:7.2%}  "
-            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:7.2%}  lr {row['lr']:.2e}  "
-            f"{row['seconds']:.1f}s" + ("  *" if improved else ""))
+            f"{val}  lr {row['lr']:.2e}  {row['seconds']:.1f}s" + ("  *" if improved and has_val else ""))
 
 
 class ProgressBar(Callback):

@@ -16,9 +16,9 @@ from .distributed import wrap_for_training
 from .engine import Interrupted, ema_model, epoch_results, evaluate, make_step, snapshot, train_step
 from .optim import build_optimizer
 from .progress import Progress
-from .run_folder import RunFolder, check_writable, default_name, read_json
+from .run_folder import RunFolder, check_writable, default_name
 from .state import TrainState, silent
-from ..data import default_augment, load_data
+from ..data import default_augment, load_data, read_splits
 from ..data.loader import BatchLoader
 from ..errors import UsageError
 from ..models import create_model
@@ -105,7 +105,7 @@ def check_names(cfg):
 def prepare(state):
     """The data (a resumed run keeps its splits), the model and what trains it; on --resume, the
     exact state of last.pt."""
-    splits = read_json(state.run.file("splits.json")) if state.resumed else None
+    splits = read_splits(state.run.path) if state.resumed else None
     build(state, splits)
     if state.resumed:
         checkpoint.restore(state, state.run_dir)
@@ -153,7 +153,8 @@ def summarize(state):
     """summary.json: the results, what the run was, and plain-language diagnostics."""
     progress, test, meta, data, history = state.progress, state.test, state.meta, state.data, state.history
     summary = {
-        "best_val_acc": progress.best_val_acc, "best_epoch": progress.best_epoch,
+        "best_val_acc": progress.best_val_acc if len(data.val[1]) else None,   # None: no validation split
+        "best_epoch": progress.best_epoch,
         "test_acc": test["acc"], "test_loss": test["loss"], "test_top5_acc": test["top5"],
         "epochs": len(history), "train_seconds": round(progress.train_seconds, 3),
         "samples_per_second": round(progress.samples_seen / max(progress.train_seconds, 1e-9), 1),

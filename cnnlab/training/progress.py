@@ -69,16 +69,16 @@ class Progress:
         return {"loss": loss_sum / seen, "acc": correct / seen, "samples": int(seen)}
 
     def end_epoch(self, train, val):
-        """Record the finished epoch (`val` None without a validation split: the training accuracy
-        then decides the best epoch); returns its metrics.csv row."""
+        """Record the finished epoch (`val` None without a validation split: then nothing tells a
+        better epoch, and the last one is kept as the best); returns its metrics.csv row."""
         seconds = self.elapsed()
-        val_loss, val_acc = (val["loss"], val["acc"]) if val else (float("nan"), train["acc"])
+        val_loss, val_acc = (val["loss"], val["acc"]) if val else (float("nan"), float("nan"))
         row = {"epoch": self.epoch + 1, "train_loss": train["loss"], "train_acc": train["acc"], "val_loss": val_loss,
-               "val_acc": val_acc if val else float("nan"), "lr": self.lr, "seconds": round(seconds, 3)}
+               "val_acc": val_acc, "lr": self.lr, "seconds": round(seconds, 3)}
         self.history.append(row)
         self.train_seconds += seconds
         self.samples_seen += train["samples"]
-        if val_acc > self.best_val_acc:
+        if val is None or val_acc > self.best_val_acc:
             self.best_val_acc, self.best_epoch, self.bad_epochs = val_acc, self.epoch + 1, 0
         else:
             self.bad_epochs += 1
