@@ -260,3 +260,11 @@ def test_a_training_run_reports_from_its_own_test_results(tmp_path, monkeypatch)
         assert os.path.getsize(os.path.join(result.run_dir, name)) > 1000, name
     page = open(os.path.join(result.run_dir, "report.html"), encoding="utf-8").read()
     assert f"<td>{result.summary['test_acc']:.1%}</td>" in page
+
+
+def test_report_history_shows_a_dash_for_a_run_without_validation():
+    from cnnlab.evaluate.report import history_rows
+
+    row = {"epoch": 1.0, "train_loss": 0.5, "train_acc": 0.9, "val_loss": float("nan"), "val_acc": float("nan"),
+           "lr": 1e-3, "seconds": 2.0}
+    assert history_rows([row]) == [["1", "0.5000", "90.0%", "-", "-", "1.00e-03", "2.0 s"]]

@@ -4,6 +4,7 @@ computed elsewhere (evaluation.py, or the training run's own test evaluation thr
 import base64
 import html
 import json
+import math
 import os
 import platform
 
@@ -100,7 +101,10 @@ def summary_rows(summary):
 
 
 def history_rows(history):
-    return [[HISTORY_COLUMNS.get(k, str)(v) for k, v in row.items()] for row in history]
+    """metrics.csv as text; a value an epoch has not got (val_* in a run without validation: NaN
+    or empty) is a dash, not "nan%"."""
+    missing = lambda v: v in ("", None) or (isinstance(v, float) and math.isnan(v))
+    return [["-" if missing(v) else HISTORY_COLUMNS.get(k, str)(v) for k, v in row.items()] for row in history]
 
 
 def per_class_rows(metrics):
