@@ -4,7 +4,7 @@ import os
 import socket
 import subprocess
 import sys
-import time
+import threading
 
 import httpx
 import numpy as np
@@ -22,20 +22,20 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(checkpoint, port, *extra):
+def start_server(checkpoint, port, *extra, env=None):
+    """`cnnlab serve` in a subprocess, returned once it says it is serving: its socket is then
+    bound and listening (connections wait in the backlog until uvicorn accepts them)."""
     proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", checkpoint, "--port", str(port), *extra],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for _ in range(300):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise AssertionError(proc.stderr.read())
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("server did not start")
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    lines = []
+    for line in proc.stderr:   # ends when the server exits
+        lines.append(line)
+        if line.startswith("serving "):
+            threading.Thread(target=proc.stderr.read, daemon=True).start()   # keep the pipe drained
+            return proc
+    proc.wait()
+    raise AssertionError("server did not start: " + "".join(lines))
 
 
 @pytest.fixture(scope="module")
