@@ -144,8 +144,9 @@ def test_port_in_use_fails_in_one_line_before_serving(demo_run):
     assert len(lines) == 1 and str(port) in lines[0] and "--port N" in lines[0], result.stderr
 
 
-def test_port_out_of_range_is_a_usage_error(demo_run):
-    result = subprocess.run([sys.executable, "-m", "cnnlab", "serve", demo_run, "--port", "70000"],
+@pytest.mark.parametrize("port", ["70000", "99999"])   # 99999: the 38-line traceback
+def test_port_out_of_range_is_a_usage_error(demo_run, port):
+    result = subprocess.run([sys.executable, "-m", "cnnlab", "serve", demo_run, "--port", port],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and result.stdout == "" and "70000" in result.stderr
+    assert result.returncode == 2 and result.stdout == "" and port in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

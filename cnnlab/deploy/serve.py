@@ -31,18 +31,15 @@ SLOTS = max(1, min(4, os.cpu_count() or 1))   # images decoding at once: more on
 QUEUE = 8 * SLOTS   # requests that may wait for a slot; one more is answered 503 with Retry-After
 
 
+CLOSE = {"Connection": "close"}   # after a refusal that leaves nothing more worth reading
+
+
 class Refused(Exception):
     """A request answered with an error status and `{"error": message}`."""
 
     def __init__(self, status, message, headers=None):
         super().__init__(message)
         self.status, self.headers = status, headers or {}
-
-
-def refused(status, message, headers=None):
-    """Refused for a request whose body is not (fully) read: the connection closes after the
-    answer, as nothing else can be read from it."""
-    return Refused(status, message, {"Connection": "close", **(headers or {})})
 
 
 def classify(model, raw, name, k, max_pixels):
@@ -70,10 +67,12 @@ def answer(model, files, k, max_pixels):
 async def read_body(request, max_bytes, timeout):
     """The request's body, read as it streams in: refused (413) as soon as it passes `max_bytes`,
     so a chunked upload of any size costs at most `max_bytes` of memory, and refused (408) when
-    it has not all arrived within `timeout` seconds."""
+    it has not all arrived within `timeout` seconds. After a 413 uvicorn reads and drops the rest
+    (closing at once would reset the connection, losing the answer to a client still sending)
+    until TimedH11Protocol's deadline."""
     declared = int(request.headers.get("content-length") or 0)
     if declared > max_bytes:
-        raise refused(413, f"request of {declared} bytes is over the {max_bytes}-byte limit (--max-bytes)")
+        raise Refused(413, f"request of {declared} bytes is over the {max_bytes}-byte limit (--max-bytes)")
 
     from starlette.requests import ClientDisconnect
 
@@ -82,15 +81,15 @@ async def read_body(request, max_bytes, timeout):
         async for chunk in request.stream():
             size += len(chunk)
             if size > max_bytes:
-                raise refused(413, f"request is over the {max_bytes}-byte limit (--max-bytes)")
+                raise Refused(413, f"request is over the {max_bytes}-byte limit (--max-bytes)")
             chunks.append(chunk)
         return b"".join(chunks)
     try:
         return await asyncio.wait_for(collect(), timeout)
     except asyncio.TimeoutError:
-        raise refused(408, f"the request's body did not arrive within {timeout:g} s (--timeout)") from None
+        raise Refused(408, f"the request's body did not arrive within {timeout:g} s (--timeout)", CLOSE) from None
     except ClientDisconnect:   # nobody is left to read the answer; no traceback in the log either
-        raise refused(400, "the client went away before sending its whole body") from None
+        raise Refused(400, "the client went away before sending its whole body", CLOSE) from None
 
 
 async def uploaded_files(request, max_bytes, timeout):
@@ -182,7 +181,7 @@ class Guard:
         if self.api_key and path.startswith(PROTECTED) and not self.authorized(dict(scope["headers"])):
             return await json_response(401, {"error": "this server needs its API key: send Authorization: Bearer KEY "
                                                       "or X-API-Key: KEY"},
-                                       {"WWW-Authenticate": "Bearer", "Connection": "close"})(scope, receive, send_with_headers)
+                                       {"WWW-Authenticate": "Bearer"})(scope, receive, send_with_headers)
         await self.app(scope, receive, send_with_headers)
 
 
@@ -250,10 +249,11 @@ def default_max_pixels(model):
 
 
 class TimedH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol, plus a deadline: a client has `deadline` seconds from
-    connecting, or from its previous answer, to send a complete request line and headers, or the
-    connection is closed. uvicorn's own keep-alive timer restarts on every byte received, so a
-    client sending one byte a second (slowloris) would otherwise hold a connection forever."""
+    """uvicorn's HTTP/1.1 protocol, plus a deadline: `deadline` seconds after connecting, or after
+    its last answer, a client that has not sent a complete request line and headers, or is still
+    sending a body the server already refused, is disconnected. uvicorn's own keep-alive timer
+    restarts on every byte received, so a client sending one byte a second (slowloris) would
+    otherwise hold a connection forever. A body being read has the app's own --timeout (408)."""
 
     def __init__(self, *args, deadline=30.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -265,7 +265,9 @@ class TimedH11Protocol(H11Protocol):
         self.timer = self.loop.call_later(self.deadline, self.close_if_waiting)
 
     def close_if_waiting(self):
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():   # no complete request yet
+        no_request = self.conn.their_state is h11.IDLE
+        refused_body = self.conn.their_state is h11.SEND_BODY and self.conn.our_state is h11.DONE
+        if (no_request or refused_body) and not self.transport.is_closing():
             self.transport.close()
 
     def connection_made(self, transport):
