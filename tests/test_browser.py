@@ -128,7 +128,8 @@ def test_a_late_drawing_answer_does_not_replace_an_upload(browser, serve_url, sh
     page.goto(serve_url)
     page.wait_for_selector("#canvas", state="visible")
     draw_a_one(page)
-    page.wait_for_function("() => window.held.length === 1")   # a function: the page's CSP forbids eval of a string   # the drawing's answer is on its way
+    # the drawing's answer is on its way (a function, not a string: the page's CSP forbids eval)
+    page.wait_for_function("() => window.held.length === 1")
     page.set_input_files("#file", path)
     wait_for_result(page, "mnist_07_9.png", 1)
     page.evaluate("window.release()")

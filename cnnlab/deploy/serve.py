@@ -19,6 +19,8 @@ import socket
 from contextlib import asynccontextmanager
 
 import h11
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..data.images import open_header
@@ -29,8 +31,6 @@ PROTECTED = ("/predict", "/explain", "/model")   # what --api-key guards; the pa
 CONNECTIONS = 32   # uvicorn answers 503 beyond: at most ~32 request bodies of --max-bytes in memory
 SLOTS = max(1, min(4, os.cpu_count() or 1))   # images decoding at once: more only queue for the same cores
 QUEUE = 8 * SLOTS   # requests that may wait for a slot; one more is answered 503 with Retry-After
-
-
 CLOSE = {"Connection": "close"}   # after a refusal that leaves nothing more worth reading
 
 
@@ -74,8 +74,6 @@ async def read_body(request, max_bytes, timeout):
     if declared > max_bytes:
         raise Refused(413, f"request of {declared} bytes is over the {max_bytes}-byte limit (--max-bytes)")
 
-    from starlette.requests import ClientDisconnect
-
     async def collect():
         chunks, size = [], 0
         async for chunk in request.stream():
@@ -95,8 +93,6 @@ async def read_body(request, max_bytes, timeout):
 async def uploaded_files(request, max_bytes, timeout):
     """[(file name, bytes)]: the raw body, or every file of a multipart form in the order sent;
     Refused over `max_bytes` (413), after `timeout` (408) or without any file content (400)."""
-    from starlette.requests import Request
-
     body = await read_body(request, max_bytes, timeout)
     files = [("upload", body)]
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -144,14 +140,19 @@ def security_headers(page, docs):
     style (by hash): a class name that reached the page as HTML could not run script. FastAPI's
     /docs and /redoc (with --docs) load their script from a CDN, so they get a looser policy."""
     common = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
-    strict = (f"default-src 'none'; script-src {inline_hashes(page, 'script')}; style-src {inline_hashes(page, 'style')}; "
-              "img-src 'self' blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    strict = (f"default-src 'none'; script-src {inline_hashes(page, 'script')}; "
+              f"style-src {inline_hashes(page, 'style')}; img-src 'self' blob:; connect-src 'self'; "
+              "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
     cdn = "https://cdn.jsdelivr.net"
-    loose = (f"default-src 'none'; script-src 'unsafe-inline' {cdn}; style-src 'unsafe-inline' {cdn} https://fonts.googleapis.com; "
-             f"font-src https://fonts.gstatic.com; img-src 'self' data: https:; connect-src 'self'; worker-src blob:; "
-             "frame-ancestors 'none'")
+    loose = (f"default-src 'none'; script-src 'unsafe-inline' {cdn}; "
+             f"style-src 'unsafe-inline' {cdn} https://fonts.googleapis.com; font-src https://fonts.gstatic.com; "
+             "img-src 'self' data: https:; connect-src 'self'; worker-src blob:; frame-ancestors 'none'")
     return ({**common, "Content-Security-Policy": strict},
             {**common, "Content-Security-Policy": loose} if docs else None)
+
+
+def asgi_headers(headers):
+    return [(name.lower().encode(), value.encode()) for name, value in headers.items()]
 
 
 class Guard:
@@ -160,7 +161,8 @@ class Guard:
 
     def __init__(self, app, page, api_key=None, docs=False):
         self.app, self.api_key = app, api_key
-        self.headers, self.docs_headers = security_headers(page, docs)
+        page_headers, docs_headers = security_headers(page, docs)
+        self.headers, self.docs_headers = asgi_headers(page_headers), docs_headers and asgi_headers(docs_headers)
 
     def authorized(self, headers):
         scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
@@ -172,28 +174,21 @@ class Guard:
             return await self.app(scope, receive, send)
         path = scope["path"]
         extra = self.docs_headers if self.docs_headers and path.startswith(("/docs", "/redoc")) else self.headers
-        extra = [(k.lower().encode(), v.encode()) for k, v in extra.items()]
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
                 message = {**message, "headers": list(message.get("headers", [])) + extra}
             await send(message)
         if self.api_key and path.startswith(PROTECTED) and not self.authorized(dict(scope["headers"])):
-            return await json_response(401, {"error": "this server needs its API key: send Authorization: Bearer KEY "
-                                                      "or X-API-Key: KEY"},
-                                       {"WWW-Authenticate": "Bearer"})(scope, receive, send_with_headers)
+            refusal = JSONResponse({"error": "this server needs its API key: send Authorization: Bearer KEY or "
+                                             "X-API-Key: KEY"}, 401, headers={"WWW-Authenticate": "Bearer"})
+            return await refusal(scope, receive, send_with_headers)
         await self.app(scope, receive, send_with_headers)
-
-
-def json_response(status, body, headers=None):
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse(body, status, headers=headers)
 
 
 def create_app(model, top_k=5, max_bytes=5 * 2**20, max_pixels=None, timeout=30.0, api_key=None, docs=False):
     """The ASGI app: FastAPI wrapped in Guard. `max_pixels` None: default_max_pixels(model)."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse
 
@@ -222,8 +217,8 @@ def create_app(model, top_k=5, max_bytes=5 * 2**20, max_pixels=None, timeout=30.
                 k = max(1, min(top_k, len(model.classes)))
                 body, status = await run_in_threadpool(answer, model, files, k, max_pixels)
         except Refused as e:
-            return json_response(e.status, {"error": str(e)}, e.headers)
-        return json_response(status, body)
+            return JSONResponse({"error": str(e)}, e.status, headers=e.headers)
+        return JSONResponse(body, status)
 
     @app.get("/health")
     def health():
