@@ -286,7 +286,8 @@ def build_parser():
     ex.set_defaults(fn=cmd_export)
     s = sub.add_parser("serve", help="an HTTP prediction API and a drawing page")
     s.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR")
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on; any but loopback (0.0.0.0) opens "
+                   "the API to the network: use --api-key")
     s.add_argument("--port", type=int, default=8000,
                    help="port to listen on, checked before the model loads (0: any free port)")
     s.add_argument("--top-k", type=int, default=5)
