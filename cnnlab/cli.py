@@ -180,7 +180,9 @@ def cmd_export(args):
 def cmd_serve(args):
     from .deploy.serve import serve
 
-    serve(args.checkpoint, host=args.host, port=args.port, top_k=args.top_k, max_bytes=args.max_bytes)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("CNNLAB_API_KEY")
+    serve(args.checkpoint, host=args.host, port=args.port, top_k=args.top_k, max_bytes=args.max_bytes,
+          max_pixels=args.max_pixels, timeout=args.timeout, api_key=api_key, docs=args.docs)
     return 0
 
 
@@ -284,11 +286,21 @@ def build_parser():
     ex.set_defaults(fn=cmd_export)
     s = sub.add_parser("serve", help="an HTTP prediction API and a drawing page")
     s.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR")
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on; any but loopback (0.0.0.0) opens "
+                   "the API to the network: use --api-key")
     s.add_argument("--port", type=int, default=8000,
                    help="port to listen on, checked before the model loads (0: any free port)")
     s.add_argument("--top-k", type=int, default=5)
-    s.add_argument("--max-bytes", type=int, default=5 * 2**20, help="request size cap (413 above it)")
+    s.add_argument("--max-bytes", type=int, default=5 * 2**20, help="request size cap, enforced while the body "
+                   "streams in (413 above it)")
+    s.add_argument("--max-pixels", type=int, help="pixels an uploaded image may decode to (400 above it; "
+                   "default: (16 x the model's input side)^2, at least 2048x2048)")
+    s.add_argument("--timeout", type=float, default=30.0, help="seconds a client has to send a request's "
+                   "headers, and again its body (408), before its connection is dropped")
+    s.add_argument("--api-key", help="require this key on /predict and /model (Authorization: Bearer KEY or "
+                   "X-API-Key: KEY; the page asks for it once); default: the CNNLAB_API_KEY environment variable, "
+                   "better than the flag, which other users of this machine can read in `ps`")
+    s.add_argument("--docs", action="store_true", help="serve FastAPI's /docs, /redoc and /openapi.json")
     s.set_defaults(fn=cmd_serve)
     m = sub.add_parser("models", help="list the model zoo, or summarise one model layer by layer")
     m.add_argument("name", nargs="?")

@@ -5,6 +5,7 @@ import os
 import httpx
 import pytest
 
+from .conftest import FAULT_REPORT
 from .test_serve import free_port, start_server
 
 ARTIFACTS = os.path.join(os.path.dirname(__file__), "..", "runs", "test-artifacts")
@@ -127,9 +128,65 @@ def test_a_late_drawing_answer_does_not_replace_an_upload(browser, serve_url, sh
     page.goto(serve_url)
     page.wait_for_selector("#canvas", state="visible")
     draw_a_one(page)
-    page.wait_for_function("window.held.length === 1")   # the drawing's answer is on its way
+    # the drawing's answer is on its way (a function, not a string: the page's CSP forbids eval)
+    page.wait_for_function("() => window.held.length === 1")
     page.set_input_files("#file", path)
     wait_for_result(page, "mnist_07_9.png", 1)
     page.evaluate("window.release()")
-    page.wait_for_function("+document.body.dataset.answered >= 2", timeout=15000)   # the late answer came
+    page.wait_for_function("() => +document.body.dataset.answered >= 2", timeout=15000)   # the late answer came
     assert page.inner_text("#source") == "Result for mnist_07_9.png" and shown_labels(page) == labels
+
+
+# Class names that run script if a page inserts them as HTML (issue 23 item 9).
+EVIL = [f'<img src=x onerror="window.pwned = {i}">{i}' for i in range(10)]
+KEY = "browser-key-42"
+
+
+@pytest.fixture(scope="module")
+def evil_url(demo_run, tmp_path_factory):
+    """A server for a copy of the demo checkpoint whose class names are HTML, behind an API key."""
+    import torch
+
+    ckpt = torch.load(os.path.join(demo_run, "best.pt"), map_location="cpu", weights_only=True)
+    ckpt["classes"] = EVIL
+    path = str(tmp_path_factory.mktemp("evil") / "evil.pt")
+    torch.save(ckpt, path)
+    port = free_port()
+    server = start_server(path, port, env={"CNNLAB_API_KEY": KEY})
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def open_with_key(browser, url):
+    """The page of a server with --api-key: it asks for the key (a prompt) and keeps it for the tab."""
+    page = browser.new_page()
+    asked = []
+    page.on("dialog", lambda d: (asked.append(d.message), d.accept(KEY)))
+    page.goto(url)
+    page.wait_for_function("() => document.getElementById('about').textContent.startsWith('Model ')")
+    return page, asked
+
+
+def test_html_class_names_are_shown_as_text(browser, evil_url, shared_datasets):
+    page, asked = open_with_key(browser, evil_url)
+    page.set_input_files("#file", os.path.join(shared_datasets, "samples", "mnist_07_9.png"))
+    wait_for_result(page, "mnist_07_9.png", 1)
+    assert len(asked) == 1 and "API key" in asked[0]   # asked once: /predict reused the kept key
+    assert set(shown_labels(page)) <= set(EVIL) and len(shown_labels(page)) == 5   # the names, as text
+    assert page.evaluate("() => window.pwned") is None and page.locator("#bars img").count() == 0
+
+
+def test_the_page_policy_blocks_inline_script(browser, evil_url):
+    """Had a name reached the page as HTML, its handler would not run: the Content-Security-Policy
+    allows only the page's own script. The browser reports the violation, which the test waits for."""
+    page, _ = open_with_key(browser, evil_url)
+    page.evaluate("""() => {
+        document.addEventListener("securitypolicyviolation", e => { window.blocked = e.violatedDirective; });
+        document.body.insertAdjacentHTML("beforeend", '<img src="/nothing.png" onerror="window.pwned = 1">');
+    }""")
+    page.wait_for_function("() => window.blocked", timeout=15000)
+    assert page.evaluate("() => window.pwned") is None
+    assert page.evaluate("() => window.blocked").startswith("script-src")
+    FAULT_REPORT.append("browser: 10 class names that are <img onerror> HTML: shown as text, none ran; "
+                        "an injected inline handler blocked by the page's CSP")

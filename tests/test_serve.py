@@ -4,7 +4,7 @@ import os
 import socket
 import subprocess
 import sys
-import time
+import threading
 
 import httpx
 import numpy as np
@@ -22,20 +22,20 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(checkpoint, port, *extra):
+def start_server(checkpoint, port, *extra, env=None):
+    """`cnnlab serve` in a subprocess, returned once it says it is serving: its socket is then
+    bound and listening (connections wait in the backlog until uvicorn accepts them)."""
     proc = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", checkpoint, "--port", str(port), *extra],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for _ in range(300):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise AssertionError(proc.stderr.read())
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError("server did not start")
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+    lines = []
+    for line in proc.stderr:   # ends when the server exits
+        lines.append(line)
+        if line.startswith("serving "):
+            threading.Thread(target=proc.stderr.read, daemon=True).start()   # keep the pipe drained
+            return proc
+    proc.wait()
+    raise AssertionError("server did not start: " + "".join(lines))
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +144,9 @@ def test_port_in_use_fails_in_one_line_before_serving(demo_run):
     assert len(lines) == 1 and str(port) in lines[0] and "--port N" in lines[0], result.stderr
 
 
-def test_port_out_of_range_is_a_usage_error(demo_run):
-    result = subprocess.run([sys.executable, "-m", "cnnlab", "serve", demo_run, "--port", "70000"],
+@pytest.mark.parametrize("port", ["70000", "99999"])   # 99999: the issue's 38-line traceback
+def test_port_out_of_range_is_a_usage_error(demo_run, port):
+    result = subprocess.run([sys.executable, "-m", "cnnlab", "serve", demo_run, "--port", port],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and result.stdout == "" and "70000" in result.stderr
+    assert result.returncode == 2 and result.stdout == "" and port in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

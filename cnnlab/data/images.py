@@ -5,8 +5,16 @@ anything unreadable), convert every PIL mode to L or RGB, resize, uint8 (C, S, S
 A folder dataset is decoded with `load_array` and `cnnlab predict`/`serve` read their images with
 it (through Preprocess.image), and tensor sources are resized by the same `resize`: an image gives
 the model the same pixels at training time and at prediction time.
+
+Decoding is bounded in memory: every decode in the process holds its share of one budget
+(DECODING, half the memory available), so parallel decoding threads take turns on huge images,
+and a JPEG far larger than the model's input decodes at reduced scale (PIL's draft).
 """
+import ctypes
+import functools
 import os
+import threading
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -14,8 +22,85 @@ import torch
 from ..errors import CnnlabError
 
 MAX_PIXELS = 64_000_000  # 8000x8000: far beyond a classifier's input, far below a bomb's claim
+LIMIT_HINT = "decompression-bomb guard"
+DRAFT_MARGIN = 8     # a JPEG decodes at reduced scale only down to 8x the model's input side
+# Peak memory of one load_array per decoded pixel, measured on 8000x8000 PNGs: RGBA 15 bytes
+# (decode, white background, composite, grey or RGB copy, resize), RGB to RGB 10, L to L 5.
+BYTES_PER_PIXEL = 16
+TRIM_ABOVE = 64 * 2**20   # decodes holding this much give their memory back to the system after
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")   # single-channel PIL modes
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def available_memory():
+    """Bytes this process may still allocate: the kernel's MemAvailable, or less when a cgroup
+    (a container's memory limit, v2 or v1) leaves less."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except OSError:   # not Linux: half the physical memory, as a guess of what is free
+        found.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2)
+    cgroups = (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"))
+    for limit, usage in cgroups:
+        try:
+            with open(f"/sys/fs/cgroup/{limit}") as f, open(f"/sys/fs/cgroup/{usage}") as g:
+                found.append(int(f.read()) - int(g.read()))
+        except (OSError, ValueError):   # no such cgroup file, or "max": no limit
+            pass
+    return min(found)
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:   # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+def release_freed_memory():
+    """Give memory freed by a large decode back to the system. glibc keeps freed memory in the
+    freeing thread's arena (PIL allocates images in 16 MiB blocks, below glibc's mmap threshold),
+    so without this, 8 decoding threads each kept ~1 GB after their first 8000x8000 RGBA image:
+    `data check` peaked at 5.0 GiB under a 1 GiB budget; with it 1.6 GiB (0.5 of it torch itself)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+class DecodeBudget:
+    """The memory that images being decoded may hold at once, shared by every thread of the
+    process: a decode waits until its share (BYTES_PER_PIXEL per pixel) is free, so 8 decoding
+    threads on 8000x8000 RGBA images take turns instead of asking for 8 GB together. One image
+    larger than the whole budget is refused with its name."""
+
+    def __init__(self, total):
+        self.total, self.used = total, 0
+        self.freed = threading.Condition()
+
+    @contextmanager
+    def hold(self, img, name):
+        w, h = img.size
+        need = w * h * BYTES_PER_PIXEL
+        if need > self.total:
+            raise CnnlabError(f"{name}: decoding its {w}x{h} pixels needs about {need / 2**20:,.0f} MiB, more than "
+                              f"the {self.total / 2**20:,.0f} MiB cnnlab lets images take (half the memory "
+                              "available when it started); resize it first.")
+        with self.freed:
+            self.freed.wait_for(lambda: self.used + need <= self.total)
+            self.used += need
+        try:
+            yield
+        finally:
+            if need >= TRIM_ABOVE:
+                release_freed_memory()
+            with self.freed:
+                self.used -= need
+                self.freed.notify_all()
+
+
+DECODING = DecodeBudget(available_memory() // 2)
 
 
 def _to_8bit(img):
@@ -35,24 +120,18 @@ def to_mode(img, channels):
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         img = _to_8bit(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")   # no copy: 4 bytes a pixel
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return img.convert("L" if channels == 1 else "RGB")
 
 
-def open_image(path_or_file, name=None):
-    """Open and fully decode an image; returns a PIL image in its own mode."""
+@contextmanager
+def readable(name):
+    """Any failure to read or decode an image becomes one CnnlabError naming the file."""
     from PIL import Image, UnidentifiedImageError
 
-    name = name or str(path_or_file)
     try:
-        img = Image.open(path_or_file)
-        w, h = img.size
-        if w * h > MAX_PIXELS:
-            raise CnnlabError(f"{name}: image claims {w}x{h} pixels, over the {MAX_PIXELS:,}-pixel "
-                              "limit (decompression-bomb guard); resize it first.")
-        img.load()
-        return img
+        yield
     except CnnlabError:
         raise
     except FileNotFoundError:
@@ -63,6 +142,34 @@ def open_image(path_or_file, name=None):
         raise CnnlabError(f"{name}: not an image PIL can read (empty, or another kind of file).") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise CnnlabError(f"{name}: cannot decode image ({str(e).splitlines()[0] or type(e).__name__}).") from None
+
+
+def open_header(path_or_file, name=None, size=0, max_pixels=MAX_PIXELS, limit_hint=LIMIT_HINT):
+    """Open an image without decoding its pixels. A JPEG is set to decode at 1/2, 1/4 or 1/8 scale
+    when that still leaves DRAFT_MARGIN times `size` per side (PIL's draft: the decoder skips the
+    detail, 8x less time and memory for a photo into a small model). The pixels it will decode to
+    are checked against `max_pixels` before any is decoded; `limit_hint` says how to raise it."""
+    from PIL import Image
+
+    name = name or str(path_or_file)
+    with readable(name):
+        img = Image.open(path_or_file)
+        if size and img.format == "JPEG":
+            img.draft(None, (DRAFT_MARGIN * size, DRAFT_MARGIN * size))
+        w, h = img.size
+        if w * h > max_pixels:
+            raise CnnlabError(f"{name}: image decodes to {w}x{h} pixels, over the {max_pixels:,}-pixel "
+                              f"limit ({limit_hint}); resize it first.")
+        return img
+
+
+def open_image(path_or_file, name=None):
+    """Open and fully decode an image; returns a PIL image in its own mode."""
+    name = name or str(path_or_file)
+    img = open_header(path_or_file, name)
+    with DECODING.hold(img, name), readable(name):
+        img.load()
+    return img
 
 
 def array_to_image(arr):
@@ -76,10 +183,11 @@ def array_to_image(arr):
     return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
 
 
-def as_image(item, name=None):
-    """A path, file object, PIL image or array (numpy or torch) as a PIL image."""
+def as_image(item, name=None, size=0):
+    """A path or file object (opened, not yet decoded: see `open_header`), PIL image or array
+    (numpy or torch) as a PIL image."""
     if isinstance(item, (str, os.PathLike)) or hasattr(item, "read"):
-        return open_image(item, name)
+        return open_header(item, name, size)
     if isinstance(item, np.ndarray) or torch.is_tensor(item):
         return array_to_image(np.asarray(item))
     return item
@@ -95,10 +203,14 @@ def resize(x, size):
 
 
 def load_array(item, channels, size, name=None):
-    """An image (see `as_image`) -> mode L or RGB -> size x size -> uint8 (C, size, size) numpy."""
-    a = np.array(to_mode(as_image(item, name), channels), dtype=np.uint8)   # a writable copy for torch
-    x = torch.from_numpy(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-    return np.ascontiguousarray(resize(x[None], size)[0].numpy())
+    """An image (see `as_image`) -> mode L or RGB -> size x size -> uint8 (C, size, size) numpy,
+    decoded within the process's DECODING budget."""
+    img = as_image(item, name, size)
+    name = name or (str(item) if isinstance(item, (str, os.PathLike)) else "image")
+    with DECODING.hold(img, name), readable(name):
+        a = np.array(to_mode(img, channels), dtype=np.uint8)   # a writable copy for torch
+        x = torch.from_numpy(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+        return np.ascontiguousarray(resize(x[None], size)[0].numpy())
 
 
 def has_colour(img):

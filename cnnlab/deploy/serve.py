@@ -1,36 +1,62 @@
 """`cnnlab serve`: FastAPI on uvicorn. The model is loaded once, before the server starts, so a bad
-checkpoint fails at once with the clear error instead of at the first request."""
-import errno
-import io
-import os
-import socket
+checkpoint fails at once with the clear error instead of at the first request.
 
+One client must not be able to take the server down, so every size and time taken from a client
+is bounded: the body while it streams in (`--max-bytes`), the pixels an image decodes to
+(`--max-pixels`, checked from its header), the images decoding at once (DecodeSlots), the time
+to send headers and body (`--timeout`) and the connections open at once (CONNECTIONS)."""
+import asyncio
+import base64
+import errno
+import functools
+import hashlib
+import hmac
+import io
+import ipaddress
+import os
+import re
+import socket
+from contextlib import asynccontextmanager
+
+import h11
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from ..data.images import open_header
 from ..errors import CnnlabError, UsageError, note
 
 PAGE = os.path.join(os.path.dirname(__file__), "static", "index.html")
+PROTECTED = ("/predict", "/explain", "/model")   # what --api-key guards; the page and /health stay open
+CONNECTIONS = 32   # uvicorn answers 503 beyond: at most ~32 request bodies of --max-bytes in memory
+SLOTS = max(1, min(4, os.cpu_count() or 1))   # images decoding at once: more only queue for the same cores
+QUEUE = 8 * SLOTS   # requests that may wait for a slot; one more is answered 503 with Retry-After
+CLOSE = {"Connection": "close"}   # after a refusal that leaves nothing more worth reading
 
 
 class Refused(Exception):
     """A request answered with an error status and `{"error": message}`."""
 
-    def __init__(self, status, message):
+    def __init__(self, status, message, headers=None):
         super().__init__(message)
-        self.status = status
+        self.status, self.headers = status, headers or {}
 
 
-def classify(model, raw, name, k):
-    """`{path, predictions}` for one uploaded file, or `{path, error}` when it is not a readable image."""
+def classify(model, raw, name, k, max_pixels):
+    """`{path, predictions}` for one uploaded file, or `{path, error}` when it is not a readable
+    image or decodes to more than `max_pixels` (checked from its header, before decoding)."""
     try:
-        x = model.preprocess.image(io.BytesIO(raw), name=name)
+        img = open_header(io.BytesIO(raw), name, model.preprocess.image_size, max_pixels, "--max-pixels")
+        x = model.preprocess.image(img, name=name)
     except CnnlabError as e:
         return {"path": name, "error": str(e)}
     return {"path": name, "predictions": model.top_k(model.logits(x[None]), k)[0]}
 
 
-def answer(model, files, k):
+def answer(model, files, k, max_pixels):
     """(JSON body, status). One file: its result (400 if unreadable). Several: a list in the same
     order, 400 only when none is readable (one message naming them all)."""
-    results = [classify(model, raw, name, k) for name, raw in files]
+    results = [classify(model, raw, name, k, max_pixels) for name, raw in files]
     if len(results) == 1:
         return results[0], 400 if "error" in results[0] else 200
     if all("error" in r for r in results):  # each error message starts with its file's name
@@ -38,18 +64,41 @@ def answer(model, files, k):
     return results, 200
 
 
-async def uploaded_files(request, max_bytes):
-    """[(file name, bytes)]: the raw body, or every file of a multipart form in the order sent;
-    Refused over `max_bytes` (413) or without any file content (400)."""
+async def read_body(request, max_bytes, timeout):
+    """The request's body, read as it streams in: refused (413) as soon as it passes `max_bytes`,
+    so a chunked upload of any size costs at most `max_bytes` of memory, and refused (408) when
+    it has not all arrived within `timeout` seconds. After a 413 uvicorn reads and drops the rest
+    (closing at once would reset the connection, losing the answer to a client still sending)
+    until TimedH11Protocol's deadline."""
     declared = int(request.headers.get("content-length") or 0)
     if declared > max_bytes:
-        raise Refused(413, f"request of {declared} bytes is over the {max_bytes}-byte limit")
-    body = await request.body()
-    if len(body) > max_bytes:
-        raise Refused(413, f"request is over the {max_bytes}-byte limit")
+        raise Refused(413, f"request of {declared} bytes is over the {max_bytes}-byte limit (--max-bytes)")
+
+    async def collect():
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise Refused(413, f"request is over the {max_bytes}-byte limit (--max-bytes)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    try:
+        return await asyncio.wait_for(collect(), timeout)
+    except asyncio.TimeoutError:
+        raise Refused(408, f"the request's body did not arrive within {timeout:g} s (--timeout)", CLOSE) from None
+    except ClientDisconnect:   # nobody is left to read the answer; no traceback in the log either
+        raise Refused(400, "the client went away before sending its whole body", CLOSE) from None
+
+
+async def uploaded_files(request, max_bytes, timeout):
+    """[(file name, bytes)]: the raw body, or every file of a multipart form in the order sent;
+    Refused over `max_bytes` (413), after `timeout` (408) or without any file content (400)."""
+    body = await read_body(request, max_bytes, timeout)
     files = [("upload", body)]
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        form = await request.form()
+        async def replay():   # the form is parsed from the body already read, within its limit
+            return {"type": "http.request", "body": body, "more_body": False}
+        form = await Request(request.scope, replay).form()
         # multi_items keeps repeated field names and their order (values() keeps only the last)
         files = [(v.filename or "upload", await v.read()) for _, v in form.multi_items() if hasattr(v, "read")]
         if not files:
@@ -59,13 +108,97 @@ async def uploaded_files(request, max_bytes):
     return files
 
 
-def create_app(model, top_k=5, max_bytes=5 * 2**20):
-    from fastapi import FastAPI, Request
-    from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import HTMLResponse, JSONResponse
+class DecodeSlots:
+    """At most `slots` requests decode and classify at once, and at most `queue` more wait for a
+    slot; beyond that a request is refused at once (503, Retry-After), so a burst of large
+    images costs a bounded amount of memory instead of one decode per client."""
 
-    app = FastAPI(title="cnnlab", description="Image classification with a cnnlab checkpoint.")
+    def __init__(self, slots=SLOTS, queue=QUEUE):
+        self.free, self.room, self.inside = asyncio.Semaphore(slots), slots + queue, 0
+
+    @asynccontextmanager
+    async def hold(self):
+        if self.inside >= self.room:
+            raise Refused(503, f"the server is busy: {self.room} requests are decoding or waiting; retry in a second",
+                          {"Retry-After": "1"})
+        self.inside += 1
+        try:
+            async with self.free:
+                yield
+        finally:
+            self.inside -= 1
+
+
+def inline_hashes(page, tag):
+    """CSP source expressions ('sha256-...') allowing exactly the page's own inline <tag> blocks."""
+    blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.S)
+    return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in blocks)
+
+
+def security_headers(page, docs):
+    """Headers for every response. The policy lets the page run only its own inline script and
+    style (by hash): a class name that reached the page as HTML could not run script. FastAPI's
+    /docs and /redoc (with --docs) load their script from a CDN, so they get a looser policy."""
+    common = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
+    strict = (f"default-src 'none'; script-src {inline_hashes(page, 'script')}; "
+              f"style-src {inline_hashes(page, 'style')}; img-src 'self' blob:; connect-src 'self'; "
+              "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    cdn = "https://cdn.jsdelivr.net"
+    loose = (f"default-src 'none'; script-src 'unsafe-inline' {cdn}; "
+             f"style-src 'unsafe-inline' {cdn} https://fonts.googleapis.com; font-src https://fonts.gstatic.com; "
+             "img-src 'self' data: https:; connect-src 'self'; worker-src blob:; frame-ancestors 'none'")
+    return ({**common, "Content-Security-Policy": strict},
+            {**common, "Content-Security-Policy": loose} if docs else None)
+
+
+def asgi_headers(headers):
+    return [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+
+
+class Guard:
+    """ASGI middleware: the security headers on every response, and, with an API key, 401 for
+    PROTECTED paths unless the request carries `Authorization: Bearer KEY` or `X-API-Key: KEY`."""
+
+    def __init__(self, app, page, api_key=None, docs=False):
+        self.app, self.api_key = app, api_key
+        page_headers, docs_headers = security_headers(page, docs)
+        self.headers, self.docs_headers = asgi_headers(page_headers), docs_headers and asgi_headers(docs_headers)
+
+    def authorized(self, headers):
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        given = headers.get(b"x-api-key") or (token if scheme.lower() == b"bearer" else b"")
+        return hmac.compare_digest(given, self.api_key.encode())   # constant time: no guessing by timing
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        extra = self.docs_headers if self.docs_headers and path.startswith(("/docs", "/redoc")) else self.headers
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": list(message.get("headers", [])) + extra}
+            await send(message)
+        if self.api_key and path.startswith(PROTECTED) and not self.authorized(dict(scope["headers"])):
+            refusal = JSONResponse({"error": "this server needs its API key: send Authorization: Bearer KEY or "
+                                             "X-API-Key: KEY"}, 401, headers={"WWW-Authenticate": "Bearer"})
+            return await refusal(scope, receive, send_with_headers)
+        await self.app(scope, receive, send_with_headers)
+
+
+def create_app(model, top_k=5, max_bytes=5 * 2**20, max_pixels=None, timeout=30.0, api_key=None, docs=False):
+    """The ASGI app: FastAPI wrapped in Guard. `max_pixels` None: default_max_pixels(model)."""
+    from fastapi import FastAPI
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import HTMLResponse
+
+    urls = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="cnnlab", description="Image classification with a cnnlab checkpoint.", **urls)
     digits = model.classes == [str(i) for i in range(10)]
+    max_pixels = max_pixels or default_max_pixels(model)
+    slots = DecodeSlots()
+    with open(PAGE, encoding="utf-8") as f:
+        page = f.read()
 
     @app.post("/predict")
     async def predict(request: Request, top_k: int = top_k):
@@ -75,12 +208,16 @@ def create_app(model, top_k=5, max_bytes=5 * 2**20):
         with several files (any field names) answers a list with one entry per file, in the order
         sent, each `{path, predictions}` or, for a file that is not a readable image, `{path, error}`;
         `path` is the file's name. The status is 200 when at least one file was read, 400 when none
-        was (or the body is empty or has no file), 413 above `--max-bytes` for the whole request."""
+        was (or the body is empty or has no file, or an image decodes to over `--max-pixels`), 413
+        above `--max-bytes` for the whole request, 408 when the body takes over `--timeout`, 503
+        (with Retry-After) when too many requests are already decoding."""
         try:
-            files = await uploaded_files(request, max_bytes)
+            files = await uploaded_files(request, max_bytes, timeout)
+            async with slots.hold():
+                k = max(1, min(top_k, len(model.classes)))
+                body, status = await run_in_threadpool(answer, model, files, k, max_pixels)
         except Refused as e:
-            return JSONResponse({"error": str(e)}, e.status)
-        body, status = await run_in_threadpool(answer, model, files, max(1, min(top_k, len(model.classes))))
+            return JSONResponse({"error": str(e)}, e.status, headers=e.headers)
         return JSONResponse(body, status)
 
     @app.get("/health")
@@ -93,11 +230,53 @@ def create_app(model, top_k=5, max_bytes=5 * 2**20):
                 "preprocess": model.preprocess.to_dict(), "metrics": model.metrics, "digits": digits}
 
     @app.get("/", response_class=HTMLResponse)
-    def page():
-        with open(PAGE, encoding="utf-8") as f:
-            return f.read()
+    def index():
+        return page
 
-    return app
+    return Guard(app, page, api_key=api_key, docs=docs)
+
+
+def default_max_pixels(model):
+    """The pixels an uploaded image may decode to unless --max-pixels says otherwise: (16 x the
+    model's input side)^2, at least 2048x2048, so one decode holds at most ~64 MiB for a small
+    model (images.BYTES_PER_PIXEL). A phone photo sent as JPEG decodes at 1/8 scale, well below."""
+    return max(2048 * 2048, (16 * model.preprocess.image_size) ** 2)
+
+
+class TimedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, plus a deadline: `deadline` seconds after connecting, or after
+    its last answer, a client that has not sent a complete request line and headers, or is still
+    sending a body the server already refused, is disconnected. uvicorn's own keep-alive timer
+    restarts on every byte received, so a client sending one byte a second (slowloris) would
+    otherwise hold a connection forever. A body being read has the app's own --timeout (408)."""
+
+    def __init__(self, *args, deadline=30.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deadline, self.timer = deadline, None
+
+    def arm(self):
+        if self.timer:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(self.deadline, self.close_if_waiting)
+
+    def close_if_waiting(self):
+        no_request = self.conn.their_state is h11.IDLE
+        refused_body = self.conn.their_state is h11.SEND_BODY and self.conn.our_state is h11.DONE
+        if (no_request or refused_body) and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.arm()
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        self.arm()
+
+    def connection_lost(self, exc):
+        if self.timer:
+            self.timer.cancel()
+        super().connection_lost(exc)
 
 
 def listen(host, port):
@@ -123,17 +302,44 @@ def listen(host, port):
     return sock
 
 
-def serve(checkpoint_path, host="127.0.0.1", port=8000, top_k=5, max_bytes=5 * 2**20):
+def reachable_from_network(host):
+    """True unless `host` is a loopback address or 'localhost' (0.0.0.0 and :: mean every interface)."""
+    if host.lower() == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:   # a host name: assume it is reachable
+        return True
+
+
+def check_settings(host, max_bytes, max_pixels, timeout, api_key):
+    """UsageError for a limit that is not positive; a warning when the API is open to the network."""
+    for flag, value in (("--max-bytes", max_bytes), ("--max-pixels", max_pixels), ("--timeout", timeout)):
+        if value is not None and not value > 0:
+            raise UsageError(f"{flag} {value} must be positive")
+    if api_key == "":
+        raise UsageError("--api-key (or CNNLAB_API_KEY) is empty: give a key, or leave it out")
+    if reachable_from_network(host) and not api_key:
+        note(f"warning: --host {host} makes this API reachable from the network, and it has no authentication: "
+             "anyone who can reach it can use the model. Add --api-key KEY (or set CNNLAB_API_KEY) to require a key.")
+
+
+def serve(checkpoint_path, host="127.0.0.1", port=8000, top_k=5, max_bytes=5 * 2**20, max_pixels=None,
+          timeout=30.0, api_key=None, docs=False):
     import uvicorn
 
     from .inference import load
 
+    check_settings(host, max_bytes, max_pixels, timeout, api_key)
     sock = listen(host, port)
     try:
         model = load(checkpoint_path)  # fails here, before serving, on a bad checkpoint
-        app = create_app(model, top_k=top_k, max_bytes=max_bytes)
+        app = create_app(model, top_k=top_k, max_bytes=max_bytes, max_pixels=max_pixels, timeout=timeout,
+                         api_key=api_key, docs=docs)
         port = sock.getsockname()[1]  # the real one when --port 0 asked for any free port
         note(f"serving {model.path} ({len(model.classes)} classes) on http://{host}:{port}/  (Ctrl-C stops)")
-        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+        protocol = functools.partial(TimedH11Protocol, deadline=timeout)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning", http=protocol, limit_concurrency=CONNECTIONS,
+                                      timeout_keep_alive=min(5, timeout))).run(sockets=[sock])
     finally:
         sock.close()
