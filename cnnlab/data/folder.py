@@ -27,7 +27,8 @@ from .registry import Source, register_dataset
 from .sources import select_classes
 
 # In the decoded arrays' cache key: bumped when decoding changes (2: images.resize, torch's
-# kernel, replaced PIL's; 3: large JPEGs decoded at reduced scale, PIL's draft), so an old entry is never mixed with new decodes or predictions.
+# kernel, replaced PIL's; 3: large JPEGs decoded at reduced scale, PIL's draft), so an old
+# entry is never mixed with new decodes or predictions.
 DECODER = 3
 
 # Suffixes of pictures that are not rasters cnnlab decodes (vector drawings, formats Pillow does not
