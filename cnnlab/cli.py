@@ -340,11 +340,8 @@ def main(argv=None):
         from .training.engine import Interrupted
 
         if isinstance(e, Interrupted):
-            world = int(os.environ.get("WORLD_SIZE", 1))
             if int(os.environ.get("RANK", 0)) == 0:
-                nproc = f" --nproc {world}" if world > 1 else ""
-                print(f"\ncnnlab: stopped by signal {e.signum}; last.pt written. Resume with:\n"
-                      f"  cnnlab train --resume {e.run_dir}{nproc}", file=sys.stderr)
+                print(f"\ncnnlab: {e}", file=sys.stderr)
             return 130 if e.signum == 2 else 143
         if debug:
             raise
