@@ -359,3 +359,11 @@ def test_sigint_during_the_final_evaluation_prints_how_to_finish(tmp_path, monke
     monkeypatch.setattr(cnnlab.training.loop, "evaluate", real)
     assert cli.main(["train", "--resume", out]) == 0 and os.path.exists(os.path.join(out, "summary.json"))
     FAULT_REPORT.append("SIGINT during the final evaluation: exit 130 with the command that finishes the run")
+
+
+def test_lr_find_checks_where_its_plot_goes_before_the_sweep(tmp_path, capsys):
+    """A plot path under a file was an internal FileExistsError, after the 100 steps."""
+    (tmp_path / "a-file").write_text("")
+    assert cli.main(["lr-find", "--plot", str(tmp_path / "a-file" / "lr.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot create the folder of the plot {tmp_path}/a-file/lr.png" in err and "lr-find:" not in err
