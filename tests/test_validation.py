@@ -367,3 +367,17 @@ def test_lr_find_checks_where_its_plot_goes_before_the_sweep(tmp_path, capsys):
     assert cli.main(["lr-find", "--plot", str(tmp_path / "a-file" / "lr.png")]) == 2
     err = capsys.readouterr().err
     assert f"cannot create the folder of the plot {tmp_path}/a-file/lr.png" in err and "lr-find:" not in err
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_networks_built_unmeasured_are_small(channels):
+    """create_model skips the meta-device measurement (1-3 s of imports) for the zoo's networks at
+    their default knobs on inputs up to 64x64 and 1000 classes: each must be that small."""
+    from cnnlab.models import SMALL_BUILD, footprint, model_names, surely_small
+
+    for name in model_names():
+        assert surely_small(name, (channels, 64, 64), 1000, {})
+        params, activations = footprint(name, (channels, 64, 64), 1000, {})
+        assert params * 4 + activations < SMALL_BUILD, name
+    assert not surely_small("mnist_cnn", (1, 28, 28), 10, {"hidden": 65})
+    assert not surely_small("mnist_cnn", (1, 65, 65), 10, {})

@@ -6,7 +6,7 @@ tutorial varies, so a network adapts to any dataset; flatten sizes are computed,
 Sizes come from outside (a command line, a recipe, a checkpoint), so a network is measured before
 it is built: `check_memory` builds it on the meta device (shapes, no memory), counts its parameters
 and one image's activations, and refuses in one line what this machine cannot hold (hidden=2,000,000
-used to allocate until the kernel killed the process).
+used to allocate until the kernel killed the process). Networks `surely_small` skip the measuring.
 """
 import inspect
 
@@ -21,6 +21,7 @@ KNOB_CEILING = 1000
 # Bytes per parameter: fp32 weights to build and predict; training adds their gradients and Adam's
 # two moments (SGD with momentum keeps one: the estimate errs on the safe side).
 BYTES_PER_PARAM = {"build": 4, "train": 16}
+SMALL_BUILD = 256 * 2**20   # see surely_small
 
 
 def register(source):
@@ -54,8 +55,28 @@ def create_model(name, in_shape, num_classes, **args):
     """The network `name` for (C, H, W) inputs and `num_classes` outputs, once check_memory says
     this machine can hold it; `args` are its knobs, as text or values."""
     typed = model_args(name, args)
-    check_memory(name, in_shape, num_classes, typed)
-    return REGISTRY[name](tuple(in_shape), int(num_classes), **typed)
+    if not surely_small(name, in_shape, num_classes, typed):
+        check_memory(name, in_shape, num_classes, typed)
+    return build(name, in_shape, num_classes, typed)
+
+
+def build(name, in_shape, num_classes, args):
+    """Run the builder; a value it cannot build with (p=1.5 for dropout, width=0 for a conv) is a UsageError."""
+    try:
+        return REGISTRY[name](tuple(in_shape), int(num_classes), **args)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"model '{name}' cannot be built with {args} for {shape_text(in_shape)} inputs: "
+                         f"{str(e).splitlines()[0][:160]}.") from None
+
+
+def surely_small(name, in_shape, num_classes, args):
+    """True for a network no larger than the zoo's networks at their default knobs on inputs of up
+    to 3x64x64 and 1000 classes, which need less than SMALL_BUILD to build (a test checks every
+    registered model). Those are built unmeasured: the first meta-device operation of a process
+    spends 1-3 s importing torch's meta kernels, which `cnnlab predict` on one image would pay."""
+    defaults = model_knobs(name)
+    at_most_default = all(type(defaults[k]) is not int or 0 < v <= defaults[k] for k, v in args.items())
+    return at_most_default and in_shape[0] <= 3 and max(in_shape[1:]) <= 64 and num_classes <= 1000
 
 
 def model_args(name, args):
@@ -82,11 +103,7 @@ def footprint(name, in_shape, num_classes, args):
     outputs = []
     with torch.device("meta"), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")   # "Initializing zero-element tensors is a no-op" for width=0
-        try:
-            net = REGISTRY[name](tuple(in_shape), int(num_classes), **args)
-        except (ValueError, RuntimeError) as e:  # e.g. p=1.5 for dropout, width=0 for a conv
-            raise UsageError(f"model '{name}' cannot be built with {args} for {shape_text(in_shape)} inputs: "
-                             f"{str(e).splitlines()[0][:160]}.") from None
+        net = build(name, in_shape, num_classes, args)
         for module in net.modules():
             if not any(module.children()):
                 module.register_forward_hook(lambda module, inputs, output: outputs.append(output))
