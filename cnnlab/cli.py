@@ -237,9 +237,13 @@ def cmd_lr_find(args):
                          f"1e-7 to 10); drop {flag}, or give it to `cnnlab train`.")
     base = make_config(load_yaml(args.config)) if args.config else None
     cfg = with_data_name(make_config(train_overrides(args), base=base))
-    curve = lr_find(cfg)
     out = args.plot or default_plot_path(cfg)
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    try:   # before the 100 steps, not after them
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create the folder of the plot {out} ({e.strerror or e}: {e.filename}); "
+                         "choose another --plot.") from None
+    curve = lr_find(cfg)
     save_lr_find(curve.lrs, curve.losses, curve.suggestion, out, minimum=curve.minimum)
     (lowest_lr, lowest_loss), lrs = curve.minimum, curve.lrs
     print(f"lr-find: {len(lrs)} steps from {lrs[0]:.1e} to {lrs[-1]:.1e}; lowest smoothed loss {lowest_loss:.4f} "
@@ -352,11 +356,8 @@ def main(argv=None):
         from .training.engine import Interrupted
 
         if isinstance(e, Interrupted):
-            world = int(os.environ.get("WORLD_SIZE", 1))
             if int(os.environ.get("RANK", 0)) == 0:
-                nproc = f" --nproc {world}" if world > 1 else ""
-                print(f"\ncnnlab: stopped by signal {e.signum}; last.pt written. Resume with:\n"
-                      f"  cnnlab train --resume {e.run_dir}{nproc}", file=sys.stderr)
+                print(f"\ncnnlab: {e}", file=sys.stderr)
             return 130 if e.signum == 2 else 143
         if debug:
             raise

@@ -90,7 +90,13 @@ CHOICES = {
 POSITIVE = ("epochs", "batch_size", "lr", "eval_batch_size")
 NON_NEGATIVE = ("train_samples", "val_samples", "test_samples", "image_size", "weight_decay", "l2",
                 "step_epochs", "warmup_epochs", "label_smoothing", "grad_clip", "patience",
-                "threads", "save_every_steps", "log_every", "momentum", "seed")
+                "threads", "save_every_steps", "log_every", "seed")
+# Upper bounds of whole numbers. Every count fits 32 bits (torch and numpy take larger ones badly:
+# seed 10**20 overflowed torch.manual_seed); seeds are numpy's range. Images larger than 1024 px a
+# side are beyond what cnnlab's in-memory datasets hold (one RGB image is 3 MiB at 1024; an
+# image_size of 10**6 asked for 10**12 bytes per image).
+MAX_INT = 2**31 - 1
+MAXIMUM = {"seed": 2**32 - 1, "image_size": 1024}
 FIELD_TYPES = {f.name: typing.get_type_hints(TrainConfig)[f.name] for f in dataclasses.fields(TrainConfig)}
 
 
@@ -150,17 +156,34 @@ def validate(cfg):
     for key in NON_NEGATIVE:
         if getattr(cfg, key) < 0:
             raise UsageError(f"'{key}' must not be negative, got {getattr(cfg, key)}.")
+    for key in (k for k, kind in FIELD_TYPES.items() if kind is int):
+        if getattr(cfg, key) > MAXIMUM.get(key, MAX_INT):
+            raise UsageError(f"'{key}' must be at most {MAXIMUM.get(key, MAX_INT)}, got {getattr(cfg, key)}.")
+    validate_schedule(cfg)
     if not 0 <= cfg.val_fraction < 1 or not 0 < cfg.test_fraction < 1:
         raise UsageError("'val_fraction' must be in [0, 1) and 'test_fraction' in (0, 1).")
     if cfg.label_smoothing >= 1:
         raise UsageError(f"'label_smoothing' must be below 1, got {cfg.label_smoothing}.")
     if not 0 <= cfg.ema < 1:
         raise UsageError(f"'ema' is a decay in [0, 1) (e.g. 0.999), got {cfg.ema}.")
-    if cfg.schedule == "step" and cfg.step_epochs == 0:
-        raise UsageError("'schedule: step' needs 'step_epochs' (divide the LR by 1/gamma every N epochs).")
     if cfg.amp == "fp16" and cfg.device == "cpu":
         raise UsageError("'amp: fp16' needs CUDA; use 'amp: bf16' or 'off' on the CPU.")
     return cfg
+
+
+def validate_schedule(cfg):
+    """The optimizer and schedule settings whose wrong values train silently: a negative gamma
+    makes the LR negative (gradient ascent), momentum 5 or a warm-up longer than the run freeze it."""
+    if not 0 <= cfg.momentum < 1:
+        raise UsageError(f"'momentum' must be in [0, 1) (e.g. 0.9), got {cfg.momentum}.")
+    if not 0 < cfg.gamma <= 1:
+        raise UsageError(f"'gamma' multiplies the LR every 'step_epochs': it must be in (0, 1] (e.g. 0.1), "
+                         f"got {cfg.gamma}.")
+    if cfg.warmup_epochs > cfg.epochs:
+        raise UsageError(f"'warmup_epochs' ({cfg.warmup_epochs:g}) must not exceed 'epochs' ({cfg.epochs}): the LR "
+                         "would never reach its peak.")
+    if cfg.schedule == "step" and cfg.step_epochs == 0:
+        raise UsageError("'schedule: step' needs 'step_epochs' (divide the LR by 1/gamma every N epochs).")
 
 
 def make_config(overrides=None, base=None):
@@ -182,6 +205,10 @@ def load_yaml(path):
             values = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise UsageError(f"config file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not a text file (not UTF-8): a config is a YAML file of settings.") from None
+    except OSError as e:   # a folder, no permission
+        raise UsageError(f"cannot read config file {path}: {e.strerror or e}.") from None
     except yaml.YAMLError as e:
         raise UsageError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(values, dict):
@@ -190,6 +217,7 @@ def load_yaml(path):
 
 
 def dump_yaml(cfg, path):
+    """Write a config (or a dict) as YAML, atomically: a resumed run rewrites its config.yaml."""
     import yaml
 
     from .atomic import write_text

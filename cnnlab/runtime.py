@@ -11,7 +11,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, note
 
 
 @dataclass
@@ -59,6 +59,49 @@ def amp_dtype(requested, device):
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
 
 
+def cpu_count():
+    """The CPUs this process may run on (its affinity mask, e.g. a container's share), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def thread_count(requested, world, device):
+    """Torch's CPU threads: --threads at most the CPUs here (torch.set_num_threads(100000) crashed
+    the process with a segfault), or under DDP on the CPU a fair share of them; 0 leaves torch's own."""
+    cpus = cpu_count()
+    if requested > cpus:
+        note(f"note: --threads {requested} is more than the {cpus} CPUs this process may use; using {cpus}.")
+        return cpus
+    if not requested and world > 1 and device.type == "cpu":
+        return max(1, cpus // world)
+    return requested
+
+
+def available_memory(device=None):
+    """Bytes that can still be allocated on `device` (default the CPU): the GPU's free memory, or
+    the host's MemAvailable, lowered by a cgroup (container) limit when one is set."""
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    return min(free, cgroup_room())
+
+
+def cgroup_room():
+    """Bytes left under a cgroup v2 memory limit (a container's), or infinity without one."""
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+        return float("inf") if limit == "max" else max(0, int(limit) - used)
+    except (OSError, ValueError):
+        return float("inf")
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -77,10 +120,9 @@ def setup(cfg):
             backend = "nccl" if device.type == "cuda" else "gloo"
             # A bounded timeout: if a rank dies, the others fail within it instead of hanging.
             dist.init_process_group(backend, timeout=timedelta(seconds=int(os.environ.get("CNNLAB_DIST_TIMEOUT", 120))))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    elif world > 1 and device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    threads = thread_count(cfg.threads, world, device)
+    if threads:
+        torch.set_num_threads(threads)
     seed_everything(cfg.seed)
     if device.type == "cpu":
         # Subnormal floats in the gradients slow real-MNIST

@@ -168,3 +168,78 @@ def test_non_finite_floats_are_refused(value):
 def test_yes_and_no_are_not_numbers(flag, kind):
     with pytest.raises(ValueError):
         parse_scalar(kind, flag)
+
+
+# ---- bounds of the settings that trained silently wrong or crashed outside the config (issue 23) ----
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_gamma_is_a_factor_in_zero_to_one(gamma):
+    """gamma -1 made the step schedule's LR negative (gradient ascent)."""
+    if 0 < gamma <= 1:
+        assert make_config({"gamma": gamma}).gamma == gamma
+    else:
+        with pytest.raises(UsageError, match="'gamma'.*in \\(0, 1\\]"):
+            make_config({"gamma": gamma})
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_momentum_is_in_zero_to_one(momentum):
+    """momentum 5 made SGD's updates grow without bound."""
+    if 0 <= momentum < 1:
+        assert make_config({"momentum": momentum}).momentum == momentum
+    else:
+        with pytest.raises(UsageError, match="'momentum'.*\\[0, 1\\)"):
+            make_config({"momentum": momentum})
+
+
+@given(st.integers(1, 1000), st.floats(0, 1e308))
+def test_warmup_may_not_outlast_the_run(epochs, warmup):
+    """warmup_epochs 1e308 kept the LR near zero for the whole run."""
+    if warmup <= epochs:
+        assert make_config({"epochs": epochs, "warmup_epochs": warmup}).warmup_epochs == warmup
+    else:
+        with pytest.raises(UsageError, match=f"'warmup_epochs'.*'epochs' \\({epochs}\\)"):
+            make_config({"epochs": epochs, "warmup_epochs": warmup})
+
+
+INT_KEYS = sorted(k for k, kind in FIELD_TYPES.items() if kind is int)
+
+
+@given(st.sampled_from(INT_KEYS), st.integers(0, 2**80))
+def test_whole_numbers_are_bounded(key, value):
+    """seed 1e20 (a YAML float) overflowed torch.manual_seed with an internal error; image_size 10**6
+    allocated until the process was killed. Each int setting has a stated ceiling."""
+    from cnnlab.config import MAX_INT, MAXIMUM
+
+    ceiling = MAXIMUM.get(key, MAX_INT)
+    base = {"epochs": 10**6} if key == "warmup_epochs" else {}
+    if key in ("epochs", "batch_size", "eval_batch_size"):
+        value = max(value, 1)
+    if value <= ceiling:
+        assert getattr(make_config({**base, key: value}), key) == value
+    else:
+        with pytest.raises(UsageError, match=f"'{key}' must be at most {ceiling}"):
+            make_config({**base, key: value})
+
+
+def test_the_reported_values_are_refused():
+    """The exact values of the issue: each one line naming the setting."""
+    for key, value in (("seed", 1e20), ("image_size", 10**6), ("gamma", -1), ("momentum", 5),
+                       ("warmup_epochs", 1e308)):
+        with pytest.raises(UsageError, match=f"'{key}'"):
+            make_config({key: value})
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)), "epochs: 2\n".encode("utf-16"), b"\x89PNG\r\n\x1a\n\0\0"],
+                         ids=["all-bytes", "utf-16", "png-header"])
+def test_binary_config_files_get_one_line(tmp_path, content):
+    """A binary or non-UTF-8 --config was an internal UnicodeDecodeError."""
+    path = tmp_path / "weights.yaml"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match="weights.yaml"):
+        load_yaml(path)
+
+
+def test_a_folder_as_config_gets_one_line(tmp_path):
+    with pytest.raises(UsageError, match="cannot read config file"):
+        load_yaml(tmp_path)

@@ -8,6 +8,7 @@ from ..training.run_folder import read_json, read_metrics
 from .report import fmt_count
 
 COMPARE_HEADER = ("run", "model", "data", "params", "epochs", "best val", "test acc", "seconds")
+SUMMARY_KEYS = ("model", "data", "num_params", "epochs", "best_val_acc", "test_acc", "train_seconds")  # the columns
 
 
 def compare(run_dirs, out=None):
@@ -21,10 +22,12 @@ def compare(run_dirs, out=None):
         if not os.path.exists(path):
             raise CnnlabError(f"{d} has no summary.json; is it a finished cnnlab run folder?")
         s = read_json(path)
+        lacking = [k for k in SUMMARY_KEYS if not isinstance(s, dict) or k not in s]
+        if lacking:
+            raise CnnlabError(f"{path} lacks '{lacking[0]}' (damaged?); `cnnlab train --resume {d}` writes it again.")
         name = os.path.relpath(os.path.abspath(d), parent)   # unique even when two runs share a basename
         histories[name] = read_metrics(d)
-        rows.append((name, s["model"], s["data"], s["num_params"], s["epochs"], s["best_val_acc"], s["test_acc"],
-                     s["train_seconds"]))
+        rows.append((name, *(s[k] for k in SUMMARY_KEYS)))
     out = out or os.path.join(parent, "compare.png")
     try:
         plots.save_compare(histories, out)

@@ -52,6 +52,7 @@ def run_data(model, run_dir=None, data=None, data_dir=None):
     if data:
         cfg = make_config({"data": data, "classes": [], "image_size": model.preprocess.image_size}, base=cfg)
     elif run_dir and os.path.exists(os.path.join(run_dir, "config.yaml")):   # a run folder keeps its splits.json
+        checkpoint.check_run_config(model.config, run_dir, fix="put back the run's own best.pt, or give --data")
         splits = read_splits(run_dir)
     else:
         note(f"note: {run_dir or 'this checkpoint'} is not a run folder (no config.yaml, no splits.json): the split "

@@ -75,9 +75,9 @@ class RunFiles(Callback):
     epoch (rewritten whole, so a resumed run's file has no duplicates), summary.json at the end."""
 
     def on_start(self, state):
+        state.run.create(state.cfg)   # on --resume too: config.yaml then says the new --epochs
         if state.resumed:
             return
-        state.run.create(state.cfg)
         state.run.write_json("splits.json", state.data.splits)
         if state.data.files.get("bad"):
             state.run.write_text("bad_images.txt", "\n".join(state.data.files["bad"]) + "\n")

@@ -19,6 +19,7 @@ and upgrades it, `build_model` / `preprocess_of` / `restore` turn it back into l
     train_state            last.pt only: {optimizer, ema, rng, progress}, what --resume needs
 """
 import io
+import math
 import os
 import pickle
 import re
@@ -26,8 +27,8 @@ import re
 import torch
 
 from ..atomic import atomic_path
-from ..errors import CnnlabError
-from ..models import count_params, create_model
+from ..errors import CnnlabError, UsageError
+from ..models import count_params, create_model, model_args
 from ..runtime import rng_state, set_rng_state
 
 FORMAT = "cnnlab-checkpoint"
@@ -71,6 +72,9 @@ def load(path, name="best.pt"):
         raise CnnlabError(f"{path} is not a readable checkpoint (truncated or another kind of file: "
                           f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__}).") from None
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
+        problem = layout_problem(ckpt)
+        if problem:
+            raise CnnlabError(f"{path} is not a complete cnnlab checkpoint: {problem}.")
         return upgrade(ckpt, path)
     if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
         raise CnnlabError(f"{path} is a bare state_dict saved by plain PyTorch: it lacks the model name, "
@@ -79,15 +83,84 @@ def load(path, name="best.pt"):
     raise CnnlabError(f"{path} is not a cnnlab checkpoint (no '{FORMAT}' marker).")
 
 
+# The parts every checkpoint has, and their types (`metrics` and `train_state` are optional).
+REQUIRED = {"model": dict, "classes": list, "preprocess": dict, "state_dict": dict, "config": dict}
+
+
+def layout_problem(ckpt):
+    """What is missing or malformed in a loaded checkpoint dict, in words; None when it is whole.
+    Checked once at load, so no later use of the file fails with a KeyError or TypeError."""
+    if not isinstance(ckpt.get("version", 1), int):
+        return f"its version is {ckpt['version']!r}, not a number"
+    for key, kind in REQUIRED.items():
+        if key not in ckpt:
+            return f"missing '{key}'"
+        if not isinstance(ckpt[key], kind):
+            return f"'{key}' should be a {kind.__name__}, got {type(ckpt[key]).__name__}"
+    if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in ckpt["state_dict"].items()):
+        return "'state_dict' holds something other than named tensors"
+    return model_problem(ckpt["model"], ckpt["classes"]) or preprocess_problem(ckpt["preprocess"], ckpt["model"])
+
+
+def whole(value):
+    """A positive int (True is an int to Python, not a size)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def model_problem(spec, classes):
+    """`model` must be create_model's arguments, with one class name per output."""
+    shape = spec.get("in_shape")
+    checks = {"name": isinstance(spec.get("name"), str), "args": isinstance(spec.get("args", {}), dict),
+              "in_shape": isinstance(shape, (list, tuple)) and len(shape) == 3 and all(map(whole, shape)),
+              "num_classes": whole(spec.get("num_classes"))}
+    bad = next((key for key, ok in checks.items() if not ok), None)
+    if bad:
+        return f"'model.{bad}' is {'missing' if bad not in spec else f'malformed ({spec[bad]!r:.60})'}"
+    if len(classes) != spec["num_classes"] or not all(isinstance(c, str) for c in classes):
+        return f"'classes' should be {spec['num_classes']} names (model.num_classes), got {classes!r:.80}"
+    return None
+
+
+def preprocess_problem(pre, spec):
+    """`preprocess` must describe the model's own input: channels x image_size x image_size, with a
+    finite mean and a positive std per channel."""
+    missing = [key for key in ("channels", "image_size", "mean", "std") if key not in pre]
+    if missing:
+        return f"missing 'preprocess.{missing[0]}'"
+    if [pre["channels"], pre["image_size"], pre["image_size"]] != list(spec["in_shape"]):
+        return (f"'preprocess' makes {pre['channels']}x{pre['image_size']}x{pre['image_size']} inputs but the model "
+                f"takes {'x'.join(map(str, spec['in_shape']))}")
+    numbers = lambda v: isinstance(v, list) and len(v) == pre["channels"] and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+    if not (numbers(pre["mean"]) and numbers(pre["std"]) and min(pre["std"]) > 0):
+        return (f"'preprocess' needs {pre['channels']} finite means and positive stds, got {pre['mean']!r:.40} "
+                f"and {pre['std']!r:.40}")
+    return None
+
+
+def check_finite(state_dict, path):
+    """NaN or inf weights give NaN probabilities ("nan%") for every input: refused at load."""
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            layer, _, kind = key.rpartition(".")
+            raise CnnlabError(f"checkpoint {path} has non-finite weights in layer {layer or key} ({kind}: NaN or "
+                              "inf, from a training run that diverged); use an earlier checkpoint or retrain with a "
+                              "lower --lr.")
+
+
 def build_model(ckpt, path=""):
     """The network a checkpoint describes, with its weights loaded (on the CPU, in train mode)."""
     spec = ckpt["model"]
-    try:
+    check_finite(ckpt["state_dict"], path)
+    try:   # the sizes come from the file: create_model refuses a network this machine cannot hold
         net = create_model(spec["name"], spec["in_shape"], spec["num_classes"], **spec.get("args", {}))
+    except UsageError as e:
+        raise CnnlabError(f"{path}: {e}") from None
+    try:
         net.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, KeyError) as e:
-        raise CnnlabError(f"{path}: weights do not fit model '{spec.get('name')}' with "
-                          f"{spec.get('num_classes')} classes ({str(e).splitlines()[0][:160]}).") from None
+        raise CnnlabError(f"{path}: weights do not fit model '{spec['name']}' with "
+                          f"{spec['num_classes']} classes ({str(e).splitlines()[0][:160]}).") from None
     return net
 
 
@@ -146,16 +219,85 @@ def best_payload(state):
     return payload(state.best_weights, state.meta, state.cfg, metrics=metrics)
 
 
+# The settings that decide a run's data and network: a checkpoint whose config differs in one of
+# them was trained by another run (resume.MUST_MATCH adds the ones that shape the training itself).
+DEFINING = ("data", "classes", "class_names", "image_size", "val_fraction", "test_fraction", "train_samples",
+            "val_samples", "test_samples", "seed", "model", "model_args")
+
+
+def check_run_config(ckpt_config, run_dir, run_config=None, name="the checkpoint",
+                     fix="put back the run's own checkpoint"):
+    """Refuse a checkpoint put into a run folder it was not trained in (a 3-class best.pt copied into
+    an MNIST run read that run's splits and failed with an IndexError): its config and the run's
+    (`run_config`, else RUN/config.yaml when there is one) must agree on every DEFINING setting."""
+    from ..config import load_yaml
+
+    if run_config is None:
+        path = os.path.join(run_dir, "config.yaml")
+        run_config = load_yaml(path) if os.path.exists(path) else {}
+    differ = [k for k in DEFINING if k in ckpt_config and k in run_config and ckpt_config[k] != run_config[k]]
+    if differ:
+        key = differ[0]
+        raise CnnlabError(f"{name} was not trained in run folder {run_dir}: its {key} is {ckpt_config[key]!r}, the "
+                          f"run's config.yaml says {run_config[key]!r}; {fix}.")
+
+
+def check_same_run(ckpt, state, path):
+    """--resume: the checkpoint's classes and network must be the live run's."""
+    spec, classes = ckpt["model"], list(ckpt["classes"])
+    ours = state.data.classes
+    if classes != ours:
+        show = lambda names: ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+        raise CnnlabError(f"{path} holds a model for {len(classes)} classes ({show(classes)}) but this run's data has "
+                          f"{len(ours)} ({show(ours)}): the checkpoint belongs to another run; put back this run's "
+                          "own checkpoint, or start a new run.")
+    if spec["name"] != state.cfg.model or model_args(spec["name"], spec.get("args", {})) != model_args(
+            state.cfg.model, state.cfg.model_args):
+        raise CnnlabError(f"{path} holds model '{spec['name']}' {spec.get('args') or ''}, but this run trains "
+                          f"'{state.cfg.model}' {state.cfg.model_args or ''}: the checkpoint belongs to another run.")
+
+
+def train_state_of(ckpt, path):
+    """last.pt's train_state, or one line saying it cannot be resumed from."""
+    saved = ckpt.get("train_state")
+    parts = {"optimizer": dict, "rng": dict, "progress": dict}
+    bad = next((k for k, kind in parts.items() if not isinstance(saved, dict) or not isinstance(saved.get(k), kind)),
+               None)
+    if bad:
+        raise CnnlabError(f"cannot resume from {path}: it has no complete training state (missing or malformed "
+                          f"'train_state.{bad}'); a best.pt copied over last.pt? Start a new run instead.")
+    return saved
+
+
 def restore(state, run_dir):
     """--resume: last.pt into the live model, optimizer, EMA, RNG and progress; best.pt's weights
-    become the best so far."""
-    ckpt = load(os.path.join(run_dir, "last.pt"), "last.pt")
-    saved = ckpt["train_state"]
-    state.model.load_state_dict(ckpt["state_dict"])
-    state.optimizer.load_state_dict(saved["optimizer"])
-    if state.ema is not None and saved["ema"] is not None:
-        state.ema.load_state_dict(saved["ema"])
-    set_rng_state(saved["rng"], state.ctx.device)
-    state.progress.load_state_dict(saved["progress"])
-    best = os.path.join(run_dir, "best.pt")
-    state.best_weights = load(best, "best.pt")["state_dict"] if os.path.exists(best) else None
+    become the best so far. Returns last.pt's config (the settings the run had before this resume)."""
+    path = os.path.join(run_dir, "last.pt")
+    ckpt = load(path, "last.pt")
+    check_run_config(ckpt["config"], run_dir, state.cfg.to_dict(), path, "put back the run's own last.pt, or "
+                     "start a new run")
+    check_same_run(ckpt, state, path)
+    check_finite(ckpt["state_dict"], path)
+    saved = train_state_of(ckpt, path)
+    try:
+        state.model.load_state_dict(ckpt["state_dict"])
+        state.optimizer.load_state_dict(saved["optimizer"])
+        if state.ema is not None and saved.get("ema") is not None:
+            state.ema.load_state_dict(saved["ema"])
+        set_rng_state(saved["rng"], state.ctx.device)
+        state.progress.load_state_dict(saved["progress"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+        raise CnnlabError(f"cannot resume from {path}: its training state does not fit this run "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}).") from None
+    state.best_weights = best_weights(state, os.path.join(run_dir, "best.pt"))
+    return ckpt["config"]
+
+
+def best_weights(state, path):
+    """best.pt's weights for --resume (None when the run has none yet), checked like last.pt."""
+    if not os.path.exists(path):
+        return None
+    ckpt = load(path, "best.pt")
+    check_same_run(ckpt, state, path)
+    check_finite(ckpt["state_dict"], path)
+    return ckpt["state_dict"]

@@ -1,5 +1,46 @@
-"""Plain-language diagnostics of a finished run, for summary.json and the report."""
+"""Plain-language diagnostics of a finished run, for summary.json and the report, and the one a
+run needs at once: a diverging loss, said on stderr the epoch it happens (`DivergenceWarning`)."""
 import math
+
+from ..errors import note
+from .callbacks import Callback
+
+# A training loss this many times a uniform guess's, ln(K) (where an untrained network starts), or
+# rising this many times above its lowest epoch, is a diverged run: --lr 1e6 with Adam ended with
+# loss 7e29 and exit 0, its weights useless, and nothing said so.
+DIVERGED = 10
+
+
+def divergence(history, num_classes):
+    """The diagnostic of a diverged training loss, or None: the worst epoch, compared with ln(K)."""
+    if not history:
+        return None
+    guess = math.log(max(2, num_classes))
+    lowest, worst = math.inf, None
+    for row in history:
+        loss = row["train_loss"]
+        if loss > DIVERGED * guess or (loss > guess and loss > DIVERGED * lowest):
+            worst = row if worst is None or loss > worst["train_loss"] else worst
+        lowest = min(lowest, loss)
+    if worst is None:
+        return None
+    return (f"Training diverged: the training loss reached {worst['train_loss']:.3g} at epoch {worst['epoch']:.0f}, "
+            f"against {guess:.2f} for a uniform guess over {num_classes} classes (lr {worst['lr']:.3g}). The weights "
+            "are not useful: lower --lr (try cnnlab lr-find), or add --grad-clip 1 or a --warmup-epochs.")
+
+
+class DivergenceWarning(Callback):
+    """The divergence diagnostic on stderr at the end of the epoch it appears in, once, so a run
+    that will not recover can be stopped; summary.json keeps it among the diagnostics."""
+
+    def __init__(self):
+        self.warned = False
+
+    def on_epoch_end(self, state):
+        text = None if self.warned else divergence(state.history, len(state.data.classes))
+        if text:
+            note(f"warning: {text}")
+            self.warned = True
 
 
 def diagnose(history, cm, classes, raw_val_acc=None):
@@ -7,6 +48,9 @@ def diagnose(history, cm, classes, raw_val_acc=None):
     notes = []
     if not history:
         return notes
+    diverged = divergence(history, len(classes))
+    if diverged:
+        notes.append(diverged)
     last = history[-1]
     chance = 1 / max(1, len(classes))
     val_acc = last["val_acc"] if not math.isnan(last["val_acc"]) else None

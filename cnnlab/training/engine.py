@@ -5,6 +5,7 @@ Batches and augmentation are functions of (seed, epoch, step), and everything el
 goes into last.pt, so a resumed run replays exactly the steps an uninterrupted one would have taken.
 """
 import math
+import os
 
 import torch
 from torch.nn import functional as F
@@ -14,11 +15,23 @@ from .optim import l2_penalty, set_lr
 
 
 class Interrupted(Exception):
-    """Training stopped on SIGINT/SIGTERM after writing last.pt."""
+    """Training stopped on SIGINT/SIGTERM: between steps after writing last.pt, or (`evaluating`)
+    during the final evaluation, when every epoch's weights are saved and only the test results
+    are missing. Its message says how to go on."""
 
-    def __init__(self, run_dir, signum):
-        self.run_dir, self.signum = run_dir, signum
-        super().__init__(f"interrupted; resume with: cnnlab train --resume {run_dir}")
+    def __init__(self, run_dir, signum, world=1, evaluating=False, finished_epochs=True):
+        self.run_dir, self.signum, self.evaluating = run_dir, signum, evaluating
+        resume = f"cnnlab train --resume {run_dir}" + (f" --nproc {world}" if world > 1 else "")
+        if not evaluating:
+            message = f"stopped by signal {signum}; last.pt written. Resume with:\n  {resume}"
+        elif finished_epochs:   # a resumed run with nothing left to train tests best.pt and writes the rest
+            message = (f"stopped by signal {signum} during the final evaluation; training had finished (best.pt and "
+                       f"last.pt are written). Finish the test results, summary.json and the report with:\n  {resume}")
+        else:                   # stopped early: a resume would train again, so the results come from best.pt
+            message = (f"stopped by signal {signum} during the final evaluation; training had stopped early (best.pt "
+                       f"is written). See the test results with `cnnlab evaluate {run_dir}` and write the report "
+                       f"with `cnnlab report {run_dir}`.")
+        super().__init__(message)
 
 
 def make_step(model, optimizer, cfg, ctx, *, forward=None, ema=None):
@@ -58,7 +71,7 @@ def train_step(state, xb, yb):
     progress.add_step(loss_sum, correct, len(yb))
     check_every = 1 if state.ctx.device.type == "cpu" else 25   # a finiteness check syncs the GPU
     if progress.step % check_every == 0 and not progress.loss_is_finite():
-        raise non_finite(progress)
+        raise non_finite(state)
 
 
 def epoch_results(state):
@@ -66,16 +79,20 @@ def epoch_results(state):
     a validation split)."""
     train = state.progress.epoch_totals(state.ctx)
     if not math.isfinite(train["loss"]):   # steps between GPU checks, or another rank's loss
-        raise non_finite(state.progress)
+        raise non_finite(state)
     if not len(state.data.val[1]):
         return train, None
     return train, evaluate(state.eval_model, state.val_loader, state.ctx, len(state.data.classes))
 
 
-def non_finite(progress):
+def non_finite(state):
+    """The error of a NaN or inf training loss, saying truthfully whether a checkpoint is left."""
+    progress, run = state.progress, state.run
+    kept = run is not None and os.path.exists(run.file("last.pt"))
     return CnnlabError(f"loss became non-finite at epoch {progress.epoch + 1}, step {progress.step} (lr "
-                       f"{progress.lr:.3g}); training stopped and the last good checkpoint was kept. Try a lower "
-                       "--lr, --grad-clip 1, or --amp off.")
+                       f"{progress.lr:.3g}); training stopped and "
+                       + ("the last good checkpoint (last.pt) was kept" if kept else "no checkpoint was written yet")
+                       + ". Try a lower --lr, --grad-clip 1, or --amp off.")
 
 
 def confusion_matrix(preds, targets, num_classes):

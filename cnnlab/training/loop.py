@@ -5,23 +5,25 @@ run's files are callbacks (callbacks.py, console.py), and where the run is lives
 (progress.py). The public `cnnlab.train()` (api.py) resolves the settings and calls `fit`.
 """
 import os
+import signal
+from contextlib import contextmanager
 
 import torch
 
 from . import checkpoint
 from .callbacks import Callbacks, Checkpoints, EarlyStopping, RunFiles, SignalStop, TensorBoard
 from .console import Console, ProgressBar
-from .diagnose import diagnose
+from .diagnose import DivergenceWarning, diagnose
 from .distributed import wrap_for_training
 from .engine import Interrupted, ema_model, epoch_results, evaluate, make_step, snapshot, train_step
-from .optim import build_optimizer
+from .optim import build_optimizer, resumed_lr_change
 from .progress import Progress
 from .run_folder import RunFolder, check_writable, default_name
 from .state import TrainState, silent
 from ..data import default_augment, load_data, read_splits
 from ..data.loader import BatchLoader
-from ..errors import UsageError
-from ..models import create_model
+from ..errors import UsageError, note
+from ..models import check_memory, create_model, model_args
 from ..runtime import setup, teardown
 
 
@@ -36,8 +38,9 @@ def fit(cfg, resume=None, quiet=False, callbacks=()):
     together = True
     try:
         return train_loop(state, hooks)
-    except Interrupted:
-        raise                 # every rank agreed to stop at the same step: they leave together
+    except Interrupted as e:
+        together = not e.evaluating   # between steps every rank agreed to stop at the same one: they leave together
+        raise
     except BaseException:
         together = False      # another rank may be gone
         raise
@@ -49,7 +52,8 @@ def fit(cfg, resume=None, quiet=False, callbacks=()):
 def standard_callbacks():
     """What every run does, in this order: the run folder's files first (metrics.csv is written
     before last.pt, so a crash never leaves a checkpoint ahead of its metrics), console lines last."""
-    return [RunFiles(), Checkpoints(), TensorBoard(), ProgressBar(), Console(), EarlyStopping(), SignalStop()]
+    return [RunFiles(), Checkpoints(), TensorBoard(), ProgressBar(), Console(), DivergenceWarning(), EarlyStopping(),
+            SignalStop()]
 
 
 def train_loop(state, hooks):
@@ -69,15 +73,39 @@ def train_loop(state, hooks):
             stop = hooks.call("on_step", state)
             if stop:
                 hooks.call("on_interrupt", state)
-                raise Interrupted(state.run_dir, stop.signum)
+                raise Interrupted(state.run_dir, stop.signum, state.ctx.world)
         state.row = progress.end_epoch(*epoch_results(state))
         if progress.improved:
             state.best_weights = snapshot(state.eval_model)
         if hooks.call("on_epoch_end", state):
             break
-    test_once(state)
-    hooks.call("on_end", state)
+    with stop_at_once_on_signal(state):
+        test_once(state)
+        hooks.call("on_end", state)
     return state
+
+
+@contextmanager
+def stop_at_once_on_signal(state):
+    """After the last step, SIGINT/SIGTERM stop the run at once (SignalStop only stops between
+    steps, so a Ctrl-C during the test pass and the report used to be swallowed): the training is
+    saved, and Interrupted says how to finish what is left."""
+    finished = state.progress.epoch >= state.cfg.epochs
+
+    def stop(signum, frame):
+        raise Interrupted(state.run_dir, signum, state.ctx.world, evaluating=True, finished_epochs=finished)
+
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, stop)
+    except ValueError:  # not the main thread (e.g. a notebook worker): no handlers, as in SignalStop
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def check_run(state):
@@ -105,10 +133,12 @@ def check_names(cfg):
 def prepare(state):
     """The data (a resumed run keeps its splits), the model and what trains it; on --resume, the
     exact state of last.pt."""
-    splits = read_splits(state.run.path) if state.resumed else None
-    build(state, splits)
+    build(state, read_splits(state.run.path) if state.resumed else None)
     if state.resumed:
-        checkpoint.restore(state, state.run_dir)
+        saved = checkpoint.restore(state, state.run_dir)
+        change = resumed_lr_change(saved, state.cfg, state.progress.global_step, len(state.train_loader))
+        if change:
+            note(change)
     state.meta = checkpoint.metadata(state)
 
 
@@ -117,6 +147,10 @@ def build(state, splits=None):
     path that both training and lr-find take."""
     cfg, ctx = state.cfg, state.ctx
     data = state.data = load_data(cfg.data_config(), splits=splits)
+    # what training adds to the network itself (gradients, optimizer state, a batch's activations)
+    # must fit on the device too: refused here before anything is allocated
+    check_memory(cfg.model, data.shape, len(data.classes), model_args(cfg.model, cfg.model_args), "train",
+                 batch=max(1, cfg.batch_size // ctx.world), device=ctx.device)
     model = create_model(cfg.model, data.shape, len(data.classes), **cfg.model_args).to(ctx.device)
     state.model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
     state.optimizer, state.ema = build_optimizer(cfg, state.model), ema_model(state.model, cfg.ema)

@@ -13,6 +13,9 @@ import math
 
 import torch
 
+from ..config import make_config
+from ..errors import UsageError
+
 
 def build_optimizer(cfg, model):
     params = [p for p in model.parameters() if p.requires_grad]
@@ -50,3 +53,26 @@ def set_lr(optimizer, lr):
 def l2_penalty(model):
     """Seed 002's explicit L2: the sum of squared parameters."""
     return sum(p.pow(2).sum() for p in model.parameters() if p.requires_grad)
+
+
+# The settings lr_factor reads: a --resume that changes one of them changes the lr from the next step on.
+SCHEDULE_KEYS = ("lr", "epochs", "schedule", "warmup_epochs", "step_epochs", "gamma")
+
+
+def resumed_lr_change(saved, cfg, step, steps_per_epoch):
+    """A note for a --resume whose schedule settings differ from the saved run's (`saved`: its config
+    dict), e.g. a longer --epochs under cosine or one-cycle: the lr of the next step under the old and
+    the new settings; None when they agree."""
+    try:
+        before = make_config({k: saved[k] for k in SCHEDULE_KEYS if k in saved}, base=cfg)
+    except UsageError:   # a damaged saved config costs this note only
+        return None
+    old, new = (c.lr * lr_factor(c, step, steps_per_epoch) for c in (before, cfg))
+    if math.isclose(old, new, rel_tol=1e-6, abs_tol=1e-12):
+        return None
+    changed = ", ".join(f"{k} {getattr(before, k)} -> {getattr(cfg, k)}" for k in SCHEDULE_KEYS
+                        if getattr(before, k) != getattr(cfg, k))
+    stretched = (f" the {cfg.schedule} schedule is stretched to the new length of {cfg.epochs} epochs, so"
+                 if before.epochs != cfg.epochs and cfg.schedule in ("cosine", "onecycle") else "")
+    return (f"note: resumed with {changed}:{stretched} the lr jumps from {old:.3g} to {new:.3g} at epoch "
+            f"{step // steps_per_epoch + 1} (global step {step}).")

@@ -4,10 +4,11 @@ import os
 
 from ..config import load_yaml, make_config
 from ..errors import UsageError
+from .checkpoint import DEFINING
 
-# Settings that define what a run IS; changing them on --resume would silently mix two runs.
-MUST_MATCH = ("data", "classes", "model", "model_args", "image_size", "val_fraction", "test_fraction",
-              "train_samples", "val_samples", "test_samples", "seed", "batch_size", "optimizer", "augment")
+# Settings that define what a run IS; changing them on --resume would silently mix two runs: its
+# data and network (checkpoint.DEFINING) and how it trains.
+MUST_MATCH = DEFINING + ("batch_size", "optimizer", "augment")
 
 
 def resolve_config(config=None, resume=None, overrides=None):
@@ -33,7 +34,16 @@ def resume_config(run_dir, overrides):
     """The saved config with the allowed overrides applied; refuses changes to MUST_MATCH keys."""
     if not os.path.exists(os.path.join(run_dir, "last.pt")):
         raise UsageError(f"cannot resume: {run_dir} has no last.pt (is it a cnnlab run folder?).")
-    saved = make_config(load_yaml(os.path.join(run_dir, "config.yaml")))
+    out = overrides.get("out")
+    if out and os.path.realpath(out) != os.path.realpath(run_dir):   # was ignored silently
+        raise UsageError(f"--out {out} is not the run being resumed: a resumed run continues in its own folder "
+                         f"{run_dir}; drop --out (or copy the folder and resume the copy).")
+    path = os.path.join(run_dir, "config.yaml")
+    values = load_yaml(path)
+    try:
+        saved = make_config(values)
+    except UsageError as e:   # an edited or damaged config.yaml: say which file the bad setting is in
+        raise UsageError(f"{path}: {e}") from None
     changed = [k for k in MUST_MATCH if k in overrides and make_config({k: overrides[k]}).to_dict()[k] != getattr(saved, k)]
     if changed:
         diffs = ", ".join(f"{k}: {getattr(saved, k)!r} -> {overrides[k]!r}" for k in changed)

@@ -9,7 +9,7 @@ import time
 from . import checkpoint
 from ..atomic import atomic_path, write_text
 from ..config import dump_yaml
-from ..errors import CnnlabError, UsageError
+from ..errors import CnnlabError, UsageError, note
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 
@@ -144,10 +144,23 @@ def hold_lock(path):
 
 
 def read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:   # JSONDecodeError, UnicodeDecodeError
+        raise CnnlabError(f"{path} is damaged (not valid JSON: {str(e)[:80]}); restore it, or delete it and rerun "
+                          "the command that wrote it.") from None
 
 
 def read_metrics(run_dir):
-    with open(os.path.join(run_dir, "metrics.csv"), newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    """metrics.csv as rows of floats; [] with a note when it is missing (no training curves then)."""
+    path = os.path.join(run_dir, "metrics.csv")
+    if not os.path.exists(path):
+        note(f"note: {path} is missing: going on without the training curves.")
+        return []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    except (ValueError, TypeError, csv.Error) as e:   # a cell that is not a number, a short or long row
+        raise CnnlabError(f"{path} is damaged ({str(e)[:80]}); delete it to go on without the training "
+                          "curves.") from None
