@@ -208,3 +208,12 @@ def test_the_zoo_reads_registered_shapes_and_loads_the_rest(tmp_path):
 
     assert data_shape("cifar10", str(tmp_path / "nowhere")) == ((3, 32, 32), 10)
     assert data_shape("synthetic:3x20x20:4:40", "data") == ((3, 20, 20), 4)
+
+
+def test_models_listing_marks_the_networks_a_tiny_input_cannot_take():
+    """A network too deep for 8x8 inputs is one row saying so, not the end of the listing."""
+    from cnnlab.models.zoo import list_models
+
+    table = list_models("synthetic:1x8x8:2:40")
+    assert "lenet5" in table and "does not fit this input" in table
+    assert "digits_fast" in table and len(table.splitlines()) > 5

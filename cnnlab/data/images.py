@@ -163,10 +163,11 @@ def open_header(path_or_file, name=None, size=0, max_pixels=MAX_PIXELS, limit_hi
         return img
 
 
-def open_image(path_or_file, name=None):
-    """Open and fully decode an image; returns a PIL image in its own mode."""
+def open_image(path_or_file, name=None, size=0):
+    """Open and decode an image (a large JPEG at reduced scale for a `size` model input, as training
+    and serve decode it); returns a PIL image in its own mode."""
     name = name or str(path_or_file)
-    img = open_header(path_or_file, name)
+    img = open_header(path_or_file, name, size)
     with DECODING.hold(img, name), readable(name):
         img.load()
     return img

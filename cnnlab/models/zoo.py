@@ -1,4 +1,5 @@
 """`cnnlab models`: the zoo as a table, or one model layer by layer (torchinfo, as seed 003 does)."""
+from ..errors import UsageError
 from . import REGISTRY, count_params, create_model, forward_flops, model_names
 
 
@@ -22,7 +23,7 @@ def list_models(data="mnist-5k", data_dir="data"):
         try:
             model = create_model(name, shape, k)
             lines.append(f"{name:<20} {count_params(model):>11,} {forward_flops(model, shape) / 1e6:>9.2f}  {REGISTRY[name].source}")
-        except RuntimeError as e:  # e.g. too many poolings for a tiny image
+        except (RuntimeError, UsageError) as e:  # e.g. too many poolings for a tiny image
             lines.append(f"{name:<20} {'-':>11} {'-':>9}  does not fit this input: {str(e).splitlines()[0][:60]}")
     return "\n".join(lines)
 
