@@ -128,7 +128,7 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path):
 
 # ---- interruption and workers --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_a_killed_study_resumes_where_it_stopped(tmp_path, signum):
     base, space = files(tmp_path, base={"epochs": 40, "report": False})
     out = str(tmp_path / "tune")
@@ -183,8 +183,8 @@ def postgres_url():
     initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
     if not (initdb and pg_ctl):
         pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are absent: apt-get install -y postgresql")
-    pytest.importorskip("psycopg2", reason="the PostgreSQL driver: pip install psycopg2-binary")
-    folder = tempfile.mkdtemp(prefix="cnnlab-pg-")
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver SQLAlchemy uses: pip install 'psycopg[binary]'")
+    folder = tempfile.mkdtemp(prefix="cnnlab-pg-")   # not tmp_path: its parents are closed to other users
     as_user = []
     if os.geteuid() == 0:
         as_user = ["runuser", "-u", "postgres", "--"]

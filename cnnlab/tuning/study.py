@@ -78,7 +78,7 @@ def open_study(storage, name, pruner):
                                    sampler=optuna.samplers.TPESampler(), load_if_exists=True)
     except ImportError as e:
         raise UsageError(f"--storage {hide_password(storage)} needs a database driver: {e} "
-                         "(PostgreSQL: pip install psycopg2-binary).") from None
+                         "(PostgreSQL: pip install 'psycopg[binary]').") from None
     except Exception as e:   # SQLAlchemy's errors: a bad URL, a server that does not answer
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot open --storage {hide_password(storage)}: {first}") from None
