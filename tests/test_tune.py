@@ -94,6 +94,8 @@ def test_tiny_study_prunes_writes_a_run_per_trial_best_yaml_and_tune_html(tmp_pa
         # gives the best validation accuracy again, and no test number is written
         assert summary["evaluated_split"] == "val" and summary["test_acc"] is None
         assert summary["final_val_acc"] == pytest.approx(summary["best_val_acc"])
+    trials = run_cli("compare", os.path.join(out, "trial-0000"), os.path.join(out, "trial-0001"))   # no test acc: "-"
+    assert trials.returncode == 0 and trials.stdout.splitlines()[1].split()[-2] == "-", trials.stderr
     page = open(os.path.join(out, "tune.html")).read()
     assert page.count('src="data:image/png;base64,') == 4 and 'href="trial-0001/report.html"' in page
     tested = json.load(open(os.path.join(out, "best", "summary.json")))
@@ -124,6 +126,15 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path):
     assert "trial 0 failed: model 'mnist_cnn' cannot be built" in result.stderr
     assert [t.state.name for t in open_study(out).get_trials()] == ["FAIL", "COMPLETE"]
     FAULT_REPORT.append("tune: a trial whose model cannot be built -> recorded as failed with its error, next trial ran")
+
+
+def test_timeout_lets_the_running_trial_finish_and_starts_no_other(tmp_path):
+    base, space = files(tmp_path, base={"epochs": 60, "report": False})   # a trial takes over 2 s here
+    out = str(tmp_path / "tune")
+    result = run_cli("tune", "--config", base, "--space", space, "--trials", 5, "--timeout", 1, "--out", out,
+                     "--pruner", "none")
+    assert result.returncode == 0, result.stderr
+    assert len(counted(open_study(out))) == 1 and len(result.stdout.splitlines()) == 1 + 1 + 2
 
 
 # ---- interruption and workers --------------------------------------------------------------------------

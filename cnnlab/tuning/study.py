@@ -119,8 +119,9 @@ def budget(study, below=None):
 
 
 def run_trials(study, objective, trials, deadline=None):
-    """Run trials until the study holds `trials` done ones (or `deadline`, time.time(), passes:
-    no new trial starts after it). While the others' last trials run, wait: one may yet fail."""
+    """Run trials until the study holds `trials` done ones, or until `deadline` (time.time())
+    passes: as Optuna's own timeout, the trial under way then finishes, and no new one starts.
+    While the other workers' last trials run, wait: one may yet fail and leave a place."""
     while deadline is None or time.time() < deadline:
         optuna.storages.fail_stale_trials(study)
         done, running = budget(study)
@@ -128,8 +129,8 @@ def run_trials(study, objective, trials, deadline=None):
             return
         if done + running >= trials:
             time.sleep(HEARTBEAT_SECONDS)
-            continue
-        study.optimize(objective, n_trials=1, catch=(TrialFailed,))
+        else:
+            study.optimize(objective, n_trials=1, catch=(TrialFailed,))
 
 
 class Objective:
