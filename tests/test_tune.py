@@ -242,3 +242,14 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys, space, trials, expecte
     assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, err
     assert not out.exists()                                  # refused before anything is written
     FAULT_REPORT.append(f"tune: bad input {space} trials={trials} -> exit 2, {err.strip()[:90]}")
+
+
+def test_a_storage_that_cannot_be_opened_is_one_line(tmp_path, capsys):
+    base, space = files(tmp_path)
+    code = main(["tune", "--config", base, "--space", space, "--out", str(tmp_path / "tune"),
+                 "--storage", "postgresql://cnnlab:secret@127.0.0.1:1/nothing"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cannot open --storage postgresql://cnnlab:***@127.0.0.1:1/nothing" in err and "secret" not in err
+    assert not (tmp_path / "tune").exists()
+    FAULT_REPORT.append(f"tune: --storage at a closed port -> exit 2, {err.strip()[:100]}")

@@ -40,8 +40,7 @@ def tune(config=None, space=None, trials=20, timeout=None, out=None, storage=Non
 
     base, space = check_arguments(config, space, trials, timeout, pruner)
     out = out or os.path.join("runs", f"tune-{base.model}-{base.data.split(':')[0]}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(out, exist_ok=True)
-    storage = storage or "sqlite:///" + os.path.abspath(os.path.join(out, "study.db"))
+    storage = storage or default_storage(out)
     with quiet_experimental():
         optuna_study = open_study(storage, study or os.path.basename(os.path.abspath(out)), make_pruner(pruner, trials))
         check_same_search(optuna_study, base, space)
@@ -51,6 +50,12 @@ def tune(config=None, space=None, trials=20, timeout=None, out=None, storage=Non
         deadline = time.time() + timeout if timeout else None
         run_trials(optuna_study, Objective(base, space, out, trials, quiet), trials, deadline)
     return finish(optuna_study, base, space, out, storage)
+
+
+def default_storage(out):
+    """The study in OUT/study.db: SQLite, nothing to install (the folder is made for it)."""
+    os.makedirs(out, exist_ok=True)
+    return "sqlite:///" + os.path.abspath(os.path.join(out, "study.db"))
 
 
 def check_arguments(config, space, trials, timeout, pruner):

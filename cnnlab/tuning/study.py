@@ -54,7 +54,7 @@ class TrialReporter(Callback):
     def on_epoch_end(self, state):
         epoch = state.row["epoch"]
         self.trial.report(state.row["val_acc"], epoch)
-        if self.trial.should_prune():
+        if epoch < state.cfg.epochs and self.trial.should_prune():   # at the last epoch, nothing is left to save
             self.pruned_at = epoch
             return Stop("pruned")
         return None
