@@ -36,10 +36,11 @@ def tune(config=None, space=None, trials=20, timeout=None, out=None, storage=Non
          quiet=False):
     """Search the settings in `space` (a YAML path, a shipped space's name, or a dict) on top of
     `config` (a TrainConfig, a YAML path or a dict of settings); see `cnnlab tune --help`."""
+    from ..training.run_folder import default_name
     from .study import Objective, make_pruner, open_study, quiet_experimental, run_trials
 
     base, space = check_arguments(config, space, trials, timeout, pruner)
-    out = out or os.path.join("runs", f"tune-{base.model}-{base.data.split(':')[0]}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = out or os.path.join("runs", "tune-" + default_name(base))
     storage = storage or default_storage(out)
     with quiet_experimental():
         optuna_study = open_study(storage, study or os.path.basename(os.path.abspath(out)), make_pruner(pruner, trials))
