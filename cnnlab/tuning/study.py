@@ -70,16 +70,19 @@ class TrialReporter(Callback):
 def open_study(storage, name, pruner):
     """The study `name` in `storage` (an RDB URL), created on first use; maximises val accuracy."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)   # cnnlab says what happens, once, on stderr
+    from sqlalchemy.exc import SQLAlchemyError   # Optuna's RDB storage is SQLAlchemy
+
     kwargs = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else {}  # workers wait for the lock
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
     try:
         rdb = optuna.storages.RDBStorage(storage, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
-                                         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+                                         heartbeat_stale_trial_callback=retry)
         return optuna.create_study(storage=rdb, study_name=name, direction="maximize", pruner=pruner,
                                    sampler=optuna.samplers.TPESampler(), load_if_exists=True)
     except ImportError as e:
         raise UsageError(f"--storage {hide_password(storage)} needs a database driver: {e} "
                          "(PostgreSQL: pip install 'psycopg[binary]').") from None
-    except Exception as e:   # SQLAlchemy's errors: a bad URL, a server that does not answer
+    except (SQLAlchemyError, ValueError) as e:   # a bad URL, a server that does not answer
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot open --storage {hide_password(storage)}: {first}") from None
 
