@@ -112,6 +112,8 @@ def test_python_api_returns_the_best_and_its_test_accuracy(tmp_path):
                          pruner="none", quiet=True)
     assert result.best_params == {"lr": GOOD} and result.best_val_acc > 0.9
     assert result.test_acc == json.load(open(os.path.join(out, "best", "summary.json")))["test_acc"]
+    with pytest.raises(cnnlab.errors.UsageError, match="started with another search space"):   # no mixed studies
+        cnnlab.tune({**BASE, "report": False}, {"lr": {"uniform": [0.01, 0.1]}}, trials=3, out=out, quiet=True)
 
 
 def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path):
@@ -125,7 +127,8 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "trial 0 failed: model 'mnist_cnn' cannot be built" in result.stderr
     assert [t.state.name for t in open_study(out).get_trials()] == ["FAIL", "COMPLETE"]
-    FAULT_REPORT.append("tune: a trial whose model cannot be built -> recorded as failed with its error, next trial ran")
+    FAULT_REPORT.append("tune: a trial whose model cannot be built -> recorded as failed with its error, "
+                        "the next trial ran")
 
 
 def test_timeout_lets_the_running_trial_finish_and_starts_no_other(tmp_path):

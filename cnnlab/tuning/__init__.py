@@ -99,8 +99,8 @@ def check_same_search(study, base, space):
         if saved is None:
             study.set_user_attr(key, value)
         elif saved != value:
-            raise UsageError(f"study '{study.study_name}' was started with another {'base config' if key == 'base' else 'search space'}; "
-                             f"{SAME_STUDY_HINT}.")
+            what = "base config" if key == "base" else "search space"
+            raise UsageError(f"study '{study.study_name}' was started with another {what}; {SAME_STUDY_HINT}.")
 
 
 def finish(study, base, space, out, storage):
@@ -121,7 +121,7 @@ def finish(study, base, space, out, storage):
     rows = trial_rows(study)
     facts = {"storage": html.escape(hide_password(storage)), "trials": summarize_states(rows),
              "best trial": f"{best.number}, validation {best.value:.2%}",
-             "best settings": f'<a href="best.yaml">best.yaml</a>',
+             "best settings": '<a href="best.yaml">best.yaml</a>',
              "best re-run, tested": f'<a href="best/report.html">best/</a> test accuracy {summary["test_acc"]:.2%}'}
     write_page(out, study, facts, rows, list(space))
     lines = table_lines(rows, list(space)) + [
@@ -143,7 +143,8 @@ def test_best(cfg, best, best_yaml):
     summary_path = os.path.join(cfg.out, "summary.json")
     with open(os.path.join(os.path.dirname(best_yaml), ".best.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if os.path.exists(best_yaml) and os.path.exists(summary_path) and load_yaml(best_yaml) == yaml.safe_load(recipe):
+        done = os.path.exists(best_yaml) and os.path.exists(summary_path)
+        if done and load_yaml(best_yaml) == yaml.safe_load(recipe):
             return read_json(summary_path)
         write_text(best_yaml, recipe)
         return train(make_config({"overwrite": True}, base=cfg), quiet=True).summary

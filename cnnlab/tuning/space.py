@@ -75,7 +75,8 @@ def check_key(key, where):
 
 def check_choice(key, args, where):
     if not isinstance(args, list) or not args:
-        raise UsageError(f"{where}: '{key}: {{choice: ...}}' needs a non-empty list, e.g. choice: [32, 64]; got {args!r}.")
+        raise UsageError(f"{where}: '{key}: {{choice: ...}}' needs a non-empty list, e.g. choice: [32, 64]; "
+                         f"got {args!r}.")
     if any(not isinstance(v, (str, int, float, bool)) for v in args):
         raise UsageError(f"{where}: '{key}' choices must be plain values (text, numbers, true/false); got {args!r}.")
     return args
