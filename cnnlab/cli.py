@@ -252,6 +252,20 @@ def cmd_lr_find(args):
     return 0
 
 
+def cmd_tune(args):
+    from .tuning import tune
+
+    try:
+        result = tune(args.config, args.space, trials=args.trials, timeout=args.timeout, out=args.out,
+                      storage=args.storage, study=args.study, pruner=args.pruner)
+    except KeyboardInterrupt:
+        print("cnnlab: tune interrupted; the study keeps every finished trial. Resume with the same command"
+              + ("" if args.out else " and --out set to the tune folder named above") + ".", file=sys.stderr)
+        return 130
+    print("\n".join(result.lines))
+    return 0
+
+
 def build_parser():
     p = Parser(prog="cnnlab", description="Train, evaluate, explain and export CNN image classifiers.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -326,6 +340,24 @@ def build_parser():
     lf.add_argument("--plot", help="where to write the plot (default: inside --out when given, else "
                                    "runs/lr_find-<model>-<data>.png)")
     lf.set_defaults(fn=cmd_lr_find)
+    tu = sub.add_parser("tune", help="search hyperparameters with Optuna (TPE, pruning); each trial is a run folder")
+    tu.add_argument("--config", type=recipe_path, metavar="RECIPE|FILE", help="the base settings every trial starts "
+                    "from: a recipe name (see `cnnlab recipes`) or a YAML file (default: cnnlab's defaults)")
+    tu.add_argument("--space", required=True, metavar="SPACE|FILE", help="the search space: a YAML file of KEY: "
+                    "{choice: [..]} / {uniform|log_uniform|int|log_int: [low, high]} (KEY a train setting or "
+                    "model_args.KNOB), or a shipped space's name (seed002_cifar2)")
+    tu.add_argument("--trials", type=int, default=20, help="trials in the study in all, counting those already run "
+                    "(by an interrupted run or other workers) [default: 20]")
+    tu.add_argument("--timeout", type=float, help="start no new trial after this many seconds")
+    tu.add_argument("--out", help="the tune folder (default runs/tune-<model>-<data>-<time>); run again with the "
+                   "same --out to resume")
+    tu.add_argument("--storage", metavar="URL", help="an Optuna RDB URL (e.g. postgresql://user@host/db) shared by "
+                    "several workers [default: sqlite:///OUT/study.db]")
+    tu.add_argument("--study", metavar="NAME", help="the study's name in the storage; workers with the same "
+                    "--storage and --study share it [default: the tune folder's name]")
+    tu.add_argument("--pruner", default="median", choices=("median", "halving", "none"),
+                    help="stop weak trials early on their per-epoch val accuracy [default: median]")
+    tu.set_defaults(fn=cmd_tune)
     return p
 
 

@@ -37,14 +37,15 @@ def compare(run_dirs, out=None):
 
 
 def fmt_val(acc):
-    """A run without a validation split has no best val accuracy (summary.json: null)."""
+    """A run without a validation split has no best val accuracy, a tune trial no test accuracy
+    (summary.json: null)."""
     return "-" if acc is None else f"{acc:.2%}"
 
 
 def compare_table(rows):
     """The compare rows as text lines, every column as wide as its longest cell: names of any
     length stay aligned. Text left-aligned, numbers right-aligned."""
-    cells = [COMPARE_HEADER] + [(*r[:3], fmt_count(r[3]), fmt_count(r[4]), fmt_val(r[5]), f"{r[6]:.2%}", f"{r[7]:.1f}")
+    cells = [COMPARE_HEADER] + [(*r[:3], fmt_count(r[3]), fmt_count(r[4]), fmt_val(r[5]), fmt_val(r[6]), f"{r[7]:.1f}")
                                 for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COMPARE_HEADER))]
     align = lambda i, text: text.ljust(widths[i]) if i < 3 else text.rjust(widths[i])
