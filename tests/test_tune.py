@@ -89,7 +89,7 @@ def test_tiny_study_prunes_writes_a_run_per_trial_best_yaml_and_tune_html(tmp_pa
         run = os.path.join(out, f"trial-{t.number:04d}")
         summary = json.load(open(os.path.join(run, "summary.json")))
         assert summary["epochs"] < 4 if t.state.name == "PRUNED" else summary["epochs"] == 4
-        assert os.path.exists(os.path.join(run, "report.html"))
+        assert "Confusion matrix (val)" in open(os.path.join(run, "report.html"), encoding="utf-8").read()
         # the trial's end-of-run evaluation is of the validation split: with the best weights it
         # gives the best validation accuracy again, and no test number is written
         assert summary["evaluated_split"] == "val" and summary["test_acc"] is None

@@ -133,6 +133,7 @@ def environment_rows(summary):
 
 def render_html(run_dir, summary, config, metrics, paths, history):
     diag = summary.get("diagnostics") or ["No problems detected."]
+    split = summary.get("evaluated_split") or "test"   # a tune trial is evaluated on val: the test split stays unseen
     img = lambda key, alt: f'<figure><img src="{_embed(paths[key])}" alt="{alt}"><figcaption>{alt}</figcaption></figure>'
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>cnnlab report: {html.escape(os.path.basename(os.path.abspath(run_dir)))}</title>
@@ -144,10 +145,10 @@ img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}figure{{
 <h2>Summary</h2>{_table(summary_rows(summary))}
 <h2>Diagnostics</h2><ul>{"".join(f"<li>{html.escape(d)}</li>" for d in diag)}</ul>
 <h2>Training curves</h2>{img("curves", "loss and accuracy per epoch")}
-<h2>Confusion matrix (test)</h2>{img("confusion", "confusion matrix")}
-<h2>Per-class metrics (test)</h2>{_table(per_class_rows(metrics), ["class", "precision", "recall", "F1", "support"])}
+<h2>Confusion matrix ({split})</h2>{img("confusion", "confusion matrix")}
+<h2>Per-class metrics ({split})</h2>{_table(per_class_rows(metrics), ["class", "precision", "recall", "F1", "support"])}
 {img("per_class", "per-class accuracy and F1")}
-<h2>Mistakes</h2>{img("mistakes", "highest-loss test images")}
+<h2>Mistakes</h2>{img("mistakes", f"highest-loss {split} images")}
 <h2>Training samples</h2>{img("samples", "training images with labels")}
 <h2>History</h2>{_table(history_rows(history), [k.replace("_", " ") for k in history[0]] if history else None)}
 <h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>
