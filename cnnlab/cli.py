@@ -173,7 +173,8 @@ def cmd_predict(args):
 def cmd_export(args):
     from .deploy.export import export
 
-    export(args.checkpoint, args.format, args.out)
+    export(args.checkpoint, args.format, args.out, raw_input=args.raw_input, probabilities=args.probabilities,
+           quantize=args.quantize, max_drop=args.max_drop)
     return 0
 
 
@@ -283,6 +284,13 @@ def build_parser():
     ex.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR")
     ex.add_argument("--format", required=True, choices=("onnx", "torchscript"))
     ex.add_argument("--out", help="output file (default: beside the checkpoint)")
+    ex.add_argument("--raw-input", action="store_true", help="ONNX takes uint8 images (N, H, W, C) at the model's "
+                    "size and converts and normalises them inside (with the checkpoint's invert and channels)")
+    ex.add_argument("--probabilities", action="store_true", help="ONNX ends with a softmax: probabilities, not logits")
+    ex.add_argument("--quantize", choices=("int8",), help="ONNX Runtime static int8 quantization, calibrated on "
+                    "300 seeded training images and checked on the run's test split in the same command")
+    ex.add_argument("--max-drop", type=float, default=1.0, help="with --quantize: refuse to write when int8 loses "
+                    "more than this many points of test accuracy (default 1)")
     ex.set_defaults(fn=cmd_export)
     s = sub.add_parser("serve", help="an HTTP prediction API and a drawing page")
     s.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR")
