@@ -167,7 +167,8 @@ def cmd_compare(args):
 def cmd_predict(args):
     from .deploy.predict import predict_files
 
-    return predict_files(args.checkpoint, args.paths, top_k=args.top_k, as_json=args.json, invert=args.invert)
+    return predict_files(args.checkpoint, args.paths, top_k=args.top_k, as_json=args.json, invert=args.invert,
+                         backend=args.backend)
 
 
 def cmd_export(args):
@@ -183,7 +184,8 @@ def cmd_serve(args):
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("CNNLAB_API_KEY")
     serve(args.checkpoint, host=args.host, port=args.port, top_k=args.top_k, max_bytes=args.max_bytes,
-          max_pixels=args.max_pixels, timeout=args.timeout, api_key=api_key, docs=args.docs)
+          max_pixels=args.max_pixels, timeout=args.timeout, api_key=api_key, docs=args.docs, backend=args.backend,
+          max_batch=args.max_batch)
     return 0
 
 
@@ -249,6 +251,11 @@ def cmd_lr_find(args):
     return 0
 
 
+def add_backend_flag(p):
+    p.add_argument("--backend", choices=("torch", "onnx"), help="torch: the checkpoint in PyTorch; onnx: ONNX Runtime, on an "
+                   "exported .onnx file or the checkpoint exported on the fly (default: onnx for an .onnx file, else torch)")
+
+
 def build_parser():
     p = Parser(prog="cnnlab", description="Train, evaluate, explain and export CNN image classifiers.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -274,11 +281,12 @@ def build_parser():
                    "(default: compare.png in the runs' common parent folder)")
     c.set_defaults(fn=cmd_compare)
     pr = sub.add_parser("predict", help="classify image files and folders")
-    pr.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR")
+    pr.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR|ONNX")
     pr.add_argument("paths", nargs="+", metavar="PATH")
     pr.add_argument("--top-k", type=int, default=3)
     pr.add_argument("--json", action="store_true")
     pr.add_argument("--invert", action="store_true", help="invert images (dark digits on light paper)")
+    add_backend_flag(pr)
     pr.set_defaults(fn=cmd_predict)
     ex = sub.add_parser("export", help="export to ONNX or TorchScript and verify against PyTorch")
     ex.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR")
@@ -293,7 +301,7 @@ def build_parser():
                     "more than this many points of test accuracy (default 1)")
     ex.set_defaults(fn=cmd_export)
     s = sub.add_parser("serve", help="an HTTP prediction API and a drawing page")
-    s.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR")
+    s.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR|ONNX")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on; any but loopback (0.0.0.0) opens "
                    "the API to the network: use --api-key")
     s.add_argument("--port", type=int, default=8000,
@@ -308,7 +316,10 @@ def build_parser():
     s.add_argument("--api-key", help="require this key on /predict and /model (Authorization: Bearer KEY or "
                    "X-API-Key: KEY; the page asks for it once); default: the CNNLAB_API_KEY environment variable, "
                    "better than the flag, which other users of this machine can read in `ps`")
+    s.add_argument("--max-batch", type=int, default=32, help="images of concurrent requests classified in one "
+                   "forward pass (the first waits up to 2 ms for others); 1: each request alone")
     s.add_argument("--docs", action="store_true", help="serve FastAPI's /docs, /redoc and /openapi.json")
+    add_backend_flag(s)
     s.set_defaults(fn=cmd_serve)
     m = sub.add_parser("models", help="list the model zoo, or summarise one model layer by layer")
     m.add_argument("name", nargs="?")

@@ -8,12 +8,10 @@ import tempfile
 import torch
 
 from ..atomic import atomic_path
-from ..errors import CnnlabError, UsageError
+from ..errors import UsageError
 from . import onnxgraph
+from .onnxgraph import TOLERANCE, check_parity
 from .inference import load
-
-TOLERANCE = 1e-4
-
 
 def default_out(model, fmt, quantize=None):
     base = model.path[:-3] if model.path.endswith(".pt") else model.path
@@ -29,14 +27,6 @@ def run_test_accuracy(model):
             return json.load(f).get("test_acc")
     except (OSError, ValueError):
         return None
-
-
-def check_parity(fmt, got, expected, out):
-    diff = float(abs(got - expected).max())
-    if not diff <= TOLERANCE:
-        raise CnnlabError(f"parity check FAILED: {fmt} output differs from PyTorch by {diff:.2e} "
-                          f"(> {TOLERANCE:g}); nothing was written to {out}.")
-    return diff
 
 
 def export(checkpoint_path, fmt, out=None, raw_input=False, probabilities=False, quantize=None, max_drop=1.0):

@@ -10,6 +10,7 @@ import torch
 from ..errors import CnnlabError
 
 RAW, NORMALISED = "uint8 NHWC 0-255 pixels", "float32 NCHW normalised"
+TOLERANCE = 1e-4   # float32 graphs agree to ~1e-6; more means an operator exported wrongly
 
 
 def onnxruntime():
@@ -85,6 +86,15 @@ def write(model, out, raw_input=False, probabilities=False, test_accuracy=None):
     bigger = torch.cat([sample, sample[:1]])  # a batch size not seen at export proves it is dynamic
     got = session(out).run(None, {"images": bigger.numpy()})[0]
     return got[:len(sample)], expected
+
+
+def check_parity(fmt, got, expected, out):
+    """The largest difference between an exported graph's outputs and PyTorch's; CnnlabError above TOLERANCE."""
+    diff = float(abs(got - expected).max())
+    if not diff <= TOLERANCE:
+        raise CnnlabError(f"parity check FAILED: {fmt} output differs from PyTorch by {diff:.2e} "
+                          f"(> {TOLERANCE:g}); nothing was written to {out}.")
+    return diff
 
 
 def add_metadata(path, props):
