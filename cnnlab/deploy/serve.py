@@ -20,11 +20,10 @@ import time
 from contextlib import asynccontextmanager
 
 import h11
+import torch
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
-
-import torch
 
 from ..data.images import open_header
 from ..errors import CnnlabError, UsageError, note
@@ -273,8 +272,9 @@ def create_app(model, top_k=5, max_bytes=5 * 2**20, max_pixels=None, timeout=30.
 
     @app.get("/model")
     def info():
-        return {"model": model.config.get("model"), "backend": model.backend, "classes": model.classes, "input_shape": list(model.in_shape),
-                "preprocess": model.preprocess.to_dict(), "metrics": model.metrics, "digits": digits}
+        return {"model": model.config.get("model"), "backend": model.backend, "classes": model.classes,
+                "input_shape": list(model.in_shape), "preprocess": model.preprocess.to_dict(), "metrics": model.metrics,
+                "digits": digits}
 
     @app.get("/", response_class=HTMLResponse)
     def index():
