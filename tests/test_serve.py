@@ -248,3 +248,26 @@ def test_concurrent_requests_share_forward_passes(max_batch, sizes):
         return await asyncio.gather(*(batcher.probabilities(torch.zeros((1, 1, 2, 2))) for _ in range(5)))
     rows = asyncio.run(scenario())
     assert model.sizes == sizes and all(r.shape == (1, 2) for r in rows)
+
+
+def test_a_failed_forward_pass_fails_its_requests_and_the_next_batch_still_runs():
+    import asyncio
+
+    from cnnlab.deploy.batching import Batcher
+
+    class FailsOnce(SlowModel):
+        def probabilities(self, x):
+            if not self.sizes:
+                self.sizes.append(len(x))
+                raise RuntimeError("out of memory")
+            return super().probabilities(x)
+
+    model = FailsOnce()
+    batcher = Batcher(model, 32)
+
+    async def scenario():
+        first = await asyncio.gather(*(batcher.probabilities(torch.zeros((1, 1, 2, 2))) for _ in range(3)),
+                                     return_exceptions=True)
+        return first, await batcher.probabilities(torch.zeros((2, 1, 2, 2)))
+    first, later = asyncio.run(scenario())
+    assert all(isinstance(e, RuntimeError) for e in first) and later.shape == (2, 2) and model.sizes == [3, 2]
