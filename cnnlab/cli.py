@@ -296,7 +296,7 @@ def build_parser():
                     "size and converts and normalises them inside (with the checkpoint's invert and channels)")
     ex.add_argument("--probabilities", action="store_true", help="ONNX ends with a softmax: probabilities, not logits")
     ex.add_argument("--quantize", choices=("int8",), help="ONNX Runtime static int8 quantization, calibrated on "
-                    "300 seeded training images and checked on the run's test split in the same command")
+                    "320 seeded training images and checked on the run's test split in the same command")
     ex.add_argument("--max-drop", type=float, default=1.0, help="with --quantize: refuse to write when int8 loses "
                     "more than this many points of test accuracy (default 1)")
     ex.set_defaults(fn=cmd_export)
