@@ -67,7 +67,7 @@ def bench(run_dir, runs):
         rows = [torch_row(model, data, runs), onnx_row("fp32 ONNX Runtime", fp32, model, data, runs),
                 onnx_row("int8 ONNX Runtime", int8, model, data, runs)]
     print(f"\n{run_dir} ({model.config.get('model')}, {model.config.get('data')}, {len(data.test[1])} test images)")
-    print(f"| backend | test acc | file | p50 batch 1 | img/s batch 256 |\n|---|---|---|---|---|")
+    print("| backend | test acc | file | p50 batch 1 | img/s batch 256 |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['name']} | {r['acc']:.2%} | {r['size'] / 1024:.0f} KB | {r['p50_ms']:.3f} ms | {r['img_s']:.0f} |")
     t, f, q = rows

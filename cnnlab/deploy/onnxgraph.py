@@ -70,8 +70,6 @@ def metadata(model, raw_input, probabilities, test_accuracy=None):
 def write(model, out, raw_input=False, probabilities=False, test_accuracy=None):
     """Export `model` to `out` with its metadata; returns the graph's (B, K) outputs on a seeded
     random batch, through onnxruntime, and PyTorch's own outputs on the same batch."""
-    import onnx
-
     net = Deployable(model.net, model.preprocess, raw_input, probabilities).cpu().eval()
     sample = example_input(model, raw_input)
     with torch.inference_mode():
