@@ -82,7 +82,7 @@ def main():
     parser.add_argument("--runs", dest="repeats", type=int, default=200, help="timed batch-1 runs per backend")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"onnxruntime {onnxgraph.onnxruntime().__version__}")
+          f"onnxruntime {onnxgraph.onnxruntime().__version__}; load average {os.getloadavg()[0]:.1f} at start")
     for run_dir in args.runs:
         bench(run_dir, args.repeats)
 
