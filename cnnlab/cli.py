@@ -185,7 +185,7 @@ def cmd_serve(args):
     api_key = args.api_key if args.api_key is not None else os.environ.get("CNNLAB_API_KEY")
     serve(args.checkpoint, host=args.host, port=args.port, top_k=args.top_k, max_bytes=args.max_bytes,
           max_pixels=args.max_pixels, timeout=args.timeout, api_key=api_key, docs=args.docs, backend=args.backend,
-          max_batch=args.max_batch)
+          max_batch=args.max_batch, batch_wait=args.batch_wait_ms / 1000)
     return 0
 
 
@@ -317,7 +317,9 @@ def build_parser():
                    "X-API-Key: KEY; the page asks for it once); default: the CNNLAB_API_KEY environment variable, "
                    "better than the flag, which other users of this machine can read in `ps`")
     s.add_argument("--max-batch", type=int, default=32, help="images of concurrent requests classified in one "
-                   "forward pass (the first waits up to 2 ms for others); 1: each request alone")
+                   "forward pass: those that queued while the model was busy; 1: each request alone")
+    s.add_argument("--batch-wait-ms", type=float, default=0.0, help="how long the first image of a batch waits "
+                   "for others (default 0: only what already queued; a window pays off when the model is slow)")
     s.add_argument("--docs", action="store_true", help="serve FastAPI's /docs, /redoc and /openapi.json")
     add_backend_flag(s)
     s.set_defaults(fn=cmd_serve)

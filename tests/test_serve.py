@@ -271,3 +271,26 @@ def test_a_failed_forward_pass_fails_its_requests_and_the_next_batch_still_runs(
         return first, await batcher.probabilities(torch.zeros((2, 1, 2, 2)))
     first, later = asyncio.run(scenario())
     assert all(isinstance(e, RuntimeError) for e in first) and later.shape == (2, 2) and model.sizes == [3, 2]
+
+
+@pytest.mark.parametrize("wait, sizes", [(0.0, [1, 2]), (60.0, [3])])
+def test_the_batch_wait_window_gathers_later_requests(wait, sizes):
+    """With a window, a request arriving while the first waits joins its batch (here it fills
+    --max-batch 3, which ends the wait at once); without one, it goes in the next batch."""
+    import asyncio
+
+    from cnnlab.deploy.batching import Batcher
+
+    model = SlowModel()
+    batcher = Batcher(model, 3, wait)
+    x = torch.zeros((1, 1, 2, 2))
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.probabilities(x))
+        for _ in range(100):   # yield until the worker has taken the first request off the queue
+            await asyncio.sleep(0)
+            if batcher.queue is not None and batcher.queue.empty() and (model.sizes or wait):
+                break
+        await asyncio.gather(first, batcher.probabilities(torch.cat([x, x])))
+    asyncio.run(scenario())
+    assert model.sizes == sizes

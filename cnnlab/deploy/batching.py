@@ -1,11 +1,15 @@
-"""Concurrent requests classified together: one forward pass for many images costs little more
-than for one on the CPU (batch 64 takes ~1/10 of 64 single passes for the seed CNN; see
-benchmarks/README.md), so under load the server answers more requests a second."""
+"""Concurrent requests classified together: the images of requests that queued while the model
+was busy go through one forward pass (PyTorch classifies ~3x more images a second at batch 256
+than at batch 1 on this CPU; ONNX Runtime's batch 1 is already near its batch-256 rate:
+benchmarks/README.md)."""
 import asyncio
 
 import torch
 
-WAIT = 0.002   # seconds the first image waits for company: small against a ~1 ms forward pass
+# Seconds the first image waits for company (serve --batch-wait-ms). 0 by default: measured with
+# serve_load.py on this 2-core machine, a 2 ms window cost 15% of the throughput (HTTP and decoding,
+# not the forward pass, bound it here), while batching what is already queued costs nothing.
+WAIT = 0.0
 
 
 class Batcher:
@@ -39,8 +43,11 @@ class Batcher:
             if not self.queue.empty():
                 items.append(self.queue.get_nowait())
                 continue
+            left = deadline - self.loop.time()
+            if left <= 0:
+                break
             try:
-                items.append(await asyncio.wait_for(self.queue.get(), deadline - self.loop.time()))
+                items.append(await asyncio.wait_for(self.queue.get(), left))
             except asyncio.TimeoutError:
                 break
         return items

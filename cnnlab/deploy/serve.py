@@ -220,7 +220,7 @@ class Metrics:
 
 
 def create_app(model, top_k=5, max_bytes=5 * 2**20, max_pixels=None, timeout=30.0, api_key=None, docs=False,
-               max_batch=32):
+               max_batch=32, batch_wait=0.0):
     """The ASGI app: FastAPI wrapped in Guard. `max_pixels` None: default_max_pixels(model)."""
     from fastapi import FastAPI
     from fastapi.concurrency import run_in_threadpool
@@ -233,7 +233,7 @@ def create_app(model, top_k=5, max_bytes=5 * 2**20, max_pixels=None, timeout=30.
     digits = model.classes == [str(i) for i in range(10)]
     max_pixels = max_pixels or default_max_pixels(model)
     slots, metrics = DecodeSlots(), Metrics(model)
-    batcher = Batcher(model, max_batch, on_batch=metrics.batch.observe)
+    batcher = Batcher(model, max_batch, batch_wait, on_batch=metrics.batch.observe)
     with open(PAGE, encoding="utf-8") as f:
         page = f.read()
 
@@ -359,12 +359,14 @@ def reachable_from_network(host):
         return True
 
 
-def check_settings(host, max_bytes, max_pixels, timeout, api_key, max_batch=1):
+def check_settings(host, max_bytes, max_pixels, timeout, api_key, max_batch=1, batch_wait=0.0):
     """UsageError for a limit that is not positive; a warning when the API is open to the network."""
     for flag, value in (("--max-bytes", max_bytes), ("--max-pixels", max_pixels), ("--timeout", timeout),
                         ("--max-batch", max_batch)):
         if value is not None and not value > 0:
             raise UsageError(f"{flag} {value} must be positive")
+    if not 0 <= batch_wait <= 1:
+        raise UsageError(f"--batch-wait-ms {batch_wait * 1000:g} must be from 0 to 1000")
     if api_key == "":
         raise UsageError("--api-key (or CNNLAB_API_KEY) is empty: give a key, or leave it out")
     if reachable_from_network(host) and not api_key:
@@ -373,17 +375,17 @@ def check_settings(host, max_bytes, max_pixels, timeout, api_key, max_batch=1):
 
 
 def serve(checkpoint_path, host="127.0.0.1", port=8000, top_k=5, max_bytes=5 * 2**20, max_pixels=None,
-          timeout=30.0, api_key=None, docs=False, backend=None, max_batch=32):
+          timeout=30.0, api_key=None, docs=False, backend=None, max_batch=32, batch_wait=0.0):
     import uvicorn
 
     from .inference import load
 
-    check_settings(host, max_bytes, max_pixels, timeout, api_key, max_batch)
+    check_settings(host, max_bytes, max_pixels, timeout, api_key, max_batch, batch_wait)
     sock = listen(host, port)
     try:
         model = load(checkpoint_path, backend=backend)  # fails here, before serving, on a bad checkpoint
         app = create_app(model, top_k=top_k, max_bytes=max_bytes, max_pixels=max_pixels, timeout=timeout,
-                         api_key=api_key, docs=docs, max_batch=max_batch)
+                         api_key=api_key, docs=docs, max_batch=max_batch, batch_wait=batch_wait)
         port = sock.getsockname()[1]  # the real one when --port 0 asked for any free port
         note(f"serving {model.path} ({len(model.classes)} classes, {model.backend}) on http://{host}:{port}/  (Ctrl-C stops)")
         protocol = functools.partial(TimedH11Protocol, deadline=timeout)
