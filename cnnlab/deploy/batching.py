@@ -7,7 +7,7 @@ import asyncio
 import torch
 
 # Seconds the first image waits for company (serve --batch-wait-ms). 0 by default: measured with
-# serve_load.py on this 2-core machine, a 2 ms window cost 15% of the throughput (HTTP and decoding,
+# serve_load.py on this 2-core machine, a 2 ms window cost 7-19% of the throughput (HTTP and decoding,
 # not the forward pass, bound it here), while batching what is already queued costs nothing.
 WAIT = 0.0
 
