@@ -40,11 +40,12 @@ def blank_png(width, height):
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-@pytest.fixture(scope="module")
-def hostile(demo_run):
-    """A server with a key, a 1 MB body limit and a 2 s timeout: (url, pid)."""
+@pytest.fixture(scope="module", params=["torch", "onnx"])
+def hostile(demo_run, request):
+    """A server with a key, a 1 MB body limit and a 2 s timeout, for each backend: (url, pid)."""
     port = free_port()
-    proc = start_server(demo_run, port, "--max-bytes", "1000000", "--timeout", "2", env={"CNNLAB_API_KEY": KEY})
+    proc = start_server(demo_run, port, "--max-bytes", "1000000", "--timeout", "2", "--backend", request.param,
+                        env={"CNNLAB_API_KEY": KEY})
     yield f"http://127.0.0.1:{port}", proc.pid
     proc.terminate()
     proc.wait(timeout=10)
