@@ -5,6 +5,10 @@ then stalls. Reports server errors (5xx other than 503: must be 0), how each kin
 p50 / p99 latency of the good requests, whether the server survived, and its peak RSS.
 
     python benchmarks/serve_load.py RUN_DIR [--requests 2000] [--clients 8] [--time-limit 300]
+        [--backend torch|onnx] [--max-batch 32] [--good-only]
+
+--good-only sends only good images (throughput and p99 of the model path, for comparing backends
+and batching).
 """
 import argparse
 import glob
@@ -64,10 +68,10 @@ def slow(url, client):
     return int(answer.split()[1]) if answer.startswith(b"HTTP/1.1 ") else "closed"
 
 
-def start(run, port):
+def start(run, port, extra=()):
     """The server, once it says it is serving (its socket is listening by then)."""
     server = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", run, "--port", str(port),
-                               "--timeout", str(TIMEOUT)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               "--timeout", str(TIMEOUT), *extra], cwd=ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
     for line in server.stderr:
         if line.startswith("serving "):
@@ -87,13 +91,18 @@ def main():
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--time-limit", type=float, default=300)
+    ap.add_argument("--backend", default="torch", choices=("torch", "onnx"))
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--good-only", action="store_true", help="only good images: no bad or hostile requests")
     args = ap.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = start(os.path.abspath(args.run), port)   # the server runs in ROOT: the path must not be relative
+    server = start(os.path.abspath(args.run), port, ["--backend", args.backend, "--max-batch", str(args.max_batch)])   # the server runs in ROOT: the path must not be relative
     url = f"http://127.0.0.1:{port}"
     kinds, huge = payloads(), blank_png(8000, 8000)
+    if args.good_only:
+        kinds = [k for k in kinds if k[0] == "good"]
     client = httpx.Client(timeout=60)
     hostile = {"chunked": lambda: chunked(url, client), "slow": lambda: slow(url, client),
                "huge": lambda: client.post(f"{url}/predict", content=huge).status_code}
@@ -102,7 +111,7 @@ def main():
     def one(i):
         if time.monotonic() > deadline:
             return None
-        if i % 25 == 24:   # 4% hostile, the three kinds in turn
+        if i % 25 == 24 and not args.good_only:   # 4% hostile, the three kinds in turn
             kind = list(hostile)[(i // 25) % 3]
             return kind, hostile[kind](), 0.0
         kind, body = kinds[i % len(kinds)]
@@ -125,6 +134,7 @@ def main():
     latencies = sorted(t for kind, _, t in results if kind == "good")
     server_errors = sum(isinstance(c, int) and c >= 500 and c != 503 for _, c, _ in results)
     good_ok = answers["good"][200] == sum(answers["good"].values())
+    print(f"backend {args.backend}, --max-batch {args.max_batch}")
     print(f"requests: {len(results)} in {wall:.1f} s ({len(results) / wall:.0f}/s) from {args.clients} clients")
     for kind, codes in answers.items():
         print(f"  {kind:<8} {sum(codes.values()):>5}: " + ", ".join(f"{c}: {n}" for c, n in sorted(codes.items(), key=str)))

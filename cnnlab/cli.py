@@ -167,13 +167,15 @@ def cmd_compare(args):
 def cmd_predict(args):
     from .deploy.predict import predict_files
 
-    return predict_files(args.checkpoint, args.paths, top_k=args.top_k, as_json=args.json, invert=args.invert)
+    return predict_files(args.checkpoint, args.paths, top_k=args.top_k, as_json=args.json, invert=args.invert,
+                         backend=args.backend)
 
 
 def cmd_export(args):
     from .deploy.export import export
 
-    export(args.checkpoint, args.format, args.out)
+    export(args.checkpoint, args.format, args.out, raw_input=args.raw_input, probabilities=args.probabilities,
+           quantize=args.quantize, max_drop=args.max_drop)
     return 0
 
 
@@ -182,7 +184,8 @@ def cmd_serve(args):
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("CNNLAB_API_KEY")
     serve(args.checkpoint, host=args.host, port=args.port, top_k=args.top_k, max_bytes=args.max_bytes,
-          max_pixels=args.max_pixels, timeout=args.timeout, api_key=api_key, docs=args.docs)
+          max_pixels=args.max_pixels, timeout=args.timeout, api_key=api_key, docs=args.docs, backend=args.backend,
+          max_batch=args.max_batch, batch_wait=args.batch_wait_ms / 1000)
     return 0
 
 
@@ -266,6 +269,11 @@ def cmd_tune(args):
     return 0
 
 
+def add_backend_flag(p):
+    p.add_argument("--backend", choices=("torch", "onnx"), help="torch: the checkpoint in PyTorch; onnx: ONNX Runtime, on an "
+                   "exported .onnx file or the checkpoint exported on the fly (default: onnx for an .onnx file, else torch)")
+
+
 def build_parser():
     p = Parser(prog="cnnlab", description="Train, evaluate, explain and export CNN image classifiers.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -291,19 +299,27 @@ def build_parser():
                    "(default: compare.png in the runs' common parent folder)")
     c.set_defaults(fn=cmd_compare)
     pr = sub.add_parser("predict", help="classify image files and folders")
-    pr.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR")
+    pr.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR|ONNX")
     pr.add_argument("paths", nargs="+", metavar="PATH")
     pr.add_argument("--top-k", type=int, default=3)
     pr.add_argument("--json", action="store_true")
     pr.add_argument("--invert", action="store_true", help="invert images (dark digits on light paper)")
+    add_backend_flag(pr)
     pr.set_defaults(fn=cmd_predict)
     ex = sub.add_parser("export", help="export to ONNX or TorchScript and verify against PyTorch")
     ex.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR")
     ex.add_argument("--format", required=True, choices=("onnx", "torchscript"))
     ex.add_argument("--out", help="output file (default: beside the checkpoint)")
+    ex.add_argument("--raw-input", action="store_true", help="ONNX takes uint8 images (N, H, W, C) at the model's "
+                    "size and converts and normalises them inside (with the checkpoint's invert and channels)")
+    ex.add_argument("--probabilities", action="store_true", help="ONNX ends with a softmax: probabilities, not logits")
+    ex.add_argument("--quantize", choices=("int8",), help="ONNX Runtime static int8 quantization, calibrated on "
+                    "320 seeded training images and checked on the run's test split in the same command")
+    ex.add_argument("--max-drop", type=float, default=1.0, help="with --quantize: refuse to write when int8 loses "
+                    "more than this many points of test accuracy (default 1)")
     ex.set_defaults(fn=cmd_export)
     s = sub.add_parser("serve", help="an HTTP prediction API and a drawing page")
-    s.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR")
+    s.add_argument("checkpoint", metavar="CHECKPOINT|RUN_DIR|ONNX")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on; any but loopback (0.0.0.0) opens "
                    "the API to the network: use --api-key")
     s.add_argument("--port", type=int, default=8000,
@@ -318,7 +334,12 @@ def build_parser():
     s.add_argument("--api-key", help="require this key on /predict and /model (Authorization: Bearer KEY or "
                    "X-API-Key: KEY; the page asks for it once); default: the CNNLAB_API_KEY environment variable, "
                    "better than the flag, which other users of this machine can read in `ps`")
+    s.add_argument("--max-batch", type=int, default=32, help="images of concurrent requests classified in one "
+                   "forward pass: those that queued while the model was busy; 1: each request alone")
+    s.add_argument("--batch-wait-ms", type=float, default=0.0, help="how long the first image of a batch waits "
+                   "for others (default 0: only what already queued; a window pays off when the model is slow)")
     s.add_argument("--docs", action="store_true", help="serve FastAPI's /docs, /redoc and /openapi.json")
+    add_backend_flag(s)
     s.set_defaults(fn=cmd_serve)
     m = sub.add_parser("models", help="list the model zoo, or summarise one model layer by layer")
     m.add_argument("name", nargs="?")

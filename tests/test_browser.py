@@ -35,10 +35,11 @@ def test_report_renders_with_all_images(browser, demo_run):
     page.screenshot(path=os.path.join(ARTIFACTS, "report.png"), full_page=True)
 
 
-@pytest.fixture(scope="module")
-def serve_url(demo_run):
+@pytest.fixture(scope="module", params=["torch", "onnx"])
+def serve_url(demo_run, request):
+    """The page served by each backend: the same tests pass on both."""
     port = free_port()
-    server = start_server(demo_run, port)
+    server = start_server(demo_run, port, "--backend", request.param)
     yield f"http://127.0.0.1:{port}"
     server.terminate()
     server.wait(timeout=10)
@@ -112,6 +113,35 @@ def test_upload_shows_a_preview_and_replaces_the_drawing(browser, serve_url, sha
     wait_for_result(page, "the drawing", 3)
     assert page.eval_on_selector("#preview", "e => e.hidden") and page.input_value("#file") == ""
     assert "mnist_07_9.png" not in page.inner_text("body")
+
+
+DROP = """([b64, name]) => {   // what a browser dispatches when a file is dropped on the zone
+  const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0)), data = new DataTransfer();
+  data.items.add(new File([bytes], name, {type: "image/png"}));
+  document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true}));
+}"""
+
+
+def test_empty_state_then_a_dropped_file_is_classified(browser, serve_url, shared_datasets):
+    import base64
+
+    path, labels = upload_expectation(serve_url, shared_datasets)
+    page = open_page(browser, serve_url)
+    assert page.is_visible("#empty") and not shown_labels(page)   # says what to do before any result
+    page.evaluate(DROP, [base64.b64encode(open(path, "rb").read()).decode(), "mnist_07_9.png"])
+    wait_for_result(page, "mnist_07_9.png", 1)
+    assert shown_labels(page) == labels and not page.is_visible("#empty")
+    assert page.eval_on_selector("#preview", "e => [e.hidden, e.naturalWidth]") == [False, 28]
+    assert "(torch)" in page.inner_text("#about") or "(onnx)" in page.inner_text("#about")
+
+
+def test_errors_show_on_the_page(browser, serve_url):
+    import base64
+
+    page = open_page(browser, serve_url)
+    page.evaluate(DROP, [base64.b64encode(b"not an image").decode(), "notes.png"])
+    page.wait_for_function("() => +(document.body.dataset.answered || 0) >= 1", timeout=15000)
+    assert "notes.png" in page.inner_text("#error") and not shown_labels(page)
 
 
 # Holds the drawing's requests in the page until window.release() (the network stays real).

@@ -40,11 +40,12 @@ def blank_png(width, height):
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
-@pytest.fixture(scope="module")
-def hostile(demo_run):
-    """A server with a key, a 1 MB body limit and a 2 s timeout: (url, pid)."""
+@pytest.fixture(scope="module", params=["torch", "onnx"])
+def hostile(demo_run, request):
+    """A server with a key, a 1 MB body limit and a 2 s timeout, for each backend: (url, pid)."""
     port = free_port()
-    proc = start_server(demo_run, port, "--max-bytes", "1000000", "--timeout", "2", env={"CNNLAB_API_KEY": KEY})
+    proc = start_server(demo_run, port, "--max-bytes", "1000000", "--timeout", "2", "--backend", request.param,
+                        env={"CNNLAB_API_KEY": KEY})
     yield f"http://127.0.0.1:{port}", proc.pid
     proc.terminate()
     proc.wait(timeout=10)
@@ -177,18 +178,20 @@ def test_decode_slots_refuse_with_503_when_full():
     assert err.status == 503 and err.headers["Retry-After"] == "1"
 
 
-def test_api_key_guards_predict_and_model(hostile, shared_datasets):
+def test_api_key_guards_predict_model_and_metrics(hostile, shared_datasets):
     url, _ = hostile
     digit = open(os.path.join(shared_datasets, "samples", "mnist_07_9.png"), "rb").read()
     for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
-        for r in (httpx.post(f"{url}/predict", content=digit, headers=headers), httpx.get(f"{url}/model", headers=headers)):
+        for r in (httpx.post(f"{url}/predict", content=digit, headers=headers), httpx.get(f"{url}/model", headers=headers),
+                  httpx.get(f"{url}/metrics", headers=headers)):
             assert r.status_code == 401 and "API key" in r.json()["error"] and r.headers["www-authenticate"] == "Bearer"
     for headers in ({"X-API-Key": KEY}, {"Authorization": f"Bearer {KEY}"}):
         r = httpx.post(f"{url}/predict", content=digit, headers=headers)
         assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "9"
         assert httpx.get(f"{url}/model", headers=headers).status_code == 200
+        assert "cnnlab_requests_total" in httpx.get(f"{url}/metrics", headers=headers).text
     assert httpx.get(f"{url}/health").status_code == 200 and "<canvas" in httpx.get(f"{url}/").text
-    FAULT_REPORT.append("serve: /predict and /model without, with a wrong, and with a malformed key: 401 each")
+    FAULT_REPORT.append("serve: /predict, /model and /metrics without, with a wrong, and with a malformed key: 401 each")
 
 
 def test_security_headers_on_every_response_and_no_docs(hostile):
@@ -217,10 +220,10 @@ def test_docs_only_with_the_flag(demo_run):
         assert "cdn.jsdelivr.net" not in client.get("/").headers["content-security-policy"]
 
 
-@pytest.mark.parametrize("flag", ["--max-bytes", "--max-pixels", "--timeout"])
+@pytest.mark.parametrize("flag", ["--max-bytes", "--max-pixels", "--timeout", "--max-batch"])
 def test_limits_must_be_positive(flag):
     with pytest.raises(UsageError, match=f"{flag} 0 must be positive"):
-        serve.check_settings("127.0.0.1", **{"max_bytes": 5, "max_pixels": None, "timeout": 1,
+        serve.check_settings("127.0.0.1", **{"max_bytes": 5, "max_pixels": None, "timeout": 1, "max_batch": 4,
                                              flag[2:].replace("-", "_"): 0}, api_key=None)
 
 

@@ -1,57 +1,78 @@
-"""`cnnlab export`: ONNX (dynamic batch) or TorchScript, verified against PyTorch's own logits
-in the same command."""
+"""`cnnlab export`: ONNX (dynamic batch, self-describing: see onnxgraph.py; optionally int8: see
+quantize.py) or TorchScript, verified against PyTorch's own outputs in the same command."""
 import io
+import json
+import os
+import tempfile
 
 import torch
 
 from ..atomic import atomic_path
-from ..errors import CnnlabError
+from ..errors import UsageError
+from . import onnxgraph
+from .onnxgraph import TOLERANCE, check_parity
 from .inference import load
 
-TOLERANCE = 1e-4
-
-
-def export(checkpoint_path, fmt, out=None):
-    model = load(checkpoint_path)
-    net = model.net.eval()
+def default_out(model, fmt, quantize=None):
     base = model.path[:-3] if model.path.endswith(".pt") else model.path
-    out = out or f"{base}.{'onnx' if fmt == 'onnx' else 'torchscript.pt'}"
-    # Random images through the checkpoint's own normalisation: inputs as the net sees them.
-    pixels = torch.randint(0, 256, (4, *model.in_shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    sample = model.inputs(pixels).cpu()
-    with torch.inference_mode():
-        expected = net(sample).numpy()
-    with atomic_path(out) as tmp:   # a file that fails the parity check never appears at `out`
-        got = export_onnx(net, sample, tmp) if fmt == "onnx" else export_torchscript(net, sample, tmp)
-        diff = float(abs(got - expected).max())
-        if not diff <= TOLERANCE:
-            raise CnnlabError(f"parity check FAILED: {fmt} output differs from PyTorch by {diff:.2e} "
-                              f"(> {TOLERANCE:g}); nothing was written to {out}.")
+    if fmt == "torchscript":
+        return f"{base}.torchscript.pt"
+    return f"{base}.{quantize}.onnx" if quantize else f"{base}.onnx"
+
+
+def run_test_accuracy(model):
+    """The run's test accuracy from its summary.json (beside the checkpoint), or None."""
+    try:
+        with open(os.path.join(os.path.dirname(model.path), "summary.json"), encoding="utf-8") as f:
+            return json.load(f).get("test_acc")
+    except (OSError, ValueError):
+        return None
+
+
+def export(checkpoint_path, fmt, out=None, raw_input=False, probabilities=False, quantize=None, max_drop=1.0):
+    if fmt != "onnx" and (raw_input or probabilities or quantize):
+        raise UsageError("--raw-input, --probabilities and --quantize are for --format onnx only.")
+    if max_drop < 0:
+        raise UsageError(f"--max-drop {max_drop:g} must be 0 or more (points of test accuracy)")
+    model = load(checkpoint_path)
+    out = out or default_out(model, fmt, quantize)
+    with atomic_path(out) as tmp:   # a file that fails a check never appears at `out`
+        if fmt == "torchscript":
+            diff = check_parity(fmt, *export_torchscript(model, tmp), out)
+        elif not quantize:
+            diff = check_parity(fmt, *onnxgraph.write(model, tmp, raw_input, probabilities, run_test_accuracy(model)), out)
+        else:
+            diff, measures = export_int8(model, tmp, out, raw_input, probabilities, max_drop)
     print(f"wrote {out}")
-    print(f"parity check passed: max abs difference {diff:.2e} <= {TOLERANCE:g} on a batch of {len(sample)} "
-          f"(input {'x'.join(map(str, model.in_shape))}, normalised with the checkpoint's mean/std)")
+    print(f"parity check passed: max abs difference {diff:.2e} <= {TOLERANCE:g} on a batch of 4 "
+          f"(input {'x'.join(map(str, model.in_shape))}"
+          f"{', raw uint8 pixels' if raw_input else ', normalised with the checkpoint mean/std'})"
+          f"{' for the fp32 graph' if quantize else ''}")
+    if quantize:
+        from .quantize import table
+
+        print(table(*measures))
     return out, diff
 
 
-def export_onnx(net, sample, out):
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise CnnlabError("ONNX export needs onnx and onnxruntime: pip install 'cnnlab[onnx]'") from None
-    try:
-        torch.onnx.export(net, (sample,), out, input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-    except ImportError as e:
-        raise CnnlabError(f"ONNX export needs {e.name}: pip install 'cnnlab[onnx]'") from None
-    session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
-    bigger = torch.cat([sample, sample[:1]])  # a batch size not seen at export proves it is dynamic
-    got = session.run(None, {"images": bigger.numpy()})[0]
-    return got[:len(sample)]
+def export_int8(model, tmp, out, raw_input, probabilities, max_drop):
+    """The fp32 graph (parity-checked) in a temporary folder, quantized into `tmp`."""
+    from .quantize import quantize_checked
+
+    with tempfile.TemporaryDirectory() as folder:
+        fp32 = os.path.join(folder, "fp32.onnx")
+        diff = check_parity("onnx", *onnxgraph.write(model, fp32, raw_input, probabilities, run_test_accuracy(model)), out)
+        return diff, quantize_checked(model, fp32, tmp, raw_input, max_drop)
 
 
-def export_torchscript(net, sample, out):
+def export_torchscript(model, out):
+    """(TorchScript's outputs, PyTorch's) on the same seeded batch."""
     import warnings
 
+    net = model.net.eval()
+    sample = onnxgraph.example_input(model, raw_input=False)
+    with torch.inference_mode():
+        expected = net(sample).numpy()
     with warnings.catch_warnings():  # TorchScript is deprecated upstream but still what many runtimes load
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.trace(net, sample)
@@ -61,4 +82,4 @@ def export_torchscript(net, sample, out):
             f.write(buffer.getbuffer())
         reloaded = torch.jit.load(out)
     with torch.inference_mode():
-        return reloaded(sample).numpy()
+        return reloaded(sample).numpy(), expected

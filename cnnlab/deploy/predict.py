@@ -28,8 +28,8 @@ def warn_unlike_training(model, unlike):
          "its scores mean little" + (f" (and {more} more such input(s))." if more else "."))
 
 
-def predict_files(checkpoint_path, paths, top_k=3, as_json=False, invert=False, batch_size=256):
-    model = load(checkpoint_path)
+def predict_files(checkpoint_path, paths, top_k=3, as_json=False, invert=False, batch_size=256, backend=None):
+    model = load(checkpoint_path, backend=backend)
     results, ok_items, unlike = [], [], []
     for path in expand(paths):
         try:
@@ -44,7 +44,7 @@ def predict_files(checkpoint_path, paths, top_k=3, as_json=False, invert=False, 
         warn_unlike_training(model, unlike)
     for i in range(0, len(ok_items), batch_size):  # batched: one forward pass per 256 images
         chunk = ok_items[i:i + batch_size]
-        preds = model.top_k(model.logits(torch.stack([x for _, x in chunk])), top_k)
+        preds = model.classify(torch.stack([x for _, x in chunk]), top_k)
         for (index, _), pred in zip(chunk, preds):
             results[index]["predictions"] = pred
     failed = sum("error" in r for r in results)

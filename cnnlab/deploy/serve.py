@@ -16,9 +16,11 @@ import ipaddress
 import os
 import re
 import socket
+import time
 from contextlib import asynccontextmanager
 
 import h11
+import torch
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -27,7 +29,7 @@ from ..data.images import open_header
 from ..errors import CnnlabError, UsageError, note
 
 PAGE = os.path.join(os.path.dirname(__file__), "static", "index.html")
-PROTECTED = ("/predict", "/explain", "/model")   # what --api-key guards; the page and /health stay open
+PROTECTED = ("/predict", "/explain", "/model", "/metrics")   # what --api-key guards; the page and /health stay open
 CONNECTIONS = 32   # uvicorn answers 503 beyond: at most ~32 request bodies of --max-bytes in memory
 SLOTS = max(1, min(4, os.cpu_count() or 1))   # images decoding at once: more only queue for the same cores
 QUEUE = 8 * SLOTS   # requests that may wait for a slot; one more is answered 503 with Retry-After
@@ -42,21 +44,28 @@ class Refused(Exception):
         self.status, self.headers = status, headers or {}
 
 
-def classify(model, raw, name, k, max_pixels):
-    """`{path, predictions}` for one uploaded file, or `{path, error}` when it is not a readable
-    image or decodes to more than `max_pixels` (checked from its header, before decoding)."""
+def decode(model, raw, name, max_pixels):
+    """One uploaded file as the model's uint8 (C, S, S) input, or the error message (str) when it
+    is not a readable image or decodes to more than `max_pixels` (checked from its header)."""
     try:
         img = open_header(io.BytesIO(raw), name, model.preprocess.image_size, max_pixels, "--max-pixels")
-        x = model.preprocess.image(img, name=name)
+        return model.preprocess.image(img, name=name)
     except CnnlabError as e:
-        return {"path": name, "error": str(e)}
-    return {"path": name, "predictions": model.top_k(model.logits(x[None]), k)[0]}
+        return str(e)
 
 
-def answer(model, files, k, max_pixels):
-    """(JSON body, status). One file: its result (400 if unreadable). Several: a list in the same
-    order, 400 only when none is readable (one message naming them all)."""
-    results = [classify(model, raw, name, k, max_pixels) for name, raw in files]
+def decode_all(model, files, max_pixels):
+    return [(name, decode(model, raw, name, max_pixels)) for name, raw in files]
+
+
+async def answer(model, batcher, decoded, k):
+    """(JSON body, status) for [(name, input or error)]. One file: `{path, predictions}` or
+    `{path, error}` (400). Several: a list in the same order, 400 only when none is readable
+    (one message naming them all). The readable ones go through `batcher` together."""
+    images = [x for _, x in decoded if not isinstance(x, str)]
+    preds = iter(model.top_k(await batcher.probabilities(torch.stack(images)), k) if images else [])
+    results = [{"path": name, "error": x} if isinstance(x, str) else {"path": name, "predictions": next(preds)}
+               for name, x in decoded]
     if len(results) == 1:
         return results[0], 400 if "error" in results[0] else 200
     if all("error" in r for r in results):  # each error message starts with its file's name
@@ -186,17 +195,45 @@ class Guard:
         await self.app(scope, receive, send_with_headers)
 
 
-def create_app(model, top_k=5, max_bytes=5 * 2**20, max_pixels=None, timeout=30.0, api_key=None, docs=False):
+class Metrics:
+    """Prometheus counters of one app (its own registry: several apps in one process stay apart)."""
+
+    def __init__(self, model):
+        from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("cnnlab_requests", "/predict requests by HTTP status", ["status"], registry=self.registry)
+        self.seconds = Histogram("cnnlab_request_seconds", "/predict time from request to answer", registry=self.registry)
+        self.batch = Histogram("cnnlab_batch_images", "images per forward pass", registry=self.registry,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        Info("cnnlab_model", "the model served", registry=self.registry).info(
+            {"model": str(model.config.get("model")), "backend": model.backend})
+
+    def observe(self, status, seconds):
+        self.requests.labels(str(status)).inc()
+        self.seconds.observe(seconds)
+
+    def text(self):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def create_app(model, top_k=5, max_bytes=5 * 2**20, max_pixels=None, timeout=30.0, api_key=None, docs=False,
+               max_batch=32, batch_wait=0.0):
     """The ASGI app: FastAPI wrapped in Guard. `max_pixels` None: default_max_pixels(model)."""
     from fastapi import FastAPI
     from fastapi.concurrency import run_in_threadpool
-    from fastapi.responses import HTMLResponse
+    from fastapi.responses import HTMLResponse, Response
+
+    from .batching import Batcher
 
     urls = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="cnnlab", description="Image classification with a cnnlab checkpoint.", **urls)
     digits = model.classes == [str(i) for i in range(10)]
     max_pixels = max_pixels or default_max_pixels(model)
-    slots = DecodeSlots()
+    slots, metrics = DecodeSlots(), Metrics(model)
+    batcher = Batcher(model, max_batch, batch_wait, on_batch=metrics.batch.observe)
     with open(PAGE, encoding="utf-8") as f:
         page = f.read()
 
@@ -211,14 +248,23 @@ def create_app(model, top_k=5, max_bytes=5 * 2**20, max_pixels=None, timeout=30.
         was (or the body is empty or has no file, or an image decodes to over `--max-pixels`), 413
         above `--max-bytes` for the whole request, 408 when the body takes over `--timeout`, 503
         (with Retry-After) when too many requests are already decoding."""
+        start = time.perf_counter()
         try:
             files = await uploaded_files(request, max_bytes, timeout)
-            async with slots.hold():
-                k = max(1, min(top_k, len(model.classes)))
-                body, status = await run_in_threadpool(answer, model, files, k, max_pixels)
+            async with slots.hold():   # decoding is bounded; the forward pass is the batcher's
+                decoded = await run_in_threadpool(decode_all, model, files, max_pixels)
+            body, status = await answer(model, batcher, decoded, max(1, min(top_k, len(model.classes))))
+            response = JSONResponse(body, status)
         except Refused as e:
-            return JSONResponse({"error": str(e)}, e.status, headers=e.headers)
-        return JSONResponse(body, status)
+            response = JSONResponse({"error": str(e)}, e.status, headers=e.headers)
+        metrics.observe(response.status_code, time.perf_counter() - start)
+        return response
+
+    @app.get("/metrics")
+    def prometheus():
+        """Request counts by status, request latency and batch sizes, in Prometheus text format."""
+        body, media_type = metrics.text()
+        return Response(body, media_type=media_type)
 
     @app.get("/health")
     def health():
@@ -226,8 +272,9 @@ def create_app(model, top_k=5, max_bytes=5 * 2**20, max_pixels=None, timeout=30.
 
     @app.get("/model")
     def info():
-        return {"model": model.config.get("model"), "classes": model.classes, "input_shape": list(model.in_shape),
-                "preprocess": model.preprocess.to_dict(), "metrics": model.metrics, "digits": digits}
+        return {"model": model.config.get("model"), "backend": model.backend, "classes": model.classes,
+                "input_shape": list(model.in_shape), "preprocess": model.preprocess.to_dict(), "metrics": model.metrics,
+                "digits": digits}
 
     @app.get("/", response_class=HTMLResponse)
     def index():
@@ -312,11 +359,14 @@ def reachable_from_network(host):
         return True
 
 
-def check_settings(host, max_bytes, max_pixels, timeout, api_key):
+def check_settings(host, max_bytes, max_pixels, timeout, api_key, max_batch=1, batch_wait=0.0):
     """UsageError for a limit that is not positive; a warning when the API is open to the network."""
-    for flag, value in (("--max-bytes", max_bytes), ("--max-pixels", max_pixels), ("--timeout", timeout)):
+    for flag, value in (("--max-bytes", max_bytes), ("--max-pixels", max_pixels), ("--timeout", timeout),
+                        ("--max-batch", max_batch)):
         if value is not None and not value > 0:
             raise UsageError(f"{flag} {value} must be positive")
+    if not 0 <= batch_wait <= 1:
+        raise UsageError(f"--batch-wait-ms {batch_wait * 1000:g} must be from 0 to 1000")
     if api_key == "":
         raise UsageError("--api-key (or CNNLAB_API_KEY) is empty: give a key, or leave it out")
     if reachable_from_network(host) and not api_key:
@@ -325,19 +375,19 @@ def check_settings(host, max_bytes, max_pixels, timeout, api_key):
 
 
 def serve(checkpoint_path, host="127.0.0.1", port=8000, top_k=5, max_bytes=5 * 2**20, max_pixels=None,
-          timeout=30.0, api_key=None, docs=False):
+          timeout=30.0, api_key=None, docs=False, backend=None, max_batch=32, batch_wait=0.0):
     import uvicorn
 
     from .inference import load
 
-    check_settings(host, max_bytes, max_pixels, timeout, api_key)
+    check_settings(host, max_bytes, max_pixels, timeout, api_key, max_batch, batch_wait)
     sock = listen(host, port)
     try:
-        model = load(checkpoint_path)  # fails here, before serving, on a bad checkpoint
+        model = load(checkpoint_path, backend=backend)  # fails here, before serving, on a bad checkpoint
         app = create_app(model, top_k=top_k, max_bytes=max_bytes, max_pixels=max_pixels, timeout=timeout,
-                         api_key=api_key, docs=docs)
+                         api_key=api_key, docs=docs, max_batch=max_batch, batch_wait=batch_wait)
         port = sock.getsockname()[1]  # the real one when --port 0 asked for any free port
-        note(f"serving {model.path} ({len(model.classes)} classes) on http://{host}:{port}/  (Ctrl-C stops)")
+        note(f"serving {model.path} ({len(model.classes)} classes, {model.backend}) on http://{host}:{port}/  (Ctrl-C stops)")
         protocol = functools.partial(TimedH11Protocol, deadline=timeout)
         uvicorn.Server(uvicorn.Config(app, log_level="warning", http=protocol, limit_concurrency=CONNECTIONS,
                                       timeout_keep_alive=min(5, timeout))).run(sockets=[sock])
