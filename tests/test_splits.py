@@ -176,3 +176,12 @@ def test_without_a_validation_split_nothing_is_called_val(tmp_path, capsys):
     assert state.summary["best_val_acc"] is None and state.summary["best_epoch"] == 2
     row = ("r", "mnist_cnn", "mnist-5k", 1, 2, None, 0.5, 1.0)
     assert " - " in compare_table([row])[-1]
+
+
+def test_patience_without_a_validation_split_is_refused(tmp_path):
+    """Early stopping watches validation accuracy: without a val split --patience did nothing, silently."""
+    result = run_cli("train", "--val-fraction", 0, "--patience", 2, "--epochs", 1, "--out", tmp_path / "never")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--patience 2 needs a validation split" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "never").exists()
+    FAULT_REPORT.append("--patience with --val-fraction 0: refused, exit 2, no folder left behind")

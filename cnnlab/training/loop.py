@@ -134,6 +134,9 @@ def prepare(state):
     """The data (a resumed run keeps its splits), the model and what trains it; on --resume, the
     exact state of last.pt."""
     build(state, read_splits(state.run.path) if state.resumed else None)
+    if state.cfg.patience and not len(state.data.val[1]):   # refused before the run folder is written
+        raise UsageError(f"--patience {state.cfg.patience} needs a validation split, and this run has none: "
+                         "use a --val-fraction above 0, or drop --patience.")
     if state.resumed:
         saved = checkpoint.restore(state, state.run_dir)
         change = resumed_lr_change(saved, state.cfg, state.progress.global_step, len(state.train_loader))
