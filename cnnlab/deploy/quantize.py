@@ -60,6 +60,36 @@ def quantize(model, fp32_path, out, raw_input, train_x):
                         per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
                         activation_type=QuantType.QUInt8,
                         op_types_to_quantize=["Conv", "Gemm", "MatMul"])
+    compact(out)
+
+
+def compact(path):
+    """Rename the graph's inner tensors to short ids, drop node names, doc strings and value_info,
+    in place; the arithmetic is untouched. QDQ quantization spells names like
+    "/net/net.1/net.1.4/body/body.0/body.0.0/Conv_output_0_zero_point" three or four times per
+    tensor: on the 24k-weight digits_fast (mnist_fast) the file went 39.9 KB -> 29.6 KB, 0.40x -> 0.30x
+    the fp32 file, with the same outputs; CIFAR simple_cnn 0.26x -> 0.25x."""
+    import onnx
+
+    graph_model = onnx.load(path)
+    graph = graph_model.graph
+    keep = {v.name for v in (*graph.input, *graph.output)} | {""}   # the interface, and "absent input"
+    short = {}
+
+    def rename(name):
+        if name in keep:
+            return name
+        return short.setdefault(name, format(len(short), "x"))
+
+    for tensor in graph.initializer:
+        tensor.name, tensor.doc_string = rename(tensor.name), ""
+    for node in graph.node:
+        node.input[:] = [rename(n) for n in node.input]
+        node.output[:] = [rename(n) for n in node.output]
+        node.name = node.doc_string = ""
+    del graph.value_info[:]   # intermediate shapes: onnxruntime infers them again when loading
+    graph.doc_string = graph_model.doc_string = ""
+    onnx.save(graph_model, path)
 
 
 def accuracy(sess, model, x, y, raw_input, batch=256):
