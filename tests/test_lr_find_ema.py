@@ -34,7 +34,8 @@ def diverging_curves(draw):
     start = draw(st.floats(0.05, 10))
     low = start * draw(st.floats(0.01, 0.85))          # fell at least 15% below the start
     m = draw(st.integers(0, 60))
-    descent = [start - (start - low) * (i / m) ** draw(st.floats(0.5, 4)) if m else low for i in range(m + 1)]
+    shape = draw(st.floats(0.5, 4))   # one exponent for the whole descent, so it falls all the way
+    descent = [start - (start - low) * (i / m) ** shape if m else low for i in range(m + 1)]
     peak = max(start, 4 * low) * draw(st.floats(1.01, 3))
     r = draw(st.integers(1, 20))
     rise = [low + (peak - low) * i / r for i in range(1, r + 1)]
