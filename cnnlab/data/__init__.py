@@ -85,6 +85,10 @@ def absent_classes(y, classes):
     return [c for c, n in zip(classes, counts) if n == 0]
 
 
+# The held-out splits, with the flags that size them (for the warnings about them).
+HELD_OUT = (("val", "--val-fraction/--val-samples"), ("test", "--test-fraction/--test-samples"))
+
+
 def warn_missing_classes(data):
     """A class with no training images cannot be learnt, and one with no validation or test images
     is never measured there; say so (stderr) rather than let a per-class table or a stopping rule
@@ -93,7 +97,7 @@ def warn_missing_classes(data):
     if untaught:
         note(f"warning: no training images for class {name_list(untaught)}; the model cannot learn "
              f"{'it' if len(untaught) == 1 else 'them'} (more data or a smaller --val-fraction/--test-fraction fixes it).")
-    for split, flag in (("val", "--val-fraction/--val-samples"), ("test", "--test-fraction/--test-samples")):
+    for split, flag in HELD_OUT:
         y = getattr(data, split)[1]
         if len(y) == 0:
             continue  # the split is off as a whole (e.g. --val-fraction 0): nothing to warn about
@@ -115,7 +119,7 @@ FEW_IMAGES = 20
 def warn_small_splits(data):
     """A validation or test split of a handful of images gives accuracies like 100% on 1 image:
     say how many images a reported number stands on (stderr)."""
-    for split, flag in (("val", "--val-fraction/--val-samples"), ("test", "--test-fraction/--test-samples")):
+    for split, flag in HELD_OUT:
         n = len(getattr(data, split)[1])
         if 0 < n < FEW_IMAGES:
             effect = (f"each one moves its accuracy by {100 / n:.0f} points" if n > 1

@@ -15,11 +15,12 @@ A callback is an object with any of these hooks, each called with the `TrainStat
 
 Hooks run in list order; loop.standard_callbacks() is what every run uses, before the caller's own.
 """
-import signal
+from contextlib import ExitStack
 
 import torch
 
 from . import checkpoint
+from .distributed import handling_stop_signals
 from ..errors import UsageError
 
 
@@ -153,14 +154,10 @@ class SignalStop(Callback):
     step. The handlers are ours only while training runs."""
 
     def __init__(self):
-        self.signum, self._old = None, {}
+        self.signum, self._handlers = None, ExitStack()
 
     def on_start(self, state):
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread (e.g. a notebook worker): no handlers
-            pass
+        self._handlers.enter_context(handling_stop_signals(self._handle))
 
     def _handle(self, signum, frame):
         self.signum = signum
@@ -169,9 +166,7 @@ class SignalStop(Callback):
         return Stop("signal", self.signum) if agreed_stop(self, state.ctx) else None
 
     def on_close(self, state):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
+        self._handlers.close()   # the previous handlers back
 
 
 def agreed_stop(stop, ctx):

@@ -14,20 +14,15 @@ class Console(Callback):
             state.log(line)
 
     def on_epoch_end(self, state):
-        state.log(epoch_line(state.row, state.cfg.epochs, state.progress.improved, has_val(state)))
+        state.log(epoch_line(state.row, state.cfg.epochs, state.progress.improved, state.has_val))
 
     def on_end(self, state):
         test, summary, progress = state.test, state.summary, state.progress
-        chosen = (f"best val {progress.best_val_acc:.2%} at epoch {progress.best_epoch}" if has_val(state)
+        chosen = (f"best val {progress.best_val_acc:.2%} at epoch {progress.best_epoch}" if state.has_val
                   else "no validation split: best.pt is the last epoch")
         state.log(f"test: loss {test['loss']:.4f}  acc {test['acc']:.2%}  ({chosen}; {summary['train_seconds']:.1f}s, "
                   f"{summary['samples_per_second']:.0f} img/s)")
         state.log(f"run folder: {state.run_dir}")
-
-
-def has_val(state):
-    """Whether the run has a validation split; without one no accuracy is called "val"."""
-    return len(state.data.val[1]) > 0
 
 
 def banner_title(resumed):

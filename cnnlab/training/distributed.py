@@ -8,8 +8,26 @@ never needs it.)"""
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 
 from ..errors import UsageError
+
+
+@contextmanager
+def handling_stop_signals(handler):
+    """SIGINT and SIGTERM go to `handler` inside the block, to the previous handlers after it.
+    Off the main thread (e.g. a notebook worker) Python allows no handlers: nothing is changed."""
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:
+        pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def launch(nproc, train_argv):
@@ -27,12 +45,8 @@ def launch(nproc, train_argv):
     def forward(signum, frame):
         received.append(signum)
         child.send_signal(signum)
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with handling_stop_signals(forward):
         code = child.wait()
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
     if received:
         return 128 + received[0]
     if code:

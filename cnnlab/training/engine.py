@@ -80,7 +80,7 @@ def epoch_results(state):
     train = state.progress.epoch_totals(state.ctx)
     if not math.isfinite(train["loss"]):   # steps between GPU checks, or another rank's loss
         raise non_finite(state)
-    if not len(state.data.val[1]):
+    if not state.has_val:
         return train, None
     return train, evaluate(state.eval_model, state.val_loader, state.ctx, len(state.data.classes))
 

@@ -5,7 +5,6 @@ run's files are callbacks (callbacks.py, console.py), and where the run is lives
 (progress.py). The public `cnnlab.train()` (api.py) resolves the settings and calls `fit`.
 """
 import os
-import signal
 from contextlib import contextmanager
 
 import torch
@@ -14,7 +13,7 @@ from . import checkpoint
 from .callbacks import Callbacks, Checkpoints, EarlyStopping, RunFiles, SignalStop, TensorBoard
 from .console import Console, ProgressBar
 from .diagnose import DivergenceWarning, diagnose
-from .distributed import wrap_for_training
+from .distributed import handling_stop_signals, wrap_for_training
 from .engine import Interrupted, ema_model, epoch_results, evaluate, make_step, snapshot, train_step
 from .optim import build_optimizer, resumed_lr_change
 from .progress import Progress
@@ -95,17 +94,8 @@ def stop_at_once_on_signal(state):
     def stop(signum, frame):
         raise Interrupted(state.run_dir, signum, state.ctx.world, evaluating=True, finished_epochs=finished)
 
-    previous = {}
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, stop)
-    except ValueError:  # not the main thread (e.g. a notebook worker): no handlers, as in SignalStop
-        pass
-    try:
+    with handling_stop_signals(stop):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def check_run(state):
@@ -134,7 +124,7 @@ def prepare(state):
     """The data (a resumed run keeps its splits), the model and what trains it; on --resume, the
     exact state of last.pt."""
     build(state, read_splits(state.run.path) if state.resumed else None)
-    if state.cfg.patience and not len(state.data.val[1]):   # refused before the run folder is written
+    if state.cfg.patience and not state.has_val:   # refused before the run folder is written
         raise UsageError(f"--patience {state.cfg.patience} needs a validation split, and this run has none: "
                          "use a --val-fraction above 0, or drop --patience.")
     if state.resumed:
@@ -177,7 +167,7 @@ def test_once(state):
     """The best weights on the test split, once, with the per-sample results kept (state.test) for
     whatever renders them; then the summary."""
     cfg, ctx, data = state.cfg, state.ctx, state.data
-    if cfg.ema and len(data.val[1]):   # the raw last weights, once: the diagnostics say when the EMA lags them
+    if cfg.ema and state.has_val:   # the raw last weights, once: the diagnostics say when the EMA lags them
         state.raw_val_acc = evaluate(state.model, state.val_loader, ctx, len(data.classes))["acc"]
     if state.best_weights is not None:
         state.model.load_state_dict(state.best_weights)
@@ -190,7 +180,7 @@ def summarize(state):
     """summary.json: the results, what the run was, and plain-language diagnostics."""
     progress, test, meta, data, history = state.progress, state.test, state.meta, state.data, state.history
     summary = {
-        "best_val_acc": progress.best_val_acc if len(data.val[1]) else None,   # None: no validation split
+        "best_val_acc": progress.best_val_acc if state.has_val else None,   # None: no validation split
         "best_epoch": progress.best_epoch,
         "test_acc": test["acc"], "test_loss": test["loss"], "test_top5_acc": test["top5"],
         "epochs": len(history), "train_seconds": round(progress.train_seconds, 3),

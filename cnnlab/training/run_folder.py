@@ -100,12 +100,8 @@ class RunFolder:
             write_text(self.file(name), text)
 
     def create(self, cfg):
-        """Make the folder and write config.yaml: the first thing a run writes."""
+        """Write config.yaml, the first thing a run writes (claim made the folder)."""
         if self.enabled:
-            try:
-                os.makedirs(self.path, exist_ok=True)
-            except OSError as e:
-                raise UsageError(f"cannot create output folder '{self.path}': {e.strerror or e}.") from None
             dump_yaml(cfg, self.file("config.yaml"))
 
     def write_metrics(self, history):

@@ -37,6 +37,11 @@ class TrainState:
     summary: dict = None            # summary.json
 
     @property
+    def has_val(self):
+        """Whether the run has a validation split; without one no accuracy is called "val"."""
+        return len(self.data.val[1]) > 0
+
+    @property
     def run_dir(self):
         return self.run.path if self.run is not None else None
 
