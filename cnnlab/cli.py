@@ -32,6 +32,10 @@ HELP = {
     "out": "run folder (default runs/<model>-<data>-<time>); an existing run there is refused",
     "overwrite": "replace the run already in --out (its files are deleted first) instead of refusing",
     "device": "auto, cpu or cuda",
+    "split_ranges": "index ranges in the data's own order instead of random splits, e.g. "
+                    "train=0:20000,val=20000:25000,test=0:5000 (seed 004); test indexes the official test set",
+    "normalize": "dataset (the training split's mean/std, default), none (pixels/255, ToTensor only), or MEAN,STD "
+                 "(one pair, e.g. 0.5,0.5) or C means then C stds",
 }
 
 
@@ -124,15 +128,23 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
-    from .evaluate.evaluation import evaluate_model, load_trained, run_data
+    from .evaluate.evaluation import evaluate_model, last_epoch, load_trained, run_data
 
     model, run_dir = load_trained(args.run)
-    m = evaluate_model(model, run_data(model, run_dir, args.data, args.data_dir), args.split)
+    data = run_data(model, run_dir, args.data, args.data_dir)
+    m = evaluate_model(model, data, args.split)
+    last = last_epoch(args.run)
+    if last:   # the figure the tutorials print: the last epoch's weights, beside the best epoch's
+        final = evaluate_model(last[0], data, args.split)
+        m["final"] = {"epoch": last[1], "accuracy": final["accuracy"], "loss": final["loss"]}
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
     print(f"{args.split}: {m['samples']} images  loss {m['loss']:.4f}  accuracy {m['accuracy']:.2%}"
           + (f"  top-5 {m['top5_accuracy']:.2%}" if m.get("top5_accuracy") is not None else ""))
+    if "final" in m:
+        print(f"{args.split}, last epoch ({m['final']['epoch']}, last.pt): loss {m['final']['loss']:.4f}  "
+              f"accuracy {m['final']['accuracy']:.2%}")
     width = max([len(r["class"]) for r in m["per_class"]] + [len("weighted avg")])
     print(f"{'class':<{width}}  precision  recall     f1  support")
     for r in m["per_class"]:

@@ -29,6 +29,12 @@ class DataConfig:
     image_size: int = 0                            # 0 = chosen from the data
     on_bad_image: str = "error"
     seed: int = 0                                  # the splits' seed, and the run's
+    # "train=0:20000,val=20000:25000,test=0:5000": index ranges in the source's own order (seed 004's
+    # split) instead of seeded stratified samples; test rows index the official test set when there is one
+    split_ranges: str = ""
+    # dataset: the training split's own mean and std; none: pixels / 255 only (ToTensor, seeds 000 and
+    # 003); "MEAN,STD" or one mean per channel then one std per channel (seed 004: 0.5,0.5)
+    normalize: str = "dataset"
 
 
 @dataclass
@@ -166,6 +172,11 @@ def validate(cfg):
         raise UsageError(f"'label_smoothing' must be below 1, got {cfg.label_smoothing}.")
     if not 0 <= cfg.ema < 1:
         raise UsageError(f"'ema' is a decay in [0, 1) (e.g. 0.999), got {cfg.ema}.")
+    parse_split_ranges(cfg.split_ranges)
+    fixed_normalization(cfg.normalize)
+    if cfg.split_ranges and (cfg.train_samples or cfg.val_samples or cfg.test_samples):
+        raise UsageError("'split_ranges' gives every split's images itself: drop train_samples, val_samples and "
+                         "test_samples.")
     if cfg.amp == "fp16" and cfg.device == "cpu":
         raise UsageError("'amp: fp16' needs CUDA; use 'amp: bf16' or 'off' on the CPU.")
     return cfg
@@ -184,6 +195,54 @@ def validate_schedule(cfg):
                          "would never reach its peak.")
     if cfg.schedule == "step" and cfg.step_epochs == 0:
         raise UsageError("'schedule: step' needs 'step_epochs' (divide the LR by 1/gamma every N epochs).")
+
+
+def parse_split_ranges(text):
+    """'train=0:20000,val=20000:25000,test=0:5000' -> {'train': (0, 20000), ...}; {} for ''. Every
+    split must be named once (an empty range, e.g. val=0:0, turns a split off)."""
+    if not text:
+        return {}
+    example = "e.g. train=0:20000,val=20000:25000,test=0:5000"
+    ranges = {}
+    for part in text.split(","):
+        name, _, span = part.strip().partition("=")
+        start, _, stop = span.partition(":")
+        try:
+            start, stop = int(start), int(stop)
+        except ValueError:
+            raise UsageError(f"'split_ranges' part {part.strip()!r} is not SPLIT=START:STOP ({example}).") from None
+        if name not in ("train", "val", "test") or name in ranges:
+            raise UsageError(f"'split_ranges' names train, val and test once each, got {name!r} ({example}).")
+        if not 0 <= start <= stop:
+            raise UsageError(f"'split_ranges' range {name}={start}:{stop} must have 0 <= START <= STOP.")
+        ranges[name] = (start, stop)
+    if len(ranges) != 3:
+        raise UsageError(f"'split_ranges' must give train, val and test ({example}); missing "
+                         f"{', '.join(s for s in ('train', 'val', 'test') if s not in ranges)}.")
+    if ranges["train"][0] == ranges["train"][1]:
+        raise UsageError("'split_ranges' gives the train split no images.")
+    return ranges
+
+
+def fixed_normalization(text):
+    """None for 'dataset' (the training split's statistics), else (means, stds): 'none' is (0, 1)
+    (pixels / 255), 'M,S' one pair for every channel, 'M1,M2,M3,S1,S2,S3' one per channel."""
+    if text == "dataset":
+        return None
+    if text == "none":
+        return [0.0], [1.0]
+    usage = (f"'normalize' is dataset, none, MEAN,STD or one mean per channel then one std per channel "
+             f"(e.g. 0.5,0.5), got {text!r}.")
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise UsageError(usage) from None
+    if len(values) % 2 or not values or not all(math.isfinite(v) for v in values):
+        raise UsageError(usage)
+    means, stds = values[:len(values) // 2], values[len(values) // 2:]
+    if min(stds) <= 0:
+        raise UsageError(f"'normalize' stds must be positive, got {text!r}.")
+    return means, stds
 
 
 def make_config(overrides=None, base=None):

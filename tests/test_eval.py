@@ -156,14 +156,16 @@ def _fake_run(path, model="lenet5", data="mnist-5k", params=61706, epochs=2):
 
 def test_compare_table_aligns_any_name_length_and_shows_data():
     long = "a-run-name-much-longer-than-ten-characters"
-    rows = [(long, "resnet_small", "npz:/data/cifar10_5k.npz", 1234567, 12, 0.61, 0.595, 93.4),
-            ("b", "net", "cifar2", 18090, 100, 0.8, 0.8227, 8.0)]
+    rows = [(long, "resnet_small", "npz:/data/cifar10_5k.npz", 1234567, 12, 0.61, 0.595, 0.59, 93.4),
+            ("b", "net", "cifar2", 18090, 100, 0.8, 0.8227, None, 8.0)]
     header, *lines = compare_table(rows)
-    assert header.split() == ["run", "model", "data", "params", "epochs", "best", "val", "test", "acc", "seconds"]
+    assert header.split() == ["run", "model", "data", "params", "epochs", "best", "val", "test", "acc",
+                              "last-epoch", "test", "seconds"]
     for line, row in zip(lines, rows):
         for text, column in ((row[1], "model"), (row[2], "data")):   # text columns start under their header
             assert line.index(text) == header.index(column), (line, column)
-        for text, column in ((f"{row[3]:,}", "params"), (f"{row[6]:.2%}", "test acc"), (f"{row[7]:.1f}", "seconds")):
+        for text, column in ((f"{row[3]:,}", "params"), (f"{row[6]:.2%}", "test acc"), (f"{row[8]:.1f}", "seconds"),
+                             ("-" if row[7] is None else f"{row[7]:.2%}", "last-epoch test")):
             end = header.index(column) + len(column)                 # number columns end under their header
             assert line[:end].endswith(text), (line, column)
 

@@ -174,7 +174,8 @@ def test_without_a_validation_split_nothing_is_called_val(tmp_path, capsys):
     assert "best val" not in out and "no validation split: best.pt is the last epoch" in out
     assert "val loss" not in out and "*" not in out                               # no epoch is a "best val"
     assert state.summary["best_val_acc"] is None and state.summary["best_epoch"] == 2
-    row = ("r", "mnist_cnn", "mnist-5k", 1, 2, None, 0.5, 1.0)
+    assert state.summary["final_test_acc"] == state.summary["test_acc"]          # the last epoch is the one tested
+    row = ("r", "mnist_cnn", "mnist-5k", 1, 2, None, 0.5, 0.5, 1.0)
     assert " - " in compare_table([row])[-1]
 
 

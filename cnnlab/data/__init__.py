@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import fixed_normalization
 from ..errors import UsageError, note
 # The builders register themselves on import, in the order `cnnlab datasets` lists them.
 from . import sources, folder, synthetic  # noqa: F401
@@ -52,6 +53,21 @@ def channel_stats(x):
     return xf.mean(dim=(0, 2, 3)).tolist(), xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
 
 
+def normalization(setting, train_x):
+    """(mean, std) per channel: the training split's own (`dataset`), or the fixed values asked for."""
+    fixed = fixed_normalization(setting)
+    if fixed is None:
+        return channel_stats(train_x)
+    channels = train_x.shape[1]
+    mean, std = fixed
+    if len(mean) == 1:
+        return mean * channels, std * channels
+    if len(mean) != channels:
+        raise UsageError(f"--normalize {setting} gives {len(mean)} means and stds; the images have {channels} "
+                         f"channel(s): give one pair for all, or {channels} means then {channels} stds.")
+    return mean, std
+
+
 def load_data(cfg, splits=None):
     """Decode the source, cut or reuse the splits, and compute the normalisation statistics.
     `cfg`: a DataConfig (TrainConfig.data_config() gives one). `splits`: a run's saved splits
@@ -69,7 +85,7 @@ def load_data(cfg, splits=None):
     test_x, test_y = (src.test_x, src.test_y) if splits["test_pool"] == "test" else (src.train_x, src.train_y)
     pick = lambda x, y, idx: (resize(x[idx], cfg.image_size), y[idx])
     train = pick(src.train_x, src.train_y, splits["train"])
-    mean, std = channel_stats(train[0])
+    mean, std = normalization(cfg.normalize, train[0])
     data = Data(name=cfg.data, classes=list(src.classes), train=train,
                 val=pick(src.train_x, src.train_y, splits["val"]),
                 test=pick(test_x, test_y, splits["test"]),

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import parse_split_ranges
 from ..errors import CnnlabError, UsageError, note, printable
 
 FORMAT = 2
@@ -62,6 +63,9 @@ def take(y, n, seed):
 def make_splits(src, cfg):
     """The splits of a Source (after class selection), as splits.json records them."""
     rows = cut(src.train_y, src.test_y, cfg)
+    if cfg.split_ranges and src.ids:
+        note("note: --split-ranges counts images in the folder's order, which is sorted by class: a range may "
+             "hold only some classes (the warnings below say so).")
     record = {"format": FORMAT, "test_pool": rows.pop("test_pool"), "classes": list(src.classes), **rows}
     if src.ids:
         record["files"] = file_table(src.ids, record)
@@ -72,6 +76,8 @@ def make_splits(src, cfg):
 
 def cut(train_y, test_y, cfg):
     """Row lists {'train', 'val', 'test'} and which pool the test rows point into."""
+    if cfg.split_ranges:
+        return cut_ranges(train_y, test_y, parse_split_ranges(cfg.split_ranges))
     seed = cfg.seed
     pool = torch.arange(len(train_y))
     if test_y is None:
@@ -94,6 +100,27 @@ def cut(train_y, test_y, cfg):
             kept, _ = take(labels, cap, seed + 3)
             splits[name] = idx[kept]
     return {k: v.tolist() for k, v in splits.items()} | {"test_pool": test_pool}
+
+
+def cut_ranges(train_y, test_y, ranges):
+    """Index ranges in the pools' own order (seed 004: train 0-19,999 and val 20,000-24,999 of the
+    training set, test 0-4,999 of the test set). Test rows come from the official test set when there
+    is one, else from the training pool, where they must not overlap train or val."""
+    test_pool = "train" if test_y is None else "test"
+    sizes = {"train": len(train_y), "test": len(train_y) if test_y is None else len(test_y)}
+    for split, (start, stop) in ranges.items():
+        pool = "train" if split != "test" else test_pool
+        if stop > sizes[pool]:
+            raise UsageError(f"--split-ranges {split}={start}:{stop} goes past the {sizes[pool]} images of the "
+                             f"{pool} pool: give a STOP of at most {sizes[pool]}.")
+    taken = [ranges["train"], ranges["val"]] + ([ranges["test"]] if test_pool == "train" else [])
+    for i, (a0, a1) in enumerate(taken):
+        for b0, b1 in taken[i + 1:]:
+            if a0 < b1 and b0 < a1:
+                raise UsageError(f"--split-ranges {a0}:{a1} and {b0}:{b1} overlap in the training pool: an image "
+                                 "would be in two splits.")
+    rows = {split: list(range(*ranges[split])) for split in SPLITS}
+    return rows | {"test_pool": test_pool}
 
 
 def no_training_images(cfg, n, n_test, n_val):

@@ -7,12 +7,12 @@ from ..errors import CnnlabError
 from ..training.run_folder import read_json, read_metrics
 from .report import fmt_count
 
-COMPARE_HEADER = ("run", "model", "data", "params", "epochs", "best val", "test acc", "seconds")
-SUMMARY_KEYS = ("model", "data", "num_params", "epochs", "best_val_acc", "test_acc", "train_seconds")  # the columns
+COMPARE_HEADER = ("run", "model", "data", "params", "epochs", "best val", "test acc", "last-epoch test", "seconds")
+SUMMARY_KEYS = ("model", "data", "num_params", "epochs", "best_val_acc", "test_acc", "train_seconds")  # required
 
 
 def compare(run_dirs, out=None):
-    """Rows of (run, model, data, params, epochs, best val, test acc, seconds) and the overlaid
+    """Rows of (run, model, data, params, epochs, best val, test acc, last-epoch test acc, seconds) and the overlaid
     validation curves, written to `out` or else to compare.png in the runs' common parent folder
     (beside the runs, not wherever the command happens to run). Returns (rows, picture path)."""
     parent = os.path.commonpath([os.path.dirname(os.path.abspath(d)) for d in run_dirs])
@@ -27,7 +27,8 @@ def compare(run_dirs, out=None):
             raise CnnlabError(f"{path} lacks '{lacking[0]}' (damaged?); `cnnlab train --resume {d}` writes it again.")
         name = os.path.relpath(os.path.abspath(d), parent)   # unique even when two runs share a basename
         histories[name] = read_metrics(d)
-        rows.append((name, *(s[k] for k in SUMMARY_KEYS)))
+        # final_test_acc: runs of cnnlab before it was recorded have none ("-")
+        rows.append((name, *(s[k] for k in SUMMARY_KEYS[:-1]), s.get("final_test_acc"), s["train_seconds"]))
     out = out or os.path.join(parent, "compare.png")
     try:
         plots.save_compare(histories, out)
@@ -38,14 +39,15 @@ def compare(run_dirs, out=None):
 
 def fmt_val(acc):
     """A run without a validation split has no best val accuracy, a tune trial no test accuracy
-    (summary.json: null)."""
+    (summary.json: null), a run of an older cnnlab no last-epoch test accuracy."""
     return "-" if acc is None else f"{acc:.2%}"
 
 
 def compare_table(rows):
     """The compare rows as text lines, every column as wide as its longest cell: names of any
     length stay aligned. Text left-aligned, numbers right-aligned."""
-    cells = [COMPARE_HEADER] + [(*r[:3], fmt_count(r[3]), fmt_count(r[4]), fmt_val(r[5]), fmt_val(r[6]), f"{r[7]:.1f}")
+    cells = [COMPARE_HEADER] + [(*r[:3], fmt_count(r[3]), fmt_count(r[4]), fmt_val(r[5]), fmt_val(r[6]), fmt_val(r[7]),
+                                 f"{r[8]:.1f}")
                                 for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COMPARE_HEADER))]
     align = lambda i, text: text.ljust(widths[i]) if i < 3 else text.rjust(widths[i])

@@ -42,6 +42,18 @@ def load_trained(path, device="cpu"):
     return model, path if os.path.isdir(path) else os.path.dirname(path)
 
 
+def last_epoch(path):
+    """(Trained, epoch) of a run folder's last.pt when it holds a later epoch than its best.pt, else
+    None. The tutorials report their last epoch; cnnlab's best.pt is the best validation epoch."""
+    last, best = (os.path.join(str(path), name) for name in ("last.pt", "best.pt"))
+    if not (os.path.isdir(path) and os.path.exists(last) and os.path.exists(best)):
+        return None
+    epoch = (checkpoint.load(last).get("train_state") or {}).get("progress", {}).get("epoch")
+    if epoch is None or epoch == checkpoint.load(best).get("metrics", {}).get("epoch"):
+        return None
+    return load_trained(last)[0], epoch
+
+
 def run_data(model, run_dir=None, data=None, data_dir=None):
     """The data `model` was trained on, with the run's saved split (refused, in one line, when the
     data changed since); or `data` (a --data name, split afresh) resized to the model's input.

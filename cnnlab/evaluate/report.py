@@ -87,6 +87,7 @@ fmt_percent, fmt_loss, fmt_seconds, fmt_count = "{:.1%}".format, "{:.4f}".format
 SUMMARY_ROWS = {"model": ("model", str), "data": ("data", str), "num_params": ("parameters", fmt_count),
                 "epochs": ("epochs", fmt_count), "best_val_acc": ("best validation accuracy", fmt_percent),
                 "best_epoch": ("best epoch", fmt_count), "test_acc": ("test accuracy", fmt_percent),
+                "final_test_acc": ("test accuracy of the last epoch", fmt_percent),
                 "test_top5_acc": ("test top-5 accuracy", fmt_percent), "test_loss": ("test loss", fmt_loss),
                 "train_seconds": ("training time", fmt_seconds),
                 "samples_per_second": ("throughput", lambda v: f"{v:,.0f} img/s"),

@@ -222,7 +222,7 @@ def best_payload(state):
 # The settings that decide a run's data and network: a checkpoint whose config differs in one of
 # them was trained by another run (resume.MUST_MATCH adds the ones that shape the training itself).
 DEFINING = ("data", "classes", "class_names", "image_size", "val_fraction", "test_fraction", "train_samples",
-            "val_samples", "test_samples", "seed", "model", "model_args")
+            "val_samples", "test_samples", "seed", "model", "model_args", "split_ranges", "normalize")
 
 
 def check_run_config(ckpt_config, run_dir, run_config=None, name="the checkpoint",

@@ -22,6 +22,9 @@ class Console(Callback):
                   else "no validation split: best.pt is the last epoch")
         state.log(f"test: loss {test['loss']:.4f}  acc {test['acc']:.2%}  ({chosen}; {summary['train_seconds']:.1f}s, "
                   f"{summary['samples_per_second']:.0f} img/s)")
+        if state.final_test is not test:   # the tutorials print the last epoch's figure: give it too
+            state.log(f"test, last epoch ({len(state.history)}): loss {state.final_test['loss']:.4f}  "
+                      f"acc {state.final_test['acc']:.2%}")
         state.log(f"run folder: {state.run_dir}")
 
 

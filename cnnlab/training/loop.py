@@ -169,10 +169,14 @@ def test_once(state):
     cfg, ctx, data = state.cfg, state.ctx, state.data
     if cfg.ema and state.has_val:   # the raw last weights, once: the diagnostics say when the EMA lags them
         state.raw_val_acc = evaluate(state.model, state.val_loader, ctx, len(data.classes))["acc"]
+    test_loader = batch_loader(state, data.test, cfg.eval_batch_size * ctx.world)
+    final = None   # the last epoch's weights, which the tutorials report, when they are not the best
+    if state.best_weights is not None and state.progress.best_epoch != len(state.history):
+        final = evaluate(state.eval_model, test_loader, ctx, len(data.classes))
     if state.best_weights is not None:
         state.model.load_state_dict(state.best_weights)
-    test_loader = batch_loader(state, data.test, cfg.eval_batch_size * ctx.world)
     state.test = evaluate(state.model, test_loader, ctx, len(data.classes), collect=True)
+    state.final_test = final or state.test
     state.summary = summarize(state)
 
 
@@ -183,6 +187,8 @@ def summarize(state):
         "best_val_acc": progress.best_val_acc if state.has_val else None,   # None: no validation split
         "best_epoch": progress.best_epoch,
         "test_acc": test["acc"], "test_loss": test["loss"], "test_top5_acc": test["top5"],
+        # the last epoch's weights on the test split: what the tutorials print (test_acc is the best epoch's)
+        "final_test_acc": state.final_test["acc"], "final_test_loss": state.final_test["loss"],
         "epochs": len(history), "train_seconds": round(progress.train_seconds, 3),
         "samples_per_second": round(progress.samples_seen / max(progress.train_seconds, 1e-9), 1),
         **{k: meta[k] for k in ("model", "model_args", "data", "classes", "num_params", "device",

@@ -34,6 +34,7 @@ class TrainState:
     row: dict = None                # the metrics.csv row of the epoch that just ended
     raw_val_acc: float = None       # with --ema: the raw last weights' validation accuracy
     test: dict = None               # engine.evaluate(collect=True) of the best weights on the test split
+    final_test: dict = None         # the last epoch's weights on the test split (state.test when they are the best)
     summary: dict = None            # summary.json
 
     @property
