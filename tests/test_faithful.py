@@ -173,3 +173,19 @@ def test_when_the_last_epoch_is_the_best_both_figures_agree(tmp_path):
                           report=False, out=str(tmp_path / "r"), quiet=True)
     assert result.summary["final_test_acc"] == result.summary["test_acc"]
     assert "final" not in json.loads(run_cli("evaluate", result.run_dir, "--json").stdout)
+
+
+@pytest.mark.parametrize("script, lines", [("seed000_one_batch.py", ("loss before the step", "loss after the step")),
+                                           ("seed001_one_step.py", ("loss:", "loss after one SGD step"))])
+def test_the_one_step_seeds_run_and_go_downhill(script, lines):
+    """Seeds 000 and 001 are one optimizer step each: the examples take it and print the seed's numbers."""
+    import re
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, os.path.join(root, "examples", script)], capture_output=True, text=True,
+                            cwd=root, env={**os.environ, "PYTHONPATH": root}, timeout=600)
+    assert result.returncode == 0, result.stderr
+    before, after = (float(re.search(re.escape(label) + r"[:\s]*([0-9.]+)", result.stdout).group(1)) for label in lines)
+    assert after < before                  # one step on the same batch lowers its loss
