@@ -199,13 +199,15 @@ def find_model(name):
     module, _, qualname = name.partition(":")
     for candidate in LOADED.values():
         obj = lookup(candidate, qualname)
-        if obj is not None and (candidate.__name__ == module or module == "__main__" or len(LOADED) == 1):
+        # only what the module itself defines: `--plugin os` must not make "os:system" a model
+        if obj is not None and getattr(obj, "__module__", None) == candidate.__name__ and (
+                candidate.__name__ == module or module == "__main__" or len(LOADED) == 1):
             return add_model(name, obj)
     raise missing_plugin(name, module)
 
 
-def require(name, plugin=""):
-    """A checkpoint's user model, registered from the modules the user gave, or one line naming `plugin`."""
+def require(name, plugin="", path=""):
+    """A checkpoint's (`path`) user model, registered from the modules the user gave, or one line naming `plugin`."""
     from .models import REGISTRY
 
     if name in REGISTRY:
@@ -216,12 +218,12 @@ def require(name, plugin=""):
             return
         except UsageError:
             pass
-    raise missing_plugin(name, plugin or name.partition(":")[0])
+    raise missing_plugin(name, plugin or name.partition(":")[0], path)
 
 
-def missing_plugin(name, plugin):
+def missing_plugin(name, plugin, path=""):
     where = "the script or notebook" if plugin == "__main__" else plugin
-    return UsageError(f"model '{name}' is your own code, and cnnlab imports code only when asked: give the module "
+    return UsageError(f"{path}: " * bool(path) + f"model '{name}' is your own code, and cnnlab imports code only when asked: give the module "
                       f"that defines it ({where}) with --plugin FILE_OR_MODULE, or cnnlab.load(..., plugins=[...]).")
 
 

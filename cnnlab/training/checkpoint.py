@@ -152,11 +152,11 @@ def build_model(ckpt, path=""):
     """The network a checkpoint describes, with its weights loaded (on the CPU, in train mode)."""
     spec = ckpt["model"]
     check_finite(ckpt["state_dict"], path)
-    try:   # the sizes come from the file: create_model refuses a network this machine cannot hold
-        if spec.get("plugin"):   # the user's own network: only from a module they named (plugins.py)
-            from ..plugins import require
+    if spec.get("plugin"):   # the user's own network: only from a module they named (plugins.py)
+        from ..plugins import require
 
-            require(spec["name"], spec["plugin"])
+        require(spec["name"], spec["plugin"], path)
+    try:   # the sizes come from the file: create_model refuses a network this machine cannot hold
         net = create_model(spec["name"], spec["in_shape"], spec["num_classes"], **spec.get("args", {}))
     except UsageError as e:
         raise CnnlabError(f"{path}: {e}") from None
