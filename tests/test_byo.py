@@ -60,6 +60,22 @@ class Wide(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1).flatten(1))
 
 
+@pytest.fixture(autouse=True)
+def own_registries():
+    """The models, datasets and plugins a test registers are gone after it (test_models and
+    test_validation build every registered model)."""
+    from cnnlab import plugins
+    from cnnlab.data.registry import REGISTRY as DATASETS
+    from cnnlab.models import REGISTRY as MODELS, model_names
+
+    model_names()   # the built-in families are imported (once per process) before the snapshot
+    saved = [(r, dict(r)) for r in (MODELS, DATASETS, plugins.LOADED)]
+    yield
+    for registry, before in saved:
+        registry.clear()
+        registry.update(before)
+
+
 def mnist_arrays(n_train=600, n_test=200):
     """MNIST as a user has it: numpy arrays (the embedded 5k sample, shuffled once)."""
     src = open_source(DataConfig())
