@@ -85,7 +85,7 @@ def own_objects(settings):
     if isinstance(data, os.PathLike):
         settings["data"] = os.fspath(data)
     elif data is not None and not isinstance(data, str):
-        settings["data"] = memory_name(data)
+        settings["data"] = memory_name(data, settings.get("class_names"))
     return settings, instance
 
 

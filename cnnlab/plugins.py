@@ -144,7 +144,8 @@ def check_outputs(net, obj, in_shape, num_classes):
     net.train(was_training)
     if tuple(out.shape) != (2, num_classes):
         raise ValueError(f"it gives outputs of shape {tuple(out.shape[1:])} per image, but the data has "
-                         f"{num_classes} classes: make its last layer output {num_classes} scores")
+                         f"{num_classes} classes: make its last layer output {num_classes} scores (or, when some "
+                         "classes are absent from the labels, name them all: class_names=[...])")
 
 
 def import_path(obj):

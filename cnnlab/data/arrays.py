@@ -22,7 +22,10 @@ MEMORY = {}   # ID -> Source
 def memory_name(data, classes=None):
     """`memory:ID` for arrays or Datasets (kept in MEMORY); `classes`: names for the labels 0..K-1."""
     source = to_source(data)
-    if classes is not None:
+    if classes:   # the names say how many classes there are, also when a split lacks the last ones
+        if len(classes) < len(source.classes):
+            raise UsageError(f"class_names gives {len(classes)} names, but the labels go up to "
+                             f"{len(source.classes) - 1}: give one name per class 0..K-1.")
         source.classes = [str(c) for c in classes]
     key = fingerprint(source)
     MEMORY[key] = source
