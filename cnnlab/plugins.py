@@ -120,6 +120,8 @@ def model_builder(obj):
         given = {"in_shape": tuple(in_shape), "num_classes": int(num_classes)}
         net = obj(**{k: given[k] for k in takes}, **args)
         check_outputs(net, obj, in_shape, num_classes)
+        if not takes_channels_last(net, in_shape):
+            keep_nchw(net)
         return net
 
     fixed = [inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in ("in_shape", "num_classes")]
@@ -146,6 +148,38 @@ def check_outputs(net, obj, in_shape, num_classes):
         raise ValueError(f"it gives outputs of shape {tuple(out.shape[1:])} per image, but the data has "
                          f"{num_classes} classes: make its last layer output {num_classes} scores (or, when some "
                          "classes are absent from the labels, name them all: class_names=[...])")
+
+
+def takes_channels_last(net, in_shape):
+    """cnnlab runs networks on NHWC tensors (channels_last: faster convolutions); tutorials flatten
+    with `x.view(-1, n)`, which refuses NHWC strides. Tried once, on a copy of the input's layout."""
+    import torch
+
+    was_training = net.training
+    net.eval().to(memory_format=torch.channels_last)
+    try:
+        with torch.no_grad():
+            net(torch.zeros(2, *in_shape).contiguous(memory_format=torch.channels_last))
+        return True
+    except RuntimeError:
+        return False
+    finally:
+        net.to(memory_format=torch.contiguous_format).train(was_training)
+
+
+def keep_nchw(net):
+    """Make `net` ignore channels_last: its inputs become NCHW-contiguous, and `.to(memory_format=...)`
+    leaves its weights as they are (a convolution gives NHWC outputs if its input or weights are)."""
+    import types
+
+    net.register_forward_pre_hook(lambda module, inputs: tuple(
+        x.contiguous() if hasattr(x, "contiguous") else x for x in inputs))
+    net.to = types.MethodType(to_without_memory_format, net)   # deepcopy (the EMA) rebinds it to the copy
+
+
+def to_without_memory_format(net, *args, **kwargs):
+    kwargs.pop("memory_format", None)
+    return type(net).to(net, *args, **kwargs)
 
 
 def import_path(obj):

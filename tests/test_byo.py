@@ -176,6 +176,36 @@ def test_an_instance_with_arguments_cnnlab_cannot_see_is_refused_the_class_with_
     assert result.summary["model_args"] == {"width": 4} and result.summary["num_params"] == 4 * 9 + 4 + 4 * 10 + 10
 
 
+class Flattens(nn.Module):
+    """Tutorial style: `x.view(-1, n)`, which fails on the NHWC tensors cnnlab trains with."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, stride=2)
+        self.fc = nn.Linear(4 * 13 * 13, num_classes)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)).view(-1, 4 * 13 * 13))
+
+
+def test_a_network_that_flattens_with_view_trains_predicts_and_exports(tmp_path):
+    data = mnist_arrays(200, 50)
+    run = str(tmp_path / "r")
+    cnnlab.train(model=Flattens(), data=data, epochs=1, ema=0.9, out=run, report=False, quiet=True)
+    model = cnnlab.load(run)
+    assert len(model.predict(list(data[2][:3, 0]))) == 3
+    assert cnnlab.export(run, "onnx", out=str(tmp_path / "f.onnx")).endswith("f.onnx")
+    assert "to" in vars(model.net)   # kept NCHW (plugins.keep_nchw)
+    assert "to" not in vars(torch_model_of(Model))   # a network that takes NHWC keeps it (no wrapper)
+
+
+def torch_model_of(cls):
+    from cnnlab.models import create_model
+    from cnnlab.plugins import add_model, import_path
+
+    return create_model(add_model(import_path(cls), cls), (1, 28, 28), 10)
+
+
 def test_resuming_without_the_arrays_says_to_pass_them_again(tmp_path, monkeypatch):
     data = mnist_arrays(200, 50)
     cnnlab.train(model=Model, data=data, epochs=1, out=str(tmp_path / "r"), report=False, quiet=True)
