@@ -90,8 +90,9 @@ def own_objects(settings):
 
 
 class StartFrom:
-    """A callback (only the hook it has is called): a new run starts from the weights of the instance the user handed over (the
-    network was rebuilt from its class; the EMA copy starts from them too)."""
+    """A callback (only the hook it has is called): a new run starts from the weights of the
+    instance the user handed over (the network was rebuilt from its class; the EMA copy starts
+    from them too)."""
 
     def __init__(self, instance):
         self.weights = {k: v.detach().clone() for k, v in instance.state_dict().items()}

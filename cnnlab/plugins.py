@@ -258,8 +258,9 @@ def require(name, plugin="", path=""):
 
 def missing_plugin(name, plugin, path=""):
     where = "the script or notebook" if plugin == "__main__" else plugin
-    return UsageError(f"{path}: " * bool(path) + f"model '{name}' is your own code, and cnnlab imports code only when asked: give the module "
-                      f"that defines it ({where}) with --plugin FILE_OR_MODULE, or cnnlab.load(..., plugins=[...]).")
+    return UsageError(f"{path}: " * bool(path) + f"model '{name}' is your own code, and cnnlab imports code only "
+                      f"when asked: give the module that defines it ({where}) with --plugin FILE_OR_MODULE, or "
+                      "cnnlab.load(..., plugins=[...]).")
 
 
 def lookup(module, qualname):

@@ -1,8 +1,6 @@
 """Bring your own model and data (issue 24): your nn.Module and arrays through cnnlab.train, exact
 resume, reloading with the plugin (and only with it), ONNX parity, register_model/register_dataset
 plugins on the command line."""
-import os
-import textwrap
 
 import numpy as np
 import pytest

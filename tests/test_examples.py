@@ -31,5 +31,5 @@ def test_example_runs_on_small_data(name, tmp_path):
         digit = tmp_path / "digit.png"
         Image.fromarray(np.zeros((28, 28), np.uint8)).save(digit)
         plugin = os.path.join(ROOT, "examples", "seed003_mnist.py")
-        predicted = run_cli("predict", run, digit, "--plugin", plugin, cwd=tmp_path)
+        predicted = run_cli("predict", run, digit, "--plugin", plugin, cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
         assert predicted.returncode == 0 and "digit.png" in predicted.stdout, predicted.stderr

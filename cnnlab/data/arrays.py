@@ -73,7 +73,8 @@ def images(x, name):
     if x.ndim == 3:
         x = x[:, None]                                            # (N, H, W) -> (N, 1, H, W)
     if x.ndim != 4:
-        raise UsageError(f"data {name} has shape {tuple(x.shape)}: images must be (N, H, W), (N, C, H, W) or (N, H, W, C).")
+        raise UsageError(f"data {name} has shape {tuple(x.shape)}: images must be (N, H, W), (N, C, H, W) or "
+                         "(N, H, W, C).")
     if x.shape[1] not in (1, 3) and x.shape[3] in (1, 3):
         x = x.permute(0, 3, 1, 2)                                 # NHWC -> NCHW
     if x.shape[1] not in (1, 3):
