@@ -280,3 +280,8 @@ def test_a_checkpoint_naming_a_library_function_as_its_model_runs_nothing(tmp_pa
     assert not marker.exists()
     FAULT_REPORT.append("byo: best.pt rewritten to name model os:system(command='touch ...'): load refused it, "
                         "with and without plugins=['os']; the command never ran")
+
+
+def test_lr_find_takes_your_own_model_and_arrays():
+    curve = cnnlab.lr_find(model=Model, data=mnist_arrays(300, 0), batch_size=32)
+    assert len(curve.lrs) == len(curve.losses) > 10 and 1e-7 <= curve.suggestion <= 10
