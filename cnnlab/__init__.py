@@ -4,8 +4,21 @@
     result = cnnlab.train(data="mnist-5k", model="mnist_cnn", epochs=3)
     model = cnnlab.load(result.run_dir)
     model.predict(["digit.png"])
+
+Your own network and data plug in as they are (see `help(cnnlab.train)`):
+
+    result = cnnlab.train(model=Net(), data=(x_train, y_train, x_test, y_test), epochs=3)
+    cnnlab.load(result.run_dir, plugins=["net.py"])       # in a new process: the module defining Net
+
+    @cnnlab.register_model("tinynet")                      # in net.py: `cnnlab train --plugin net.py --model tinynet`
+    class TinyNet(nn.Module): ...
+
+The API: train, load, evaluate, predict, export, lr_find, tune, register_model, register_dataset.
 """
 __version__ = "0.1.0"
 
-from .api import load, train  # noqa: E402  (after __version__, which cli.py imports alone)
+from .api import evaluate, export, load, lr_find, predict, train  # noqa: E402  (after __version__, which cli.py imports alone)
+from .plugins import register_dataset, register_model  # noqa: E402
 from .tuning import tune  # noqa: E402
+
+__all__ = ["train", "load", "evaluate", "predict", "export", "lr_find", "tune", "register_model", "register_dataset"]

@@ -1,12 +1,15 @@
-"""The Python API: `cnnlab.train()` and `cnnlab.load()` (re-exported by cnnlab/__init__.py).
+"""The Python API (re-exported by cnnlab/__init__.py): train, load, evaluate, predict, export, lr_find.
 
-It sits on top of the pipeline: it resolves the settings, runs train.loop.fit with the callbacks
-of the later stages (the report, from evaluate/) and wraps the finished state in a `Result`.
-Imports happen inside the functions so `import cnnlab` (and `cnnlab --help`) stay fast."""
+It sits on top of the pipeline: it turns the user's own objects (an nn.Module, arrays, a Dataset)
+into registry names (plugins.py, data/arrays.py), resolves the settings, runs training.loop.fit
+with the callbacks of the later stages (the report, from evaluate/) and wraps the finished state in
+a `Result`. Imports happen inside the functions so `import cnnlab` (and `cnnlab --help`) stay fast."""
+import os
 
 
 class Result:
-    """What `cnnlab.train()` returns: the run folder, its summary and per-epoch history."""
+    """What `cnnlab.train()` returns: the run folder, its summary and per-epoch history.
+    `result.model()` loads its best weights (a cnnlab.Model, ready to predict)."""
 
     def __init__(self, run_dir, summary, history):
         self.run_dir, self.summary, self.history = run_dir, summary, history
@@ -16,20 +19,88 @@ class Result:
 
         return curves_figure(self.history)
 
+    def model(self, device="cpu"):
+        return load(self.run_dir, device=device)
+
     def __repr__(self):
         return f"Result(run_dir={self.run_dir!r}, test_acc={self.summary.get('test_acc')})"
 
+    def _repr_html_(self):
+        """Jupyter shows the summary and the run's curves."""
+        import html
 
-def train(config=None, resume=None, quiet=False, callbacks=(), **settings):
-    """Train with the CLI's settings as keyword arguments (train(data="cifar10", epochs=5, lr=0.01));
-    `config`: a TrainConfig to start from; `resume`: a run folder to continue exactly; `callbacks`:
-    objects with training hooks (cnnlab.training.callbacks). Returns a Result."""
+        s = self.summary
+        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(s.get(k)))}</td></tr>"
+                       for k in ("model", "data", "test_acc", "best_val_acc", "epochs", "num_params", "train_seconds"))
+        curves = os.path.join(str(self.run_dir), "curves.png")
+        picture = f'<img src="{html.escape(curves)}" width="480">' if os.path.exists(curves) else ""
+        return f"<b>cnnlab run</b> {html.escape(str(self.run_dir))}<table>{rows}</table>{picture}"
+
+
+def train(config=None, resume=None, quiet=False, callbacks=(), plugins=(), **settings):
+    """Train a classifier and return a Result (run_dir, summary, history); the run folder holds
+    best.pt, last.pt, metrics.csv, summary.json and report.html, as `cnnlab train` writes them.
+
+    model: a name from `cnnlab models`, or your own network: an nn.Module instance (`Model()`,
+        trained from its current weights, which end as the run's best ones), a class or a factory
+        (built with `model_args`, and with `in_shape` / `num_classes` if its signature names them).
+    data: a name from `cnnlab datasets`, a folder of class subfolders, a .npz file, arrays
+        `(x, y)` or `(x, y, x_test, y_test)` (N, H, W), (N, C, H, W) or (N, H, W, C), uint8 or
+        floats in [0, 1], labels 0..K-1), a torch Dataset, or `(train_dataset, test_dataset)`.
+    config: a TrainConfig to start from; resume: a run folder to continue exactly (hand the same
+        model and data objects over again); callbacks: objects with training hooks
+        (cnnlab.training.callbacks); plugins: your modules (files or names) defining models or
+        datasets (@cnnlab.register_model / @cnnlab.register_dataset).
+
+        >>> result = cnnlab.train(model=Model(), data=(x, y, x_test, y_test), epochs=3, lr=0.01)
+        >>> result.summary["test_acc"]
+        >>> cnnlab.train(resume=result.run_dir, model=Model, data=(x, y, x_test, y_test), epochs=5)
+    """
+    from .models import model_args
+    from .plugins import use
     from .training.loop import fit
     from .training.resume import resolve_config
 
+    use(plugins)
+    settings, instance = own_objects(settings)
     cfg = resolve_config(config, resume, settings)
-    state = fit(cfg, resume=resume, quiet=quiet, callbacks=[*callbacks, *report_callbacks(cfg)])
+    model_args(cfg.model, cfg.model_args)   # a user model's module:Class is found in `plugins` (or refused) here
+    start = [StartFrom(instance)] if instance is not None and not resume else []
+    state = fit(cfg, resume=resume, quiet=quiet, callbacks=[*start, *callbacks, *report_callbacks(cfg)])
+    if instance is not None:   # like Keras' fit: the object handed over holds the trained (best) weights
+        instance.load_state_dict(state.model.state_dict())
     return Result(state.run_dir, state.summary, state.history)
+
+
+def own_objects(settings):
+    """The user's objects among the settings -> registry names: (settings, the model instance or None)."""
+    from .data.arrays import memory_name
+    from .plugins import model_setting
+
+    settings, instance = dict(settings), None
+    if "model" in settings and not isinstance(settings["model"], str):
+        settings["model"], settings["model_args"], instance = model_setting(settings["model"],
+                                                                          settings.get("model_args"))
+    data = settings.get("data")
+    if isinstance(data, os.PathLike):
+        settings["data"] = os.fspath(data)
+    elif data is not None and not isinstance(data, str):
+        settings["data"] = memory_name(data, settings.get("class_names"))
+    return settings, instance
+
+
+class StartFrom:
+    """A callback (only the hook it has is called): a new run starts from the weights of the
+    instance the user handed over (the network was rebuilt from its class; the EMA copy starts
+    from them too)."""
+
+    def __init__(self, instance):
+        self.weights = {k: v.detach().clone() for k, v in instance.state_dict().items()}
+
+    def on_start(self, state):
+        state.model.load_state_dict(self.weights)
+        if state.ema is not None:
+            state.ema.module.load_state_dict(self.weights)
 
 
 def report_callbacks(cfg):
@@ -41,8 +112,86 @@ def report_callbacks(cfg):
     return [ReportWriter()]
 
 
-def load(path, device="cpu"):
-    """Rebuild a trained model from a checkpoint file or run folder (no code is run from the file)."""
-    from .deploy.inference import load as load_model
+def load(path, device="cpu", plugins=()):
+    """Rebuild a trained model from a checkpoint file or run folder (no code is run from the file).
+    A model of your own needs the module that defines it: `plugins=["mymodel.py"]`.
 
+        >>> model = cnnlab.load("runs/mnist", plugins=["mymodel.py"])
+        >>> model.predict(["digit.png"], top_k=3)     # paths, PIL images or uint8 arrays
+    """
+    from .deploy.inference import load as load_model
+    from .plugins import use
+
+    use(plugins)
     return load_model(path, device=device)
+
+
+def evaluate(path, data=None, split="test", plugins=()):
+    """Metrics (accuracy, loss, per-class precision/recall/F1) of a run or checkpoint on its own
+    data's split, or on `data` (a name, or arrays / a Dataset as for train).
+
+        >>> cnnlab.evaluate("runs/mnist", data=(x, y, x_test, y_test))["accuracy"]
+    """
+    from .evaluate.evaluation import evaluate_path
+    from .plugins import use
+
+    use(plugins)
+    data = own_objects({"data": data})[0]["data"] if data is not None else None
+    metrics = evaluate_path(str(path), data, split)
+    return {k: v for k, v in metrics.items() if not k.startswith("_")}
+
+
+def predict(path, images, top_k=5, plugins=()):
+    """Top-k predictions per image (a path, PIL image or array): lists of {label, index, probability}.
+
+        >>> cnnlab.predict("runs/mnist", ["digit.png"], top_k=3)
+    """
+    return load(path, plugins=plugins).predict(images, top_k=top_k)
+
+
+def export(path, format="onnx", out=None, plugins=(), **options):
+    """Write ONNX or TorchScript (checked against PyTorch on a batch) beside the checkpoint, or at
+    `out`; the file needs no cnnlab and none of your code. Options as `cnnlab export`'s flags:
+    raw_input, probabilities, quantize, max_drop. Returns the path written.
+
+        >>> cnnlab.export("runs/mnist", "onnx", plugins=["mymodel.py"])
+    """
+    from .deploy.export import export as export_file
+    from .plugins import use
+
+    use(plugins)
+    return export_file(str(path), format, out, **options)[0]
+
+
+def lr_find(plugins=(), **settings):
+    """The learning-rate range test with train's settings (model and data objects too): 100 steps
+    from lr 1e-7 to 10; returns the curve (lrs, losses) and `.suggestion`.
+
+        >>> cnnlab.lr_find(model=Model, data=(x, y)).suggestion
+    """
+    from .config import make_config
+    from .plugins import use
+    from .training.lr_find import lr_find as range_test
+    from .training.resume import with_data_name
+
+    use(plugins)
+    cfg = with_data_name(make_config(own_objects(settings)[0]))
+    return range_test(cfg)
+
+
+def settings_doc():
+    """Every TrainConfig field with its default (and the CLI's help), for help(cnnlab.train)."""
+    import dataclasses
+
+    from .cli import HELP
+    from .config import CHOICES, TrainConfig
+
+    lines = ["", "    Settings (keyword arguments; the same as `cnnlab train` flags and recipe keys):"]
+    for f in dataclasses.fields(TrainConfig):
+        default = getattr(TrainConfig(), f.name)
+        extra = HELP.get(f.name) or (" | ".join(CHOICES[f.name]) if f.name in CHOICES else "")
+        lines.append(f"        {f.name} = {default!r}" + (f": {extra}" if extra else ""))
+    return "\n".join(lines) + "\n"
+
+
+train.__doc__ += settings_doc()

@@ -391,6 +391,10 @@ def build_parser():
     tu.add_argument("--pruner", default="median", choices=("median", "halving", "none"),
                     help="stop weak trials early on their per-epoch val accuracy [default: median]")
     tu.set_defaults(fn=cmd_tune)
+    for command in sub.choices.values():   # every command can see (and rebuild) the user's models and datasets
+        command.add_argument("--plugin", action="append", metavar="FILE_OR_MODULE",
+                             help="import your module first: its @cnnlab.register_model / register_dataset entries, "
+                                  "and the network of a checkpoint trained with your own class (repeatable)")
     return p
 
 
@@ -403,6 +407,10 @@ def main(argv=None):
         if args.command is None:
             parser.print_help()
             return 0
+        if getattr(args, "plugin", None):
+            from .plugins import use
+
+            use(args.plugin)
         if args.command == "train":  # the train flags as typed, for --nproc to hand to torchrun
             args.argv = [a for a in argv[argv.index("train") + 1:] if a != "--debug"]
         return args.fn(args) or 0

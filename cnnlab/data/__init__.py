@@ -10,6 +10,7 @@ from ..config import fixed_normalization
 from ..errors import UsageError, note
 # The builders register themselves on import, in the order `cnnlab datasets` lists them.
 from . import sources, folder, synthetic  # noqa: F401
+from . import arrays  # noqa: F401,E402  (memory:ID, data handed to cnnlab.train as arrays or a Dataset)
 from .images import resize
 from .preprocess import Preprocess
 from .registry import Source, datasets, declared_shape, open_source, register_dataset, resolve_name  # noqa: F401

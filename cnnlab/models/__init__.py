@@ -83,6 +83,10 @@ def model_args(name, args):
     """`args` (--model-arg text or YAML values) in the types of the builder's knobs; unknown model
     or knob names are refused with the closest valid one."""
     _load_families()
+    if name not in REGISTRY and ":" in name:   # module:Class, the user's own (plugins.py)
+        from ..plugins import find_model
+
+        find_model(name)
     if name not in REGISTRY:
         raise unknown("model", name, REGISTRY)
     knobs = model_knobs(name)

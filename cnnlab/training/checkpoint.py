@@ -152,6 +152,10 @@ def build_model(ckpt, path=""):
     """The network a checkpoint describes, with its weights loaded (on the CPU, in train mode)."""
     spec = ckpt["model"]
     check_finite(ckpt["state_dict"], path)
+    if spec.get("plugin"):   # the user's own network: only from a module they named (plugins.py)
+        from ..plugins import require
+
+        require(spec["name"], spec["plugin"], path)
     try:   # the sizes come from the file: create_model refuses a network this machine cannot hold
         net = create_model(spec["name"], spec["in_shape"], spec["num_classes"], **spec.get("args", {}))
     except UsageError as e:
@@ -193,14 +197,22 @@ def metadata(state):
     return {"model": cfg.model, "model_args": dict(cfg.model_args), "data": cfg.data, "classes": data.classes,
             "in_shape": list(data.shape), "num_params": count_params(state.model), "device": str(ctx.device),
             "world_size": ctx.world, "global_batch_size": cfg.batch_size, "augment": state.augment,
-            "preprocess": data.preprocess.to_dict()}
+            "preprocess": data.preprocess.to_dict(), "plugin": plugin_of(cfg.model)}
+
+
+def plugin_of(name):
+    """The file or module that defines a user's model (plugins.py), for the message that asks for it; None for ours."""
+    from ..models import REGISTRY
+
+    return getattr(REGISTRY.get(name), "plugin", None)
 
 
 def payload(weights, meta, config, metrics=None, train_state=None):
     """A checkpoint dict: `weights` a state_dict (any device), `meta` from metadata(), `config` the
     resolved TrainConfig; `train_state` only in last.pt. `save` adds the format and version."""
     return {"model": {"name": meta["model"], "args": meta["model_args"], "in_shape": meta["in_shape"],
-                      "num_classes": len(meta["classes"])},
+                      "num_classes": len(meta["classes"]),
+                      **({"plugin": meta["plugin"]} if meta.get("plugin") else {})},
             "classes": meta["classes"], "preprocess": meta["preprocess"], "config": config.to_dict(),
             "metrics": metrics or {}, "state_dict": {k: v.detach().cpu() for k, v in weights.items()},
             **({"train_state": train_state} if train_state is not None else {})}

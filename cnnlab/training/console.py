@@ -59,7 +59,7 @@ def epoch_line(row, epochs, improved, has_val=True):
 
 
 class ProgressBar(Callback):
-    """A tqdm bar inside the epoch when stdout is a terminal (rank 0); plain `--log-every` lines
+    """A tqdm bar inside the epoch when stdout is a terminal or a Jupyter notebook (rank 0); plain `--log-every` lines
     otherwise, so log files don't fill with redraws."""
 
     def __init__(self):
@@ -70,8 +70,8 @@ class ProgressBar(Callback):
         self.every = max(1, round(state.cfg.log_every * self.total)) if state.cfg.log_every else 0
 
     def on_epoch_start(self, state):
-        if state.ctx.is_main and sys.stdout.isatty():
-            from tqdm import tqdm
+        if state.ctx.is_main and (sys.stdout.isatty() or "ipykernel" in sys.modules):
+            from tqdm.auto import tqdm   # a widget in Jupyter (with ipywidgets), text in a terminal
 
             self.bar = tqdm(total=self.total, initial=state.progress.step, desc=f"epoch {state.progress.epoch + 1}",
                             leave=False, dynamic_ncols=True)

@@ -16,7 +16,8 @@ METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr
 
 def default_name(cfg):
     data = cfg.data.split(":")[0] if ":" in cfg.data else cfg.data
-    return f"{cfg.model}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
+    model = cfg.model.rpartition(":")[2]   # a user model module:Class -> Class
+    return f"{model}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def check_writable(path, need_bytes):
