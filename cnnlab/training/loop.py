@@ -14,12 +14,13 @@ from .callbacks import Callbacks, Checkpoints, EarlyStopping, RunFiles, SignalSt
 from .console import Console, ProgressBar
 from .diagnose import DivergenceWarning, diagnose
 from .distributed import handling_stop_signals, wrap_for_training
-from .engine import Interrupted, ema_model, epoch_results, evaluate, make_step, snapshot, train_step
+from .engine import Interrupted, class_weights, ema_model, epoch_results, evaluate, make_step, snapshot, train_step
 from .optim import build_optimizer, resumed_lr_change
 from .progress import Progress
 from .run_folder import RunFolder, check_writable, default_name
 from .state import TrainState, silent
-from ..data import default_augment, load_data, read_splits
+from ..data import load_data, read_splits
+from ..data.augment import resolve_augment, strong_augment
 from ..data.loader import BatchLoader
 from ..errors import UsageError, note
 from ..models import check_memory, create_model, model_args
@@ -149,10 +150,13 @@ def build(state, splits=None):
     state.optimizer, state.ema = build_optimizer(cfg, state.model), ema_model(state.model, cfg.ema)
     state.progress = Progress(ctx.device)
     state.forward = wrap_for_training(state.model, cfg, ctx)
-    state.step = make_step(state.model, state.optimizer, cfg, ctx, forward=state.forward, ema=state.ema)
-    state.augment = default_augment(data, cfg.augment)
+    weight = class_weights(cfg.class_weights, data.train[1], data.classes)
+    state.step = make_step(state.model, state.optimizer, cfg, ctx, forward=state.forward, ema=state.ema,
+                           class_weight=None if weight is None else weight.to(ctx.device))
+    state.augment = resolve_augment(data, cfg.augment)
     state.train_loader = batch_loader(state, data.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                      augment=state.augment)
+                                      augment=state.augment, sampler=cfg.sampler,
+                                      strong=strong_augment(cfg, state.augment, len(data.classes)))
     state.val_loader = batch_loader(state, data.val, cfg.eval_batch_size * ctx.world)
 
 
