@@ -140,6 +140,7 @@ def cmd_evaluate(args):
         print(json.dumps(m, indent=2))
         return 0
     print(f"{args.split}: {m['samples']} images  loss {m['loss']:.4f}  accuracy {m['accuracy']:.2%}"
+          f"  balanced {m['balanced_acc']:.2%}"
           + (f"  top-5 {m['top5_accuracy']:.2%}" if m.get("top5_accuracy") is not None else ""))
     width = max([len(r["class"]) for r in m["per_class"]] + [len("weighted avg")])
     print(f"{'class':<{width}}  precision  recall     f1  support")

@@ -23,6 +23,7 @@ from ..data import load_data, read_splits
 from ..data.augment import resolve_augment, strong_augment
 from ..data.loader import BatchLoader
 from ..errors import UsageError, note
+from ..evaluate.metrics import balanced_accuracy, per_class
 from ..models import check_memory, create_model, model_args
 from ..runtime import setup, teardown
 
@@ -187,6 +188,8 @@ def summarize(state):
         "best_val_acc": progress.best_val_acc if state.has_val else None,   # None: no validation split
         "best_epoch": progress.best_epoch,
         "test_acc": test["acc"], "test_loss": test["loss"], "test_top5_acc": test["top5"],
+        "test_balanced_acc": balanced_accuracy(test["cm"]),
+        "test_recall": dict(zip(map(str, data.classes), map(float, per_class(test["cm"])[1]))),
         "epochs": len(history), "train_seconds": round(progress.train_seconds, 3),
         "samples_per_second": round(progress.samples_seen / max(progress.train_seconds, 1e-9), 1),
         **{k: meta[k] for k in ("model", "model_args", "data", "classes", "num_params", "device",
@@ -195,5 +198,6 @@ def summarize(state):
         "stopped_early": len(history) < state.cfg.epochs,
         **({"raw_val_acc": state.raw_val_acc} if state.raw_val_acc is not None else {}),
     }
-    summary["diagnostics"] = diagnose(history, test["cm"], data.classes, raw_val_acc=state.raw_val_acc)
+    summary["diagnostics"] = diagnose(history, test["cm"], data.classes, raw_val_acc=state.raw_val_acc,
+                                      train_labels=data.train[1], cfg=state.cfg)
     return summary
