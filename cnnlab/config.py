@@ -97,13 +97,13 @@ CHOICES = {
 POSITIVE = ("epochs", "batch_size", "lr", "eval_batch_size")
 NON_NEGATIVE = ("train_samples", "val_samples", "test_samples", "image_size", "weight_decay", "l2",
                 "step_epochs", "warmup_epochs", "label_smoothing", "grad_clip", "patience",
-                "threads", "save_every_steps", "log_every", "seed")
+                "threads", "save_every_steps", "log_every", "seed", "augment_magnitude")
 # Upper bounds of whole numbers. Every count fits 32 bits (torch and numpy take larger ones badly:
 # seed 10**20 overflowed torch.manual_seed); seeds are numpy's range. Images larger than 1024 px a
 # side are beyond what cnnlab's in-memory datasets hold (one RGB image is 3 MiB at 1024; an
 # image_size of 10**6 asked for 10**12 bytes per image).
 MAX_INT = 2**31 - 1
-MAXIMUM = {"seed": 2**32 - 1, "image_size": 1024}
+MAXIMUM = {"seed": 2**32 - 1, "image_size": 1024, "augment_magnitude": 30}   # RandAugment's 31 bins
 FIELD_TYPES = {f.name: typing.get_type_hints(TrainConfig)[f.name] for f in dataclasses.fields(TrainConfig)}
 
 
@@ -207,8 +207,6 @@ def validate_augment(cfg):
                 raise unknown("part of 'augment'", part, ("auto", "none") + AUGMENT_PARTS)
         if "randaugment" in parts and "trivialaugment" in parts:
             raise UsageError("'augment' takes one of randaugment and trivialaugment, not both.")
-    if not 0 <= cfg.augment_magnitude <= 30:
-        raise UsageError(f"'augment_magnitude' must be in 0-30 (RandAugment's scale), got {cfg.augment_magnitude}.")
     for key in ("jitter", "erase"):
         if not 0 <= getattr(cfg, key) <= 1:
             raise UsageError(f"'{key}' must be in [0, 1], got {getattr(cfg, key)}.")

@@ -280,7 +280,7 @@ class Strong:
         images at those positions (crop/flip applied); labels: (drawn,) of the whole batch; mine:
         the rank's positions; size: (H, W). Targets are soft (B, K) under mixup/cutmix."""
         drawn = len(labels)
-        mine = torch.arange(drawn)[mine]
+        mine = torch.arange(drawn)[mine].contiguous()   # searchsorted wants contiguous positions
         policy = draw_policy(self.policy, self.magnitude, drawn, gen) if self.policy else None
         factors = torch.rand(drawn, 3, generator=gen) if self.jitter else None
         boxes = draw_erase(self.erase, drawn, gen) if self.erase else None
