@@ -111,3 +111,47 @@ def test_ddp_shards_are_exactly_the_single_process_batch(settings):
         for r in range(2):
             xr, yr = ranks[r][step]
             assert torch.allclose(xr, x[r::2], atol=1e-6) and torch.allclose(yr.float(), y[r::2].float())
+
+
+# ---------- the whole run: exact resume and DDP with every strong augmentation on ----------
+
+RUN = dict(data="mnist-5k", model="mnist_cnn", train_samples=600, val_samples=200, test_samples=200, batch_size=50,
+           epochs=2, lr=0.002, report=False, augment="crop+randaugment", mixup=0.2, cutmix=1.0, sampler="balanced",
+           erase=0.25, jitter=0.2, label_smoothing=0.1, class_weights="auto")
+
+
+def test_resume_is_exact_with_mixup_cutmix_randaugment_and_balanced_sampler(tmp_path, monkeypatch):
+    """12 steps per epoch; stopped after step 17 (mid-epoch 2), resumed: the same weights and metrics."""
+    import cnnlab
+    from cnnlab.training.engine import Interrupted
+    from cnnlab.training.loop import fit
+
+    from .test_train import assert_same_weights, interrupt_at_step, metric_rows, weights
+
+    fit(make_config({**RUN, "out": str(tmp_path / "full")}), quiet=True)
+    interrupt_at_step(monkeypatch, 17)
+    with pytest.raises(Interrupted):
+        fit(make_config({**RUN, "out": str(tmp_path / "cut")}), quiet=True)
+    monkeypatch.undo()
+    cnnlab.train(resume=str(tmp_path / "cut"), quiet=True)
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
+    assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "cut")
+
+
+def test_ddp_matches_single_process_with_every_strong_augmentation(tmp_path):
+    import csv
+
+    from cnnlab.training.loop import fit
+
+    from .conftest import run_cli
+    from .test_ddp import flags
+
+    out = tmp_path / "ddp"
+    result = run_cli("train", "--nproc", 2, "--device", "cpu", *flags(RUN), "--out", out, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = fit(make_config({**RUN, "out": str(tmp_path / "single")}), quiet=True)
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert len(rows) == len(single.history) == 2
+    for ddp_row, one in zip(rows, single.history):
+        assert abs(float(ddp_row["train_loss"]) - one["train_loss"]) < 1e-4
+        assert abs(float(ddp_row["val_acc"]) - one["val_acc"]) < 1e-6 + 1 / 200
