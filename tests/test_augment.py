@@ -39,7 +39,7 @@ def test_posterize_solarize_translate_match_torchvision():
     x = images()
     assert torch.equal(A.posterize(x.float(), one(3)), TF.posterize(x, 3).float())
     assert torch.equal(A.solarize(x.float(), one(100)), TF.solarize(x, 100).float())
-    shifted = A.translate_x(x.float(), one(3))   # 3 px right, zero fill
+    shifted = A._affine(x.float(), A.translate_x(one(3), (16, 16)))   # 3 px right, zero fill
     want = TF.affine(x, angle=0.0, translate=[3, 0], scale=1.0, shear=[0.0, 0.0]).float()
     assert torch.equal(shifted, want)
 

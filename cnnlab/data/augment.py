@@ -97,25 +97,30 @@ def _theta(m, a=1, b=0, c=0, d=0, e=1, f=0):
     return theta
 
 
-def shear_x(x, m):
-    return _affine(x, _theta(m, b=m))
+# The geometric ops give each image's matrix, not the image: one grid_sample per round moves all
+# the images that drew any of them (five calls cost 5x, grid generation dominating).
+def shear_x(m, size):
+    return _theta(m, b=m)
 
 
-def shear_y(x, m):
-    return _affine(x, _theta(m, d=m))
+def shear_y(m, size):
+    return _theta(m, d=m)
 
 
-def translate_x(x, m):   # m in pixels; a shift of one image width is 2 in normalised units
-    return _affine(x, _theta(m, c=-2 * m / x.shape[3]))
+def translate_x(m, size):   # m in pixels; a shift of one image width is 2 in normalised units
+    return _theta(m, c=-2 * m / size[1])
 
 
-def translate_y(x, m):
-    return _affine(x, _theta(m, f=-2 * m / x.shape[2]))
+def translate_y(m, size):
+    return _theta(m, f=-2 * m / size[0])
 
 
-def rotate(x, m):
+def rotate(m, size):
     r = m * (math.pi / 180)
-    return _affine(x, _theta(m, a=torch.cos(r), b=-torch.sin(r), d=torch.sin(r), e=torch.cos(r)))
+    return _theta(m, a=torch.cos(r), b=-torch.sin(r), d=torch.sin(r), e=torch.cos(r))
+
+
+GEOMETRIC = (shear_x, shear_y, translate_x, translate_y, rotate)
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,7 @@ def apply_policy(x, draws, positions, wide):
     Loops over the OPERATIONS, never over images; the groups are chosen on the CPU (no device sync)."""
     ops, index, sign = (d[:, positions] for d in draws)
     for r in range(len(ops)):
+        moved, thetas = [], []
         for k, op in enumerate(OPERATIONS):
             rows = (ops[r] == k).nonzero().squeeze(1)
             if len(rows) == 0 or op.fn is identity:
@@ -176,7 +182,14 @@ def apply_policy(x, draws, positions, wide):
             value = op_values(op, index[r, rows], wide, x.shape[-1])
             value = (value * sign[r, rows] if op.signed else value).to(x.device)
             rows = rows.to(x.device)
-            x[rows] = op.fn(x[rows], value)
+            if op.fn in GEOMETRIC:
+                moved.append(rows)
+                thetas.append(op.fn(value, x.shape[2:]))
+            else:
+                x[rows] = op.fn(x[rows], value)
+        if moved:
+            rows = torch.cat(moved)
+            x[rows] = _affine(x[rows], torch.cat(thetas))
     return x
 
 
