@@ -7,6 +7,7 @@ import os
 import sys
 
 from . import __version__
+from .config import TTA_MODES
 from .errors import CnnlabError, UsageError, unknown
 
 RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
@@ -41,6 +42,10 @@ HELP = {
     "overwrite": "replace the run already in --out (its files are deleted first) instead of refusing",
     "device": "auto, cpu or cuda",
 }
+
+
+TTA_HELP = ("test-time augmentation: average the probabilities of the image and its mirror image (flip), and of "
+            "shifts of both by the training crop's padding (flip+crop)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -135,12 +140,12 @@ def cmd_evaluate(args):
     from .evaluate.evaluation import evaluate_model, load_trained, run_data
 
     model, run_dir = load_trained(args.run)
-    m = evaluate_model(model, run_data(model, run_dir, args.data, args.data_dir), args.split)
+    m = evaluate_model(model, run_data(model, run_dir, args.data, args.data_dir), args.split, tta=args.tta)
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
     print(f"{args.split}: {m['samples']} images  loss {m['loss']:.4f}  accuracy {m['accuracy']:.2%}"
-          f"  balanced {m['balanced_acc']:.2%}"
+          f"  balanced {m['balanced_acc']:.2%}" + (f"  (tta {args.tta})" if args.tta != "none" else "")
           + (f"  top-5 {m['top5_accuracy']:.2%}" if m.get("top5_accuracy") is not None else ""))
     width = max([len(r["class"]) for r in m["per_class"]] + [len("weighted avg")])
     print(f"{'class':<{width}}  precision  recall     f1  support")
@@ -177,7 +182,7 @@ def cmd_predict(args):
     from .deploy.predict import predict_files
 
     return predict_files(args.checkpoint, args.paths, top_k=args.top_k, as_json=args.json, invert=args.invert,
-                         backend=args.backend)
+                         backend=args.backend, tta=args.tta)
 
 
 def cmd_export(args):
@@ -194,7 +199,7 @@ def cmd_serve(args):
     api_key = args.api_key if args.api_key is not None else os.environ.get("CNNLAB_API_KEY")
     serve(args.checkpoint, host=args.host, port=args.port, top_k=args.top_k, max_bytes=args.max_bytes,
           max_pixels=args.max_pixels, timeout=args.timeout, api_key=api_key, docs=args.docs, backend=args.backend,
-          max_batch=args.max_batch, batch_wait=args.batch_wait_ms / 1000)
+          max_batch=args.max_batch, batch_wait=args.batch_wait_ms / 1000, tta=args.tta)
     return 0
 
 
@@ -297,6 +302,7 @@ def build_parser():
     e.add_argument("--data-dir", help="where torchvision-style datasets are (default: the run's own --data-dir)")
     e.add_argument("--split", default="test", choices=("val", "test"))
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--tta", default="none", choices=TTA_MODES, help=TTA_HELP)
     e.set_defaults(fn=cmd_evaluate)
     r = sub.add_parser("report", help="write the pictures and report.html of a run folder")
     r.add_argument("run", metavar="RUN_DIR")
@@ -313,6 +319,7 @@ def build_parser():
     pr.add_argument("--top-k", type=int, default=3)
     pr.add_argument("--json", action="store_true")
     pr.add_argument("--invert", action="store_true", help="invert images (dark digits on light paper)")
+    pr.add_argument("--tta", default="none", choices=TTA_MODES, help=TTA_HELP)
     add_backend_flag(pr)
     pr.set_defaults(fn=cmd_predict)
     ex = sub.add_parser("export", help="export to ONNX or TorchScript and verify against PyTorch")
@@ -347,6 +354,7 @@ def build_parser():
                    "forward pass: those that queued while the model was busy; 1: each request alone")
     s.add_argument("--batch-wait-ms", type=float, default=0.0, help="how long the first image of a batch waits "
                    "for others (default 0: only what already queued; a window pays off when the model is slow)")
+    s.add_argument("--tta", default="none", choices=TTA_MODES, help=TTA_HELP)
     s.add_argument("--docs", action="store_true", help="serve FastAPI's /docs, /redoc and /openapi.json")
     add_backend_flag(s)
     s.set_defaults(fn=cmd_serve)

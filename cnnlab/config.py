@@ -195,6 +195,7 @@ def validate_schedule(cfg):
 
 
 AUGMENT_PARTS = ("crop", "flip", "randaugment", "trivialaugment")
+TTA_MODES = ("none", "flip", "flip+crop")   # evaluate/predict/serve --tta (data/augment.py tta_views)
 
 
 def validate_augment(cfg):

@@ -155,3 +155,64 @@ def test_ddp_matches_single_process_with_every_strong_augmentation(tmp_path):
     for ddp_row, one in zip(rows, single.history):
         assert abs(float(ddp_row["train_loss"]) - one["train_loss"]) < 1e-4
         assert abs(float(ddp_row["val_acc"]) - one["val_acc"]) < 1e-6 + 1 / 200
+
+
+# ---------- test-time augmentation ----------
+
+def test_shifted_views_fill_like_training_padding():
+    """A shifted uint8 view, normalised, is the normalised image shifted with the normalised black:
+    evaluate (network inputs) and predict/serve (uint8) see the same views."""
+    x = images(4, 3, 16)
+    pre = Preprocess(3, 16, mean=[0.4] * 3, std=[0.2] * 3)
+    scale, shift0 = pre.scale_shift()
+    for dy, dx in ((2, 0), (-2, 0), (0, 3), (0, -3)):
+        assert torch.allclose(pre.normalise(A.shift(x, dy, dx, 0)), A.shift(pre.normalise(x), dy, dx, shift0), atol=1e-6)
+    assert torch.equal(A.shift(x, 0, 2, 0)[..., 2:], x[..., :-2]) and (A.shift(x, 0, 2, 0)[..., :2] == 0).all()
+    assert len(A.tta_views(x, "flip")) == 2 and len(A.tta_views(x, "flip+crop")) == 10
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from cnnlab.training.loop import fit
+
+    out = tmp_path_factory.mktemp("tta") / "run"
+    fit(make_config({"epochs": 1, "train_samples": 300, "val_samples": 100, "test_samples": 100, "report": False,
+                     "out": str(out)}), quiet=True)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["flip", "flip+crop"])
+def test_tta_averages_probabilities_the_same_in_evaluate_and_predict(tiny_run, mode):
+    import cnnlab
+    from cnnlab.evaluate.evaluation import evaluate_model, load_trained, run_data
+
+    model = cnnlab.load(tiny_run)
+    trained, run_dir = load_trained(str(tiny_run))
+    data = run_data(trained, run_dir)
+    x, y = data.test
+    model.tta = mode
+    probs = model.averaged_probabilities(x)
+    views = A.tta_views(x, mode)
+    assert torch.allclose(probs, torch.stack([model.probabilities(v) for v in views]).mean(0))
+    if mode == "flip":   # by hand
+        assert torch.allclose(probs, (model.probabilities(x) + model.probabilities(x.flip(-1))) / 2)
+    m = evaluate_model(trained, data, tta=mode)
+    assert m["tta"] == mode
+    assert m["accuracy"] == pytest.approx(float((probs.argmax(1) == y).float().mean()))
+    assert "tta" not in evaluate_model(trained, data)
+
+
+def test_tta_is_recorded_in_cli_outputs(tiny_run, tmp_path):
+    import json
+
+    from PIL import Image
+
+    from .conftest import run_cli
+
+    evaluated = run_cli("evaluate", tiny_run, "--tta", "flip", "--json")
+    assert evaluated.returncode == 0 and json.loads(evaluated.stdout)["tta"] == "flip"
+    Image.new("L", (28, 28), 0).save(tmp_path / "a.png")
+    predicted = run_cli("predict", tiny_run, tmp_path / "a.png", "--tta", "flip+crop", "--json")
+    assert predicted.returncode == 0 and json.loads(predicted.stdout)[0]["tta"] == "flip+crop"
+    wrong = run_cli("predict", tiny_run, tmp_path / "a.png", "--tta", "rotate")
+    assert wrong.returncode == 2 and "--tta" in wrong.stderr and "Traceback" not in wrong.stderr

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import equalize
 
+from ..config import TTA_MODES
+
 BINS = 30   # magnitude index 0..30, as torchvision's num_magnitude_bins=31
 
 
@@ -336,3 +338,47 @@ def strong_augment(cfg, augment, num_classes):
     policy = next((p for p in parts if p in POLICIES), "")
     strong = Strong(policy, cfg.augment_magnitude, cfg.jitter, cfg.erase, cfg.mixup, cfg.cutmix, num_classes)
     return strong if (policy or cfg.jitter or cfg.erase or cfg.mixup or cfg.cutmix) else None
+
+
+# ---------- test-time augmentation (evaluate, predict, serve) ----------
+
+def tta_views(x, mode, fill=0.0):
+    """The views of a batch (B, C, H, W) whose probabilities --tta averages: the images and their
+    mirror images (flip); with crop also each shifted by the training crop's padding (2 px for
+    digits, H/8 for larger images) in the four directions, the uncovered border set to `fill`
+    (0 for uint8, the normalised value of 0 for network inputs: training's zero padding)."""
+    if mode not in TTA_MODES:
+        from ..errors import unknown
+
+        raise unknown("--tta", mode, TTA_MODES)
+    if mode == "none":
+        return [x]
+    views = [x, x.flip(-1)]
+    if mode == "flip+crop":
+        d = 2 if x.shape[2] <= 28 else x.shape[2] // 8
+        views += [shift(v, dy, dx, fill) for v in (x, x.flip(-1))
+                  for dy, dx in ((d, 0), (-d, 0), (0, d), (0, -d))]
+    return views
+
+
+def shift(x, dy, dx, fill):
+    """x moved by (dy, dx) pixels, the uncovered border `fill` (a number or a (1, C, 1, 1) tensor)."""
+    h, w = x.shape[2:]
+    out = torch.empty_like(x).copy_(torch.as_tensor(fill, dtype=x.dtype, device=x.device).expand_as(x))
+    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        x[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
+class TTA(torch.nn.Module):
+    """A network whose output is the log of its probabilities averaged over tta_views: argmax,
+    softmax and cross-entropy of it are those of the averaged probabilities (engine.evaluate
+    takes it as logits). `fill`: the normalised value of a black pixel."""
+
+    def __init__(self, net, mode, fill):
+        super().__init__()
+        self.net, self.mode, self.fill = net, mode, fill
+
+    def forward(self, x):
+        probs = torch.stack([self.net(v).float().softmax(1) for v in tta_views(x, self.mode, self.fill)])
+        return probs.mean(0).clamp_min(1e-12).log()

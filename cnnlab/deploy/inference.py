@@ -20,6 +20,7 @@ class Classifier:
     """What every backend offers: `classes`, `preprocess` (a Preprocess), `in_shape`, `config`
     (at least the model's name), `metrics`, `path`, `backend`, and `probabilities(batch_uint8)`."""
     backend = ""
+    tta = "none"   # --tta flip | flip+crop: probabilities averaged over those views of each image
 
     def probabilities(self, batch_uint8):
         """(B, C, S, S) uint8, as `preprocess.image` gives it -> (B, K) float probabilities."""
@@ -27,7 +28,13 @@ class Classifier:
 
     def classify(self, batch_uint8, k):
         """Top-k predictions for a uint8 batch: a list of lists of {label, index, probability}."""
-        return self.top_k(self.probabilities(batch_uint8), k)
+        return self.top_k(self.averaged_probabilities(batch_uint8), k)
+
+    def averaged_probabilities(self, batch_uint8):
+        """probabilities, averaged over the views of --tta (data/augment.py; one view without)."""
+        from ..data.augment import tta_views
+
+        return torch.stack([self.probabilities(v) for v in tta_views(batch_uint8, self.tta)]).mean(0)
 
     def unlike_training(self, img):
         """'500x375 colour' when a PIL image differs greatly from the training images: its short
