@@ -191,11 +191,11 @@ def test_tta_averages_probabilities_the_same_in_evaluate_and_predict(tiny_run, m
     data = run_data(trained, run_dir)
     x, y = data.test
     model.tta = mode
-    probs = model.averaged_probabilities(x)
+    probs = model.probabilities(x)
     views = A.tta_views(x, mode)
-    assert torch.allclose(probs, torch.stack([model.probabilities(v) for v in views]).mean(0))
+    assert torch.allclose(probs, torch.stack([model.view_probabilities(v) for v in views]).mean(0))
     if mode == "flip":   # by hand
-        assert torch.allclose(probs, (model.probabilities(x) + model.probabilities(x.flip(-1))) / 2)
+        assert torch.allclose(probs, (model.view_probabilities(x) + model.view_probabilities(x.flip(-1))) / 2)
     m = evaluate_model(trained, data, tta=mode)
     assert m["tta"] == mode
     assert m["accuracy"] == pytest.approx(float((probs.argmax(1) == y).float().mean()))

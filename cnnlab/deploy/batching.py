@@ -61,7 +61,7 @@ class Batcher:
             if self.on_batch:
                 self.on_batch(len(batch))
             try:
-                probs = await run_in_threadpool(self.model.averaged_probabilities, batch)
+                probs = await run_in_threadpool(self.model.probabilities, batch)
                 answers = probs.split([len(x) for x, _ in items])
             except Exception as e:   # each waiting request gets the error; the worker goes on
                 answers = [e] * len(items)

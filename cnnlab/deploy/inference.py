@@ -18,23 +18,25 @@ BACKENDS = ("torch", "onnx")
 
 class Classifier:
     """What every backend offers: `classes`, `preprocess` (a Preprocess), `in_shape`, `config`
-    (at least the model's name), `metrics`, `path`, `backend`, and `probabilities(batch_uint8)`."""
+    (at least the model's name), `metrics`, `path`, `backend`, and `probabilities(batch_uint8)`;
+    a backend implements `view_probabilities`, which `probabilities` averages over --tta's views."""
     backend = ""
     tta = "none"   # --tta flip | flip+crop: probabilities averaged over those views of each image
 
     def probabilities(self, batch_uint8):
-        """(B, C, S, S) uint8, as `preprocess.image` gives it -> (B, K) float probabilities."""
+        """(B, C, S, S) uint8, as `preprocess.image` gives it -> (B, K) float probabilities,
+        averaged over the views of `tta` (data/augment.py; the batch alone without)."""
+        from ..data.augment import tta_views
+
+        return torch.stack([self.view_probabilities(v) for v in tta_views(batch_uint8, self.tta)]).mean(0)
+
+    def view_probabilities(self, batch_uint8):
+        """The backend's probabilities of exactly these images."""
         raise NotImplementedError
 
     def classify(self, batch_uint8, k):
         """Top-k predictions for a uint8 batch: a list of lists of {label, index, probability}."""
-        return self.top_k(self.averaged_probabilities(batch_uint8), k)
-
-    def averaged_probabilities(self, batch_uint8):
-        """probabilities, averaged over the views of --tta (data/augment.py; one view without)."""
-        from ..data.augment import tta_views
-
-        return torch.stack([self.probabilities(v) for v in tta_views(batch_uint8, self.tta)]).mean(0)
+        return self.top_k(self.probabilities(batch_uint8), k)
 
     def unlike_training(self, img):
         """'500x375 colour' when a PIL image differs greatly from the training images: its short
@@ -96,7 +98,7 @@ class Model(Classifier):
         """(B, C, S, S) uint8 -> (B, K) logits."""
         return self.net(self.inputs(batch_uint8).contiguous(memory_format=torch.channels_last)).float()
 
-    def probabilities(self, batch_uint8):
+    def view_probabilities(self, batch_uint8):
         return self.logits(batch_uint8).softmax(1).cpu()
 
 
@@ -133,7 +135,7 @@ class OnnxModel(Classifier):
             batch_uint8 = 255 - batch_uint8
         return batch_uint8.permute(0, 2, 3, 1).contiguous().numpy()   # (B, H, W, C)
 
-    def probabilities(self, batch_uint8):
+    def view_probabilities(self, batch_uint8):
         scores = torch.from_numpy(self.session.run(None, {"images": self.graph_input(batch_uint8)})[0])
         return scores if self.gives_probabilities else scores.softmax(1)
 
