@@ -195,7 +195,7 @@ def apply_policy(x, draws, positions, wide):
     return x
 
 
-def jitter(x, strength, factors):
+def colour_jitter(x, strength, factors):
     """Colour jitter: brightness, contrast, saturation by per-image factors (B, 3) in [1-s, 1+s]
     (torchvision's ColorJitter in a fixed order)."""
     f = (1 + strength * (2 * factors - 1)).to(x.device)
@@ -255,8 +255,7 @@ def draw_mix(mixup, cutmix, drawn, size, gen):
     h, w = size
     # the CutMix paper's box: sides sqrt(1 - lam) of the image's, centre uniform, clipped at the border
     ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
-    cy, cx = (int(v) for v in torch.randint(0, 10**9, (2,), generator=gen))
-    cy, cx = cy % h, cx % w
+    cy, cx = int(torch.randint(0, h, (1,), generator=gen)), int(torch.randint(0, w, (1,), generator=gen))
     y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
     lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)   # the label weight is the area actually kept
     return Mix("cutmix", lam, partner, (y0, y1, x0, x1))
@@ -305,7 +304,7 @@ class Strong:
         if policy is not None:
             x = apply_policy(x, policy, need, self.policy == "trivialaugment")
         if factors is not None:
-            x = jitter(x, self.jitter, factors[need])
+            x = colour_jitter(x, self.jitter, factors[need])
         x = normalise(x)
         if boxes is not None:
             x = erase(x, boxes[need])
