@@ -7,6 +7,7 @@ import os
 import sys
 
 from . import __version__
+from .config import TTA_MODES
 from .errors import CnnlabError, UsageError, unknown
 
 RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
@@ -19,7 +20,15 @@ HELP = {
     "class_names": "comma-separated names for data that carries none (an npz without a `classes` array)",
     "model": "network name (see `cnnlab models`; default mnist_cnn, seed 003's CNN)",
     "batch_size": "GLOBAL batch size: under DDP each of N processes takes batch_size/N",
-    "augment": "auto (crop for digits, crop+flip for photos), none, flip, crop, crop+flip",
+    "augment": "auto (crop for digits, crop+flip for photos), none, or parts joined by +: crop, flip, randaugment or "
+               "trivialaugment (e.g. crop+flip+randaugment)",
+    "augment_magnitude": "RandAugment's strength, 0-30 [default: 9]",
+    "jitter": "colour jitter: brightness, contrast and saturation scaled by U(1-J, 1+J), e.g. 0.4 [default: 0]",
+    "erase": "random erasing: probability that an image gets a blanked box, e.g. 0.25 [default: 0]",
+    "mixup": "mixup's Beta alpha, e.g. 0.2 (soft targets); 0 = off [default: 0]",
+    "cutmix": "cutmix's Beta alpha, e.g. 1.0; with --mixup each batch takes one of the two [default: 0]",
+    "class_weights": "loss weight per class: none, auto (inverse class frequency) or w1,w2,... [default: none]",
+    "sampler": "shuffle, or balanced: every class drawn equally often (seeded; with replacement) [default: shuffle]",
     "lr": "peak learning rate",
     "l2": "seed 002's explicit L2 penalty l2*sum(w^2) added to the loss (differs from --weight-decay for Adam)",
     "weight_decay": "the optimizer's weight decay (decoupled for adamw)",
@@ -37,6 +46,10 @@ HELP = {
     "normalize": "dataset (the training split's mean/std, default), none (pixels/255, ToTensor only), or MEAN,STD "
                  "(one pair, e.g. 0.5,0.5) or C means then C stds",
 }
+
+
+TTA_HELP = ("test-time augmentation: average the probabilities of the image and its mirror image (flip), and of "
+            "shifts of both by the training crop's padding (flip+crop)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -132,15 +145,16 @@ def cmd_evaluate(args):
 
     model, run_dir = load_trained(args.run)
     data = run_data(model, run_dir, args.data, args.data_dir)
-    m = evaluate_model(model, data, args.split)
+    m = evaluate_model(model, data, args.split, tta=args.tta)
     last = last_epoch(args.run)
     if last:   # the figure the tutorials print: the last epoch's weights, beside the best epoch's
-        final = evaluate_model(last[0], data, args.split)
+        final = evaluate_model(last[0], data, args.split, tta=args.tta)
         m["final"] = {"epoch": last[1], "accuracy": final["accuracy"], "loss": final["loss"]}
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
     print(f"{args.split}: {m['samples']} images  loss {m['loss']:.4f}  accuracy {m['accuracy']:.2%}"
+          f"  balanced {m['balanced_acc']:.2%}" + (f"  (tta {args.tta})" if args.tta != "none" else "")
           + (f"  top-5 {m['top5_accuracy']:.2%}" if m.get("top5_accuracy") is not None else ""))
     if "final" in m:
         print(f"{args.split}, last epoch ({m['final']['epoch']}, last.pt): loss {m['final']['loss']:.4f}  "
@@ -180,7 +194,7 @@ def cmd_predict(args):
     from .deploy.predict import predict_files
 
     return predict_files(args.checkpoint, args.paths, top_k=args.top_k, as_json=args.json, invert=args.invert,
-                         backend=args.backend)
+                         backend=args.backend, tta=args.tta)
 
 
 def cmd_export(args):
@@ -197,7 +211,7 @@ def cmd_serve(args):
     api_key = args.api_key if args.api_key is not None else os.environ.get("CNNLAB_API_KEY")
     serve(args.checkpoint, host=args.host, port=args.port, top_k=args.top_k, max_bytes=args.max_bytes,
           max_pixels=args.max_pixels, timeout=args.timeout, api_key=api_key, docs=args.docs, backend=args.backend,
-          max_batch=args.max_batch, batch_wait=args.batch_wait_ms / 1000)
+          max_batch=args.max_batch, batch_wait=args.batch_wait_ms / 1000, tta=args.tta)
     return 0
 
 
@@ -300,6 +314,7 @@ def build_parser():
     e.add_argument("--data-dir", help="where torchvision-style datasets are (default: the run's own --data-dir)")
     e.add_argument("--split", default="test", choices=("val", "test"))
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--tta", default="none", choices=TTA_MODES, help=TTA_HELP)
     e.set_defaults(fn=cmd_evaluate)
     r = sub.add_parser("report", help="write the pictures and report.html of a run folder")
     r.add_argument("run", metavar="RUN_DIR")
@@ -316,6 +331,7 @@ def build_parser():
     pr.add_argument("--top-k", type=int, default=3)
     pr.add_argument("--json", action="store_true")
     pr.add_argument("--invert", action="store_true", help="invert images (dark digits on light paper)")
+    pr.add_argument("--tta", default="none", choices=TTA_MODES, help=TTA_HELP)
     add_backend_flag(pr)
     pr.set_defaults(fn=cmd_predict)
     ex = sub.add_parser("export", help="export to ONNX or TorchScript and verify against PyTorch")
@@ -350,6 +366,7 @@ def build_parser():
                    "forward pass: those that queued while the model was busy; 1: each request alone")
     s.add_argument("--batch-wait-ms", type=float, default=0.0, help="how long the first image of a batch waits "
                    "for others (default 0: only what already queued; a window pays off when the model is slow)")
+    s.add_argument("--tta", default="none", choices=TTA_MODES, help=TTA_HELP)
     s.add_argument("--docs", action="store_true", help="serve FastAPI's /docs, /redoc and /openapi.json")
     add_backend_flag(s)
     s.set_defaults(fn=cmd_serve)

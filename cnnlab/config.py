@@ -40,7 +40,14 @@ class DataConfig:
 @dataclass
 class TrainConfig(DataConfig):
     # data: DataConfig's fields, then how training varies the images
-    augment: str = "auto"
+    augment: str = "auto"                          # auto, none, or parts joined by +: crop, flip, randaugment|trivialaugment
+    augment_magnitude: int = 9                     # RandAugment's strength, 0-30 (torchvision's bins; 9 as in its paper)
+    jitter: float = 0.0                            # colour jitter: brightness, contrast, saturation x U(1-J, 1+J)
+    erase: float = 0.0                             # random erasing: the probability an image gets a blanked box
+    mixup: float = 0.0                             # Beta(alpha, alpha) of mixup; 0 = off
+    cutmix: float = 0.0                            # Beta(alpha, alpha) of cutmix; 0 = off (with mixup: one or the other per batch)
+    class_weights: str = "none"                    # loss weights: none, auto (inverse frequency) or w1,w2,...
+    sampler: str = "shuffle"                       # shuffle, or balanced: classes drawn equally often (with replacement)
     # model
     model: str = "mnist_cnn"
     model_args: dict = field(default_factory=dict)
@@ -90,19 +97,19 @@ CHOICES = {
     "schedule": ("constant", "step", "cosine", "onecycle"),
     "amp": ("auto", "off", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
-    "augment": ("auto", "none", "flip", "crop", "crop+flip"),
+    "sampler": ("shuffle", "balanced"),
     "on_bad_image": ("error", "skip"),
 }
 POSITIVE = ("epochs", "batch_size", "lr", "eval_batch_size")
 NON_NEGATIVE = ("train_samples", "val_samples", "test_samples", "image_size", "weight_decay", "l2",
                 "step_epochs", "warmup_epochs", "label_smoothing", "grad_clip", "patience",
-                "threads", "save_every_steps", "log_every", "seed")
+                "threads", "save_every_steps", "log_every", "seed", "augment_magnitude")
 # Upper bounds of whole numbers. Every count fits 32 bits (torch and numpy take larger ones badly:
 # seed 10**20 overflowed torch.manual_seed); seeds are numpy's range. Images larger than 1024 px a
 # side are beyond what cnnlab's in-memory datasets hold (one RGB image is 3 MiB at 1024; an
 # image_size of 10**6 asked for 10**12 bytes per image).
 MAX_INT = 2**31 - 1
-MAXIMUM = {"seed": 2**32 - 1, "image_size": 1024}
+MAXIMUM = {"seed": 2**32 - 1, "image_size": 1024, "augment_magnitude": 30}   # RandAugment's 31 bins
 FIELD_TYPES = {f.name: typing.get_type_hints(TrainConfig)[f.name] for f in dataclasses.fields(TrainConfig)}
 
 
@@ -166,6 +173,7 @@ def validate(cfg):
         if getattr(cfg, key) > MAXIMUM.get(key, MAX_INT):
             raise UsageError(f"'{key}' must be at most {MAXIMUM.get(key, MAX_INT)}, got {getattr(cfg, key)}.")
     validate_schedule(cfg)
+    validate_augment(cfg)
     if not 0 <= cfg.val_fraction < 1 or not 0 < cfg.test_fraction < 1:
         raise UsageError("'val_fraction' must be in [0, 1) and 'test_fraction' in (0, 1).")
     if cfg.label_smoothing >= 1:
@@ -243,6 +251,43 @@ def fixed_normalization(text):
     if min(stds) <= 0:
         raise UsageError(f"'normalize' stds must be positive, got {text!r}.")
     return means, stds
+
+
+AUGMENT_PARTS = ("crop", "flip", "randaugment", "trivialaugment")
+TTA_MODES = ("none", "flip", "flip+crop")   # evaluate/predict/serve --tta (data/augment.py tta_views)
+
+
+def validate_augment(cfg):
+    """--augment's parts, the augmentation strengths and --class-weights' form (its length is checked
+    against the data's classes when they are known, training/loop.py)."""
+    parts = cfg.augment.split("+")
+    if cfg.augment not in ("auto", "none"):
+        for part in parts:
+            if part not in AUGMENT_PARTS:
+                raise unknown("part of 'augment'", part, ("auto", "none") + AUGMENT_PARTS)
+        if "randaugment" in parts and "trivialaugment" in parts:
+            raise UsageError("'augment' takes one of randaugment and trivialaugment, not both.")
+    for key in ("jitter", "erase"):
+        if not 0 <= getattr(cfg, key) <= 1:
+            raise UsageError(f"'{key}' must be in [0, 1], got {getattr(cfg, key)}.")
+    for key in ("mixup", "cutmix"):
+        if getattr(cfg, key) < 0:
+            raise UsageError(f"'{key}' is a Beta distribution's alpha: 0 (off) or positive (e.g. 0.2), got {getattr(cfg, key)}.")
+    class_weight_values(cfg.class_weights)
+
+
+def class_weight_values(text):
+    """--class-weights as a list of floats, or the word (none, auto)."""
+    if text in ("none", "auto"):
+        return text
+    try:
+        values = [parse_scalar(float, v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v < 0 for v in values) or not any(v > 0 for v in values):
+        raise UsageError(f"'class_weights' must be none, auto or one non-negative number per class (e.g. 1,1,5), "
+                         f"got {text!r}.")
+    return values
 
 
 def make_config(overrides=None, base=None):

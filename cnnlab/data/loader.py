@@ -22,7 +22,7 @@ class BatchLoader:
     """Batches of one split, normalised by `preprocess` (the Preprocess a model trains or was trained with)."""
 
     def __init__(self, x, y, batch_size, preprocess, device="cpu", shuffle=False, seed=0,
-                 augment="none", rank=0, world=1, channels_last=False):
+                 augment="none", rank=0, world=1, channels_last=False, sampler="shuffle", strong=None):
         self.x = x.to(device)                       # (N, C, H, W) uint8, moved once
         self.y = y.to(device)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
@@ -33,6 +33,7 @@ class BatchLoader:
         # Zero-padded once here, so a random crop is a plain gather with no per-batch padding.
         self.padded = torch.nn.functional.pad(self.x, (self.pad,) * 4) if self.pad else self.x
         self.preprocess, self.scale_shift = preprocess, preprocess.scale_shift(device)   # made once, used per batch
+        self.sampler, self.strong = sampler, strong   # strong: augment.Strong (RandAugment, mixup, ...) or None
 
     def __len__(self):
         return math.ceil(len(self.y) / self.batch_size)
@@ -41,6 +42,8 @@ class BatchLoader:
         """The global sample order of an epoch; the same on every rank."""
         if not self.shuffle:
             return torch.arange(len(self.y), device=self.x.device)
+        if self.sampler == "balanced":
+            return balanced_order(self.y, _generator(self.seed, epoch))
         return torch.randperm(len(self.y), generator=_generator(self.seed, epoch)).to(self.x.device)
 
     def batches(self, epoch=0, start=0):
@@ -57,15 +60,33 @@ class BatchLoader:
         memory traffic than floats) with the random draws one process would give those same images,
         then converted and normalised in one pass."""
         mine = slice(self.rank, None, self.world)
-        if self.augment == "none":
-            xb = self.x[idx[mine]]
+        images = lambda positions: self.images(idx, positions, epoch, step)
+        if self.strong is None:
+            xb, yb = self.preprocess.normalise(images(mine), self.scale_shift), self.y[idx[mine]]
         else:
-            xb = augment_gather(self.padded, idx[mine], self.x.shape[2:], self.pad, "flip" in self.augment,
-                                _generator(self.seed, epoch, step, 7), len(idx), mine)
-        xb = self.preprocess.normalise(xb, self.scale_shift)
+            normalise = lambda x: self.preprocess.normalise(x, self.scale_shift)
+            xb, yb = self.strong.batch(images, self.y[idx], mine, self.x.shape[2:],
+                                       _generator(self.seed, epoch, step, 11), normalise)
         if self.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        return xb, self.y[idx[mine]]
+        return xb, yb
+
+    def images(self, idx, positions, epoch, step):
+        """uint8 images at `positions` (a slice or CPU index tensor) of global batch `idx`, cropped
+        and flipped with the draws of their positions."""
+        if self.augment == "none":
+            return self.x[idx[positions]]
+        return augment_gather(self.padded, idx[positions], self.x.shape[2:], self.pad, "flip" in self.augment,
+                              _generator(self.seed, epoch, step, 7), len(idx), positions)
+
+
+def balanced_order(y, gen):
+    """--sampler balanced: len(y) draws with replacement, each class equally likely (weight
+    1 / its count per sample, as torch's WeightedRandomSampler), seeded per epoch so resume and
+    DDP shards hold."""
+    counts = torch.bincount(y.cpu())
+    weights = 1.0 / counts.double()[y.cpu()]
+    return torch.multinomial(weights, len(y), replacement=True, generator=gen).to(y.device)
 
 
 def augment_gather(padded, idx, size, pad, flip, gen, drawn, mine=slice(None)):

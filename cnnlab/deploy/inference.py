@@ -18,11 +18,20 @@ BACKENDS = ("torch", "onnx")
 
 class Classifier:
     """What every backend offers: `classes`, `preprocess` (a Preprocess), `in_shape`, `config`
-    (at least the model's name), `metrics`, `path`, `backend`, and `probabilities(batch_uint8)`."""
+    (at least the model's name), `metrics`, `path`, `backend`, and `probabilities(batch_uint8)`;
+    a backend implements `view_probabilities`, which `probabilities` averages over --tta's views."""
     backend = ""
+    tta = "none"   # --tta flip | flip+crop: probabilities averaged over those views of each image
 
     def probabilities(self, batch_uint8):
-        """(B, C, S, S) uint8, as `preprocess.image` gives it -> (B, K) float probabilities."""
+        """(B, C, S, S) uint8, as `preprocess.image` gives it -> (B, K) float probabilities,
+        averaged over the views of `tta` (data/augment.py; the batch alone without)."""
+        from ..data.augment import tta_views
+
+        return torch.stack([self.view_probabilities(v) for v in tta_views(batch_uint8, self.tta)]).mean(0)
+
+    def view_probabilities(self, batch_uint8):
+        """The backend's probabilities of exactly these images."""
         raise NotImplementedError
 
     def classify(self, batch_uint8, k):
@@ -89,7 +98,7 @@ class Model(Classifier):
         """(B, C, S, S) uint8 -> (B, K) logits."""
         return self.net(self.inputs(batch_uint8).contiguous(memory_format=torch.channels_last)).float()
 
-    def probabilities(self, batch_uint8):
+    def view_probabilities(self, batch_uint8):
         return self.logits(batch_uint8).softmax(1).cpu()
 
 
@@ -126,7 +135,7 @@ class OnnxModel(Classifier):
             batch_uint8 = 255 - batch_uint8
         return batch_uint8.permute(0, 2, 3, 1).contiguous().numpy()   # (B, H, W, C)
 
-    def probabilities(self, batch_uint8):
+    def view_probabilities(self, batch_uint8):
         scores = torch.from_numpy(self.session.run(None, {"images": self.graph_input(batch_uint8)})[0])
         return scores if self.gives_probabilities else scores.softmax(1)
 

@@ -28,8 +28,10 @@ def warn_unlike_training(model, unlike):
          "its scores mean little" + (f" (and {more} more such input(s))." if more else "."))
 
 
-def predict_files(checkpoint_path, paths, top_k=3, as_json=False, invert=False, batch_size=256, backend=None):
+def predict_files(checkpoint_path, paths, top_k=3, as_json=False, invert=False, batch_size=256, backend=None,
+                  tta="none"):
     model = load(checkpoint_path, backend=backend)
+    model.tta = tta
     results, ok_items, unlike = [], [], []
     for path in expand(paths):
         try:
@@ -47,6 +49,8 @@ def predict_files(checkpoint_path, paths, top_k=3, as_json=False, invert=False, 
         preds = model.classify(torch.stack([x for _, x in chunk]), top_k)
         for (index, _), pred in zip(chunk, preds):
             results[index]["predictions"] = pred
+            if tta != "none":   # the output says how its probabilities were made
+                results[index]["tta"] = tta
     failed = sum("error" in r for r in results)
     if as_json:
         print(json.dumps(results, indent=2))
@@ -56,7 +60,7 @@ def predict_files(checkpoint_path, paths, top_k=3, as_json=False, invert=False, 
                 note(f"{r['path']}: error: {r['error']}")
             else:
                 guesses = ", ".join(f"{p['label']} {p['probability']:.1%}" for p in r["predictions"])
-                print(f"{r['path']}: {guesses}")
+                print(f"{r['path']}: {guesses}" + (f"  (tta {tta})" if tta != "none" else ""))
     if failed:
         note(f"cnnlab: {failed} of {len(results)} file(s) could not be read")
     return 1 if failed else 0

@@ -274,7 +274,7 @@ def create_app(model, top_k=5, max_bytes=5 * 2**20, max_pixels=None, timeout=30.
     def info():
         return {"model": model.config.get("model"), "backend": model.backend, "classes": model.classes,
                 "input_shape": list(model.in_shape), "preprocess": model.preprocess.to_dict(), "metrics": model.metrics,
-                "digits": digits}
+                "digits": digits, "tta": model.tta}
 
     @app.get("/", response_class=HTMLResponse)
     def index():
@@ -375,7 +375,7 @@ def check_settings(host, max_bytes, max_pixels, timeout, api_key, max_batch=1, b
 
 
 def serve(checkpoint_path, host="127.0.0.1", port=8000, top_k=5, max_bytes=5 * 2**20, max_pixels=None,
-          timeout=30.0, api_key=None, docs=False, backend=None, max_batch=32, batch_wait=0.0):
+          timeout=30.0, api_key=None, docs=False, backend=None, max_batch=32, batch_wait=0.0, tta="none"):
     import uvicorn
 
     from .inference import load
@@ -384,6 +384,7 @@ def serve(checkpoint_path, host="127.0.0.1", port=8000, top_k=5, max_bytes=5 * 2
     sock = listen(host, port)
     try:
         model = load(checkpoint_path, backend=backend)  # fails here, before serving, on a bad checkpoint
+        model.tta = tta   # every prediction averages these views' probabilities; /model says so
         app = create_app(model, top_k=top_k, max_bytes=max_bytes, max_pixels=max_pixels, timeout=timeout,
                          api_key=api_key, docs=docs, max_batch=max_batch, batch_wait=batch_wait)
         port = sock.getsockname()[1]  # the real one when --port 0 asked for any free port

@@ -12,6 +12,7 @@ import torch
 
 from ..config import make_config
 from ..data import load_data, read_splits
+from ..data.augment import TTA
 from ..data.loader import BatchLoader
 from ..data.preprocess import Preprocess
 from ..errors import UsageError, note
@@ -76,17 +77,19 @@ def run_data(model, run_dir=None, data=None, data_dir=None):
     return loaded
 
 
-def evaluate_model(model, data, split="test", collect=False):
+def evaluate_model(model, data, split="test", collect=False, tta="none"):
     """Metrics of `model` on a split of `data`, normalised with the MODEL's statistics (another
-    dataset's own would hide a shift in the inputs). collect=True keeps the per-sample results."""
+    dataset's own would hide a shift in the inputs). collect=True keeps the per-sample results;
+    `tta`: flip or flip+crop averages the probabilities of those views (data/augment.py)."""
     x, y = getattr(data, split)
     if len(y) == 0:
         raise UsageError(f"the {split} split is empty.")
     if data.classes != model.classes and len(data.classes) != len(model.classes):
         raise UsageError(f"data has {len(data.classes)} classes, the model {len(model.classes)}.")
     loader = BatchLoader(x, y, 256, model.preprocess, model.device, channels_last=True)
-    raw = evaluate(model.net, loader, Context(device=model.device), len(model.classes), collect=collect)
-    return metrics_of(raw, model.classes, split)
+    net = model.net if tta == "none" else TTA(model.net, tta, model.preprocess.scale_shift(model.device)[1])
+    raw = evaluate(net, loader, Context(device=model.device), len(model.classes), collect=collect)
+    return {**metrics_of(raw, model.classes, split), **({"tta": tta} if tta != "none" else {})}
 
 
 def metrics_of(raw, classes, split="test"):

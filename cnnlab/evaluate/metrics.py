@@ -22,6 +22,14 @@ def per_class(cm):
     return precision, recall, f1, support
 
 
+def balanced_accuracy(cm):
+    """The mean recall over the classes present (support > 0), as scikit-learn's
+    balanced_accuracy_score: a classifier that ignores a rare class loses 1/K, not its tiny share."""
+    _, recall, _, support = per_class(cm)
+    present = support > 0
+    return float(recall[present].mean()) if present.any() else 0.0
+
+
 def summarize(cm, classes, loss=None, top5=None):
     """The report dict: accuracy, loss, per-class rows, macro and weighted averages, the matrix."""
     precision, recall, f1, support = per_class(cm)
@@ -29,7 +37,8 @@ def summarize(cm, classes, loss=None, top5=None):
     weights = support / total
     rows = [{"class": c, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
             for c, p, r, f, s in zip(classes, precision, recall, f1, support)]
-    out = {"accuracy": float(cm.diag().sum() / total), "loss": loss, "samples": int(support.sum()),
+    out = {"accuracy": float(cm.diag().sum() / total), "balanced_acc": balanced_accuracy(cm),
+           "loss": loss, "samples": int(support.sum()),
            "per_class": rows,
            "macro_avg": {"precision": float(precision.mean()), "recall": float(recall.mean()), "f1": float(f1.mean())},
            "weighted_avg": {"precision": float((precision * weights).sum()),

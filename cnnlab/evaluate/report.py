@@ -89,6 +89,7 @@ SUMMARY_ROWS = {"model": ("model", str), "data": ("data", str), "num_params": ("
                 "best_epoch": ("best epoch", fmt_count), "test_acc": ("test accuracy", fmt_percent),
                 "final_test_acc": ("test accuracy of the last epoch", fmt_percent),
                 "test_top5_acc": ("test top-5 accuracy", fmt_percent), "test_loss": ("test loss", fmt_loss),
+                "test_balanced_acc": ("test balanced accuracy (mean recall)", fmt_percent),
                 "train_seconds": ("training time", fmt_seconds),
                 "samples_per_second": ("throughput", lambda v: f"{v:,.0f} img/s"),
                 "device": ("training device", str), "global_batch_size": ("batch size", fmt_count)}

@@ -43,8 +43,37 @@ class DivergenceWarning(Callback):
             self.warned = True
 
 
-def diagnose(history, cm, classes, raw_val_acc=None):
-    """`raw_val_acc`: with --ema, the raw (not averaged) last weights' validation accuracy."""
+# A class with under this fraction of the median class's training images is starved when its test
+# recall is also STARVED_GAP below the accuracy: the imbalance benchmark's classes cut to 5% fell
+# 20-40 points (benchmarks/README.md).
+STARVED_SHARE, STARVED_GAP = 0.2, 0.1
+
+
+def starved(cm, classes, train_labels, cfg=None):
+    """The diagnostic of minority classes that training starved, or None: each named with its
+    training count and test recall, and the flags that act on it when the run used neither."""
+    import torch
+
+    counts = torch.bincount(train_labels.cpu(), minlength=len(classes))
+    median = float(counts.float().median())
+    support, hits = cm.sum(1), cm.diag()
+    accuracy = float(hits.sum()) / max(1, int(support.sum()))
+    names = [f"{classes[k]} ({int(counts[k])} training images, test recall {float(hits[k]) / int(support[k]):.0%})"
+             for k in range(len(classes))
+             if support[k] > 0 and counts[k] < STARVED_SHARE * median
+             and float(hits[k]) / int(support[k]) < accuracy - STARVED_GAP]
+    if not names:
+        return None
+    unused = cfg is None or (cfg.class_weights == "none" and cfg.sampler == "shuffle")
+    return (f"Starved minority class{'es' if len(names) > 1 else ''}: {', '.join(names[:5])}, against a median of "
+            f"{median:.0f} training images per class and {accuracy:.1%} accuracy."
+            + (" Try --class-weights auto or --sampler balanced." if unused else
+               " Class weights or the balanced sampler are on: more images of the class would help most."))
+
+
+def diagnose(history, cm, classes, raw_val_acc=None, train_labels=None, cfg=None):
+    """`raw_val_acc`: with --ema, the raw (not averaged) last weights' validation accuracy;
+    `train_labels`, `cfg`: the training split's labels and the run's config, for starved classes."""
     notes = []
     if not history:
         return notes
@@ -73,6 +102,9 @@ def diagnose(history, cm, classes, raw_val_acc=None):
         notes.append(f"The EMA weights (--ema) reach {ema_val_acc:.1%} validation accuracy, far below the raw "
                      f"weights' {raw_val_acc:.1%}: the average still remembers early weights. Use a smaller "
                      "--ema (e.g. 0.99) or train longer; best.pt and the test score use the EMA weights.")
+    hungry = starved(cm, classes, train_labels, cfg) if train_labels is not None else None
+    if hungry:
+        notes.append(hungry)
     predicted = cm.sum(0)
     never = [classes[i] for i in range(len(classes)) if predicted[i] == 0 and cm.sum(1)[i] > 0]
     if never:

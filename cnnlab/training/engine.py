@@ -34,17 +34,18 @@ class Interrupted(Exception):
         super().__init__(message)
 
 
-def make_step(model, optimizer, cfg, ctx, *, forward=None, ema=None):
+def make_step(model, optimizer, cfg, ctx, *, forward=None, ema=None, class_weight=None):
     """One optimisation step on a batch at a given lr; returns (summed loss, correct count) as
     device tensors, so nothing waits for the device. `forward`: the training wrapper of `model`
-    (DDP, torch.compile); `ema`: the averaged model to update after the step."""
+    (DDP, torch.compile); `ema`: the averaged model to update after the step; `class_weight`:
+    --class-weights as a (K,) tensor. `yb`: labels (B,), or soft targets (B, K) under mixup/cutmix."""
     forward = forward or model
 
     def step(xb, yb, lr):
         set_lr(optimizer, lr)
         with ctx.autocast():
             logits = forward(xb)
-            loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+            loss = training_loss(logits.float(), yb, class_weight, cfg.label_smoothing)
         total = loss + cfg.l2 * l2_penalty(model) if cfg.l2 else loss
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -53,8 +54,39 @@ def make_step(model, optimizer, cfg, ctx, *, forward=None, ema=None):
         optimizer.step()
         if ema is not None:
             ema.update_parameters(model)
-        return loss.detach() * len(yb), (logits.argmax(1) == yb).sum()
+        hard = yb if yb.ndim == 1 else yb.argmax(1)   # a mixed image counts as its larger part's class
+        return loss.detach() * len(yb), (logits.argmax(1) == hard).sum()
     return step
+
+
+def training_loss(logits, targets, class_weight=None, smoothing=0.0):
+    """Cross-entropy with labels or soft targets, label smoothing on top of either ((1 - eps) *
+    target + eps / K), each sample weighted by its class weight, averaged over the B samples.
+    Divided by B, not by the batch's summed weights (PyTorch's weighted mean): each DDP rank's
+    loss is then its share of the one-process loss, and the auto weights average 1 per sample."""
+    loss = F.cross_entropy(logits, targets, weight=class_weight, label_smoothing=smoothing, reduction="sum")
+    return loss / len(targets)
+
+
+def class_weights(setting, labels, classes):
+    """--class-weights as a (K,) float tensor, or None for `none`. auto: inverse class frequency,
+    scaled so the training samples' weights average 1 (scikit-learn's "balanced": N / (K * n_k));
+    a class absent from the training split gets 0."""
+    from ..config import class_weight_values
+    from ..errors import UsageError
+
+    values = class_weight_values(setting)
+    if values == "none":
+        return None
+    if values != "auto":
+        if len(values) != len(classes):
+            raise UsageError(f"--class-weights has {len(values)} numbers but the data has {len(classes)} classes "
+                             f"({', '.join(map(str, classes[:10]))}{' ...' if len(classes) > 10 else ''}): give one per class.")
+        return torch.tensor(values, dtype=torch.float32)
+    counts = torch.bincount(labels.cpu(), minlength=len(classes)).float()
+    present = counts > 0
+    weights = torch.where(present, len(labels) / (int(present.sum()) * counts.clamp_min(1)), torch.zeros_like(counts))
+    return weights
 
 
 def train_step(state, xb, yb):

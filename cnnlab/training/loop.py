@@ -14,14 +14,16 @@ from .callbacks import Callbacks, Checkpoints, EarlyStopping, RunFiles, SignalSt
 from .console import Console, ProgressBar
 from .diagnose import DivergenceWarning, diagnose
 from .distributed import handling_stop_signals, wrap_for_training
-from .engine import Interrupted, ema_model, epoch_results, evaluate, make_step, snapshot, train_step
+from .engine import Interrupted, class_weights, ema_model, epoch_results, evaluate, make_step, snapshot, train_step
 from .optim import build_optimizer, resumed_lr_change
 from .progress import Progress
 from .run_folder import RunFolder, check_writable, default_name
 from .state import TrainState, silent
-from ..data import default_augment, load_data, read_splits
+from ..data import load_data, read_splits
+from ..data.augment import resolve_augment, strong_augment
 from ..data.loader import BatchLoader
 from ..errors import UsageError, note
+from ..evaluate.metrics import balanced_accuracy, per_class
 from ..models import check_memory, create_model, model_args
 from ..runtime import setup, teardown
 
@@ -149,10 +151,13 @@ def build(state, splits=None):
     state.optimizer, state.ema = build_optimizer(cfg, state.model), ema_model(state.model, cfg.ema)
     state.progress = Progress(ctx.device)
     state.forward = wrap_for_training(state.model, cfg, ctx)
-    state.step = make_step(state.model, state.optimizer, cfg, ctx, forward=state.forward, ema=state.ema)
-    state.augment = default_augment(data, cfg.augment)
+    weight = class_weights(cfg.class_weights, data.train[1], data.classes)
+    state.step = make_step(state.model, state.optimizer, cfg, ctx, forward=state.forward, ema=state.ema,
+                           class_weight=None if weight is None else weight.to(ctx.device))
+    state.augment = resolve_augment(data, cfg.augment)
     state.train_loader = batch_loader(state, data.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                      augment=state.augment)
+                                      augment=state.augment, sampler=cfg.sampler,
+                                      strong=strong_augment(cfg, state.augment, len(data.classes)))
     state.val_loader = batch_loader(state, data.val, cfg.eval_batch_size * ctx.world)
 
 
@@ -189,6 +194,8 @@ def summarize(state):
         "test_acc": test["acc"], "test_loss": test["loss"], "test_top5_acc": test["top5"],
         # the last epoch's weights on the test split: what the tutorials print (test_acc is the best epoch's)
         "final_test_acc": state.final_test["acc"], "final_test_loss": state.final_test["loss"],
+        "test_balanced_acc": balanced_accuracy(test["cm"]),
+        "test_recall": dict(zip(map(str, data.classes), map(float, per_class(test["cm"])[1]))),
         "epochs": len(history), "train_seconds": round(progress.train_seconds, 3),
         "samples_per_second": round(progress.samples_seen / max(progress.train_seconds, 1e-9), 1),
         **{k: meta[k] for k in ("model", "model_args", "data", "classes", "num_params", "device",
@@ -197,5 +204,6 @@ def summarize(state):
         "stopped_early": len(history) < state.cfg.epochs,
         **({"raw_val_acc": state.raw_val_acc} if state.raw_val_acc is not None else {}),
     }
-    summary["diagnostics"] = diagnose(history, test["cm"], data.classes, raw_val_acc=state.raw_val_acc)
+    summary["diagnostics"] = diagnose(history, test["cm"], data.classes, raw_val_acc=state.raw_val_acc,
+                                      train_labels=data.train[1], cfg=state.cfg)
     return summary
