@@ -11,6 +11,7 @@ import cnnlab
 import cnnlab.training.callbacks
 from cnnlab.training.checkpoint import load as load_checkpoint
 from cnnlab.config import make_config
+from cnnlab.errors import UsageError
 from cnnlab.training.engine import Interrupted
 from cnnlab.training.loop import fit
 
@@ -89,6 +90,18 @@ def test_resume_refuses_a_changed_model(tmp_path):
     fit(make_config({**SMALL, "epochs": 1, "out": str(tmp_path / "r")}), quiet=True)
     result = run_cli("train", "--resume", tmp_path / "r", "--model", "lenet5")
     assert result.returncode == 2 and "model: 'net_dropout' -> 'lenet5'" in result.stderr
+
+
+@pytest.mark.parametrize("setting, value", [("sampler", "balanced"), ("mixup", 0.2), ("class_weights", "auto"),
+                                            ("normalize", "none")])
+def test_resume_refuses_a_change_of_what_the_run_trains_on(tmp_path, setting, value):
+    """Sampler, mixing, loss weights and normalisation decide the batches and the loss: changing
+    them on --resume would silently make a run that is neither the old one nor a new one."""
+    from cnnlab.training.resume import resolve_config
+
+    fit(make_config({**SMALL, "epochs": 1, "out": str(tmp_path / "r")}), quiet=True)
+    with pytest.raises(UsageError, match=f"different {setting}"):
+        resolve_config(resume=str(tmp_path / "r"), overrides={setting: value})
 
 
 def test_sigint_leaves_a_resumable_checkpoint(tmp_path):

@@ -8,7 +8,8 @@ from .checkpoint import DEFINING
 
 # Settings that define what a run IS; changing them on --resume would silently mix two runs: its
 # data and network (checkpoint.DEFINING) and how it trains.
-MUST_MATCH = DEFINING + ("batch_size", "optimizer", "augment")
+MUST_MATCH = DEFINING + ("batch_size", "optimizer", "augment", "augment_magnitude", "jitter", "erase", "mixup",
+                         "cutmix", "class_weights", "sampler")
 
 
 def resolve_config(config=None, resume=None, overrides=None):
