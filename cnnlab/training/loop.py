@@ -112,12 +112,10 @@ def check_run(state):
 def check_names(cfg):
     """Unknown dataset or model names fail before anything is written or loaded."""
     from ..data import check_data_name
-    from ..errors import unknown
-    from ..models import model_names
+    from ..models import check_model_name
 
     check_data_name(cfg.data)
-    if cfg.model not in model_names():
-        raise unknown("model", cfg.model, model_names())
+    check_model_name(cfg.model)
 
 
 def prepare(state):
