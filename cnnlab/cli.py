@@ -32,6 +32,11 @@ HELP = {
     "out": "run folder (default runs/<model>-<data>-<time>); an existing run there is refused",
     "overwrite": "replace the run already in --out (its files are deleted first) instead of refusing",
     "device": "auto, cpu or cuda",
+    "weights": "pretrained weights: a state_dict file (.pth/.pt, read with weights_only=True, or .safetensors), "
+               "or for tv/ models DEFAULT or a torchvision weights name (IMAGENET1K_V1); default schedule becomes onecycle",
+    "init": "start from a cnnlab run's best.pt (RUN_DIR or file); the head is re-made when the classes differ",
+    "freeze_epochs": "train only the head for this many epochs (backbone frozen, batch norm in eval mode), then all",
+    "backbone_lr_mult": "the backbone's lr is --lr times this (e.g. 0.1), the head's is --lr",
 }
 
 

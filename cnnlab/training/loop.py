@@ -14,6 +14,7 @@ from .callbacks import Callbacks, Checkpoints, EarlyStopping, RunFiles, SignalSt
 from .console import Console, ProgressBar
 from .diagnose import DivergenceWarning, diagnose
 from .distributed import handling_stop_signals, wrap_for_training
+from .finetune import FreezeBackbone, describe, load_pretrained
 from .engine import Interrupted, ema_model, epoch_results, evaluate, make_step, snapshot, train_step
 from .optim import build_optimizer, resumed_lr_change
 from .progress import Progress
@@ -23,6 +24,7 @@ from ..data import default_augment, load_data, read_splits
 from ..data.loader import BatchLoader
 from ..errors import UsageError, note
 from ..models import check_memory, create_model, model_args
+from ..models.backbones import head_names
 from ..runtime import setup, teardown
 
 
@@ -52,7 +54,7 @@ def standard_callbacks():
     """What every run does, in this order: the run folder's files first (metrics.csv is written
     before last.pt, so a crash never leaves a checkpoint ahead of its metrics), console lines last."""
     return [RunFiles(), Checkpoints(), TensorBoard(), ProgressBar(), Console(), DivergenceWarning(), EarlyStopping(),
-            SignalStop()]
+            SignalStop(), FreezeBackbone()]
 
 
 def train_loop(state, hooks):
@@ -142,9 +144,12 @@ def build(state, splits=None):
     # must fit on the device too: refused here before anything is allocated
     check_memory(cfg.model, data.shape, len(data.classes), model_args(cfg.model, cfg.model_args), "train",
                  batch=max(1, cfg.batch_size // ctx.world), device=ctx.device)
-    model = create_model(cfg.model, data.shape, len(data.classes), **cfg.model_args).to(ctx.device)
+    model = create_model(cfg.model, data.shape, len(data.classes), **cfg.model_args)
+    head = head_names(model, len(data.classes))
+    state.fine_tune = describe(cfg, load_pretrained(cfg, model, data), head)   # before data.preprocess is read
+    model = model.to(ctx.device)
     state.model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
-    state.optimizer, state.ema = build_optimizer(cfg, state.model), ema_model(state.model, cfg.ema)
+    state.optimizer, state.ema = build_optimizer(cfg, state.model, head), ema_model(state.model, cfg.ema)
     state.progress = Progress(ctx.device)
     state.forward = wrap_for_training(state.model, cfg, ctx)
     state.step = make_step(state.model, state.optimizer, cfg, ctx, forward=state.forward, ema=state.ema)
