@@ -152,7 +152,7 @@ def fit_weights(net, state, num_classes, source, model_name):
     unexpected = [k for k in state if k not in own and "aux" not in k.lower()]   # inception's aux heads: unused
     if missing or unexpected or wrong:
         example = (missing or unexpected or wrong)[0]
-        guess = guess_architecture(state)
+        guess = guess_architecture(state, model_name)
         raise CnnlabError(f"{source} does not fit {model_name}: {len(missing)} keys missing, {len(unexpected)} "
                           f"unexpected, {len(wrong)} of another shape (e.g. '{example}')"
                           + (f"; it looks like weights for {guess}" if guess and guess != model_name else "") + ".")
@@ -171,9 +171,10 @@ def is_rgb_stem(theirs, mine):
             and theirs.shape[0] == mine.shape[0] and theirs.shape[2:] == mine.shape[2:])
 
 
-def guess_architecture(state):
-    """The torchvision model whose parameter names best match the file's (>= 90% shared), or None.
-    Built on the meta device, so this costs seconds, not memory; only an error message pays it."""
+def guess_architecture(state, model_name):
+    """The torchvision model of `model_name`'s family (the same first three letters: resnet34 for
+    resnet18, resnext too) whose parameter names best match the file's (>= 90% shared), or None.
+    Built on the meta device: no memory, but ~0.3 s a model, so only the family is tried."""
     import warnings
 
     import torch
@@ -181,7 +182,8 @@ def guess_architecture(state):
     from .backbones import backbone_names, build_backbone
 
     keys, best, best_score = set(state), None, 0.9
-    for name in backbone_names("tv"):
+    family = model_name.partition("/")[2][:3]
+    for name in (n for n in backbone_names("tv") if n[3:6] == family):
         try:
             with torch.device("meta"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -1,0 +1,82 @@
+"""Transfer, proven offline with weights cnnlab makes itself: pretrain tv/resnet18 on 8 CIFAR-10
+classes, then learn the other 2 (ship, truck) from 100 training images each, once starting from
+the pretrained run (--init, the head re-made) and once from scratch, with the same budget (epochs,
+batch, lr, schedule), for 3 seeds. Test accuracy on the 2 classes' 2,000 official test images.
+
+    python benchmarks/transfer.py [--source /tmp/cifar10_jpg] [--out /tmp/transfer]
+
+The CIFAR-10 JPEG folder is extracted from ../shared/datasets/cifar10_jpg.tar when absent. Small
+subset folders (copies) are built so cnnlab decodes only the images it uses. Target (issue 16):
+fine-tuned >= from scratch + 10 points. Prints one line per run and a Markdown table."""
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tarfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cnnlab  # noqa: E402
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+PRETRAIN, NEW = CLASSES[:8], CLASSES[8:]
+TAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "cifar10_jpg.tar")
+MODEL = "tv/resnet18"
+# Pretraining: 600 images per class, 6 epochs at 32 px: ~10 minutes on 2 busy CPU cores.
+PRETRAIN_RUN = dict(model=MODEL, epochs=6, batch_size=128, lr=2e-3, optimizer="adamw", weight_decay=0.05,
+                    schedule="onecycle", val_fraction=0.1)
+# Both arms of the comparison: identical settings, only the starting weights differ.
+FINETUNE_RUN = dict(model=MODEL, epochs=15, batch_size=50, lr=1e-3, optimizer="adamw", weight_decay=0.05,
+                    schedule="onecycle", val_fraction=0.0)
+
+
+def subset(source, dest, classes, train_per_class, test_per_class):
+    """DEST/train/<class>/ and DEST/test/<class>/ with the first N images of each class (copies)."""
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for c in classes:
+            folder = os.path.join(dest, split, c)
+            os.makedirs(folder, exist_ok=True)
+            for name in sorted(os.listdir(os.path.join(source, split, c)))[:n]:
+                shutil.copyfile(os.path.join(source, split, c, name), os.path.join(folder, name))
+    return dest
+
+
+def train(out, **settings):
+    t = time.perf_counter()
+    result = cnnlab.train(out=out, overwrite=True, report=False, quiet=True, **settings)
+    return result.summary["test_acc"], time.perf_counter() - t
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--source", default="/tmp/cifar10_jpg")
+    p.add_argument("--out", default="/tmp/transfer")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--pretrain-per-class", type=int, default=600)
+    args = p.parse_args()
+    if not os.path.isdir(args.source):
+        with tarfile.open(TAR) as tar:
+            tar.extractall(os.path.dirname(args.source), filter="data")
+    pre = subset(args.source, os.path.join(args.out, "data8"), PRETRAIN, args.pretrain_per_class, 100)
+    new = subset(args.source, os.path.join(args.out, "data2"), NEW, 100, 1000)
+    acc, seconds = train(os.path.join(args.out, "pretrain"), data=f"folder:{pre}", **PRETRAIN_RUN)
+    print(f"pretrain {MODEL} on {len(PRETRAIN)} classes x {args.pretrain_per_class}: test acc {acc:.2%} "
+          f"({seconds:.0f}s)", flush=True)
+    results = {"fine-tuned": [], "from scratch": []}
+    for seed in range(args.seeds):
+        for arm, start in (("fine-tuned", {"init": os.path.join(args.out, "pretrain")}), ("from scratch", {})):
+            acc, seconds = train(os.path.join(args.out, f"{arm.replace(' ', '_')}-{seed}"), data=f"folder:{new}",
+                                 seed=seed, **start, **FINETUNE_RUN)
+            results[arm].append(acc)
+            print(f"seed {seed} {arm:<12} test acc {acc:.2%} ({seconds:.0f}s)", flush=True)
+    print(f"\n| start | test acc, seeds 0-{args.seeds - 1} | mean |\n| --- | --- | --- |")
+    for arm, accs in results.items():
+        print(f"| {arm} | {' / '.join(f'{a:.1%}' for a in accs)} | {statistics.mean(accs):.1%} |")
+    gain = 100 * (statistics.mean(results["fine-tuned"]) - statistics.mean(results["from scratch"]))
+    print(f"\nfine-tuned - from scratch: {gain:+.1f} points (target >= +10)")
+    return 0 if gain >= 10 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
