@@ -195,9 +195,11 @@ def cmd_serve(args):
 
 
 def cmd_models(args):
-    from .models.zoo import describe_model, list_models
+    from .models.zoo import describe_model, list_backbones, list_models
 
-    if args.name:
+    if args.family:
+        print(list_backbones(args.family, args.data, args.data_dir, args.image_size, args.name or ""))
+    elif args.name:
         print(describe_model(args.name, args.data, args.data_dir))
     else:
         print(list_models(args.data, args.data_dir))
@@ -350,6 +352,10 @@ def build_parser():
     m.add_argument("name", nargs="?")
     m.add_argument("--data", default="mnist-5k", help="dataset whose input shape to use")
     m.add_argument("--data-dir", default="data")
+    m.add_argument("--family", choices=("torchvision", "timm"), help="list a family of published networks "
+                   "(--model tv/NAME, timm/NAME) with parameters and FLOPs; NAME then filters the names")
+    m.add_argument("--image-size", type=int, default=0, help="with --family: count FLOPs at this side "
+                   "(default: the data's)")
     m.set_defaults(fn=cmd_models)
     d = sub.add_parser("datasets", help="list the datasets")
     d.set_defaults(fn=cmd_datasets)

@@ -152,3 +152,18 @@ def test_a_published_weights_file_brings_its_preprocessing_into_the_checkpoint(t
     assert model.preprocess.mean == [pytest.approx((0.485 + 0.456 + 0.406) / 3)]   # gray: RGB's average
     x = torch.randint(0, 255, (1, 28, 28), dtype=torch.uint8)
     assert model.predict(x.numpy()[0])   # rebuilt from "tv/resnet18" in the file, no code, no download
+
+
+def test_the_family_listing_counts_like_plain_pytorch():
+    """Oracle: torchvision's resnet18 built on the CPU and counted by torch's FLOP counter."""
+    import torchvision
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cnnlab.models.zoo import list_backbones
+
+    row = list_backbones("torchvision", "cifar2", image_size=64, contains="resnet18").splitlines()[-1].split()
+    net = torchvision.models.resnet18(num_classes=2).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.zeros(1, 3, 64, 64))
+    assert row[0] == "tv/resnet18" and int(row[1].replace(",", "")) == sum(p.numel() for p in net.parameters())
+    assert float(row[2]) == pytest.approx(counter.get_total_flops() / 1e6, abs=0.1)
