@@ -15,10 +15,9 @@ from cnnlab.models.weights import cached_download, fit_weights, resolve_weights,
 from .conftest import FAULT_REPORT, run_cli
 
 # One model of each torchvision family (all 80 take minutes on a busy 2-core machine). Left out:
-# regnet (computes its widths with tensors, which have no values on the meta device) and maxvit_t
-# (its 7x7 windows need sides that are multiples of 224).
+# maxvit_t (its 7x7 windows need sides that are multiples of 224).
 FAMILIES = ["alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet",
-            "inception_v3", "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "resnet18", "resnext50_32x4d",
+            "inception_v3", "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "regnet_y_400mf", "resnet18", "resnext50_32x4d",
             "shufflenet_v2_x0_5", "squeezenet1_1", "swin_t", "swin_v2_t", "vgg11_bn", "vit_b_32", "wide_resnet50_2"]
 
 

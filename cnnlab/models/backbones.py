@@ -11,6 +11,8 @@ and never runs code from a file.
 These names live beside the registry (models/__init__.py), not in it: the registry's tests build
 every registered model, and torchvision alone has 80 of them, some of 600M parameters.
 """
+from contextlib import contextmanager
+
 from ..errors import UsageError, closest
 
 FAMILIES = {"tv": "torchvision", "timm": "timm"}
@@ -69,10 +71,34 @@ def build_backbone(name, in_shape, num_classes):
     extra = dict(TV_EXTRA.get(arch, {}))
     if arch.startswith(TV_SIZED):
         extra["image_size"] = side
-    net = tvm.get_model(arch, weights=None, num_classes=num_classes, **extra)
+    with widths_on_cpu(arch):
+        net = tvm.get_model(arch, weights=None, num_classes=num_classes, **extra)
     if channels != 3:
         adapt_stem(net, channels)
     return net
+
+
+@contextmanager
+def widths_on_cpu(arch):
+    """RegNet computes its block widths with tensor arithmetic and reads them back (.tolist()): on the
+    meta device (models.footprint measures networks there) the tensors have no values. Its width
+    rule is run on the CPU while this is open; every other model is left alone."""
+    if not arch.startswith("regnet"):
+        yield
+        return
+    import torch
+    from torchvision.models import regnet
+
+    rule = regnet.BlockParams.from_init_params
+
+    def on_cpu(*args, **kwargs):
+        with torch.device("cpu"):
+            return rule(*args, **kwargs)
+    regnet.BlockParams.from_init_params = on_cpu
+    try:
+        yield
+    finally:
+        regnet.BlockParams.from_init_params = rule
 
 
 def first_conv(net):

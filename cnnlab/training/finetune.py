@@ -62,6 +62,11 @@ class FreezeBackbone(Callback):
     pass stops at the head, and the optimizer skips them) and its batch-norm layers keep their
     statistics (eval mode); from epoch N+1 everything trains."""
 
+    def on_setup(self, state):
+        if state.cfg.freeze_epochs and state.ctx.world > 1:   # DDP fixes the set of trained parameters when it wraps
+            raise UsageError("--freeze-epochs is not supported with --nproc above 1 yet: DDP cannot change which "
+                             "parameters train mid-run; train on one process, or drop --freeze-epochs.")
+
     def on_epoch_start(self, state):
         if state.cfg.freeze_epochs:
             frozen = state.progress.epoch < state.cfg.freeze_epochs
