@@ -34,7 +34,10 @@ FINETUNE_RUN = dict(model=MODEL, epochs=6, batch_size=50, lr=1e-3, optimizer="ad
 
 
 def subset(source, dest, classes, train_per_class, test_per_class):
-    """DEST/train/<class>/ and DEST/test/<class>/ with the first N images of each class (copies)."""
+    """DEST/train/<class>/ and DEST/test/<class>/ with the first N images of each class (copies;
+    an existing DEST is kept as it is, so seeds run as separate processes decode it once)."""
+    if os.path.isdir(dest):
+        return dest
     for split, n in (("train", train_per_class), ("test", test_per_class)):
         for c in classes:
             folder = os.path.join(dest, split, c)
@@ -54,7 +57,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", default="/tmp/cifar10_jpg")
     p.add_argument("--out", default="/tmp/transfer")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: cnnlab's default)")
     p.add_argument("--pretrain-per-class", type=int, default=250)
     p.add_argument("--test-per-class", type=int, default=150)
     args = p.parse_args()
@@ -63,18 +67,22 @@ def main():
             tar.extractall(os.path.dirname(args.source), filter="data")
     pre = subset(args.source, os.path.join(args.out, "data8"), PRETRAIN, args.pretrain_per_class, 100)
     new = subset(args.source, os.path.join(args.out, "data2"), NEW, 100, args.test_per_class)
-    acc, seconds = train(os.path.join(args.out, "pretrain"), data=f"folder:{pre}", **PRETRAIN_RUN)
-    print(f"pretrain {MODEL} on {len(PRETRAIN)} classes x {args.pretrain_per_class}: test acc {acc:.2%} "
-          f"({seconds:.0f}s)", flush=True)
+    if os.path.exists(os.path.join(args.out, "pretrain", "summary.json")):   # seeds run as separate processes share it
+        print(f"pretrained run {os.path.join(args.out, 'pretrain')} reused", flush=True)
+    else:
+        acc, seconds = train(os.path.join(args.out, "pretrain"), data=f"folder:{pre}", threads=args.threads,
+                             **PRETRAIN_RUN)
+        print(f"pretrain {MODEL} on {len(PRETRAIN)} classes x {args.pretrain_per_class}: test acc {acc:.2%} "
+              f"({seconds:.0f}s)", flush=True)
     results = {"fine-tuned": [], "from scratch": []}
-    for seed in range(args.seeds):
+    for seed in args.seeds:
         for arm, start in (("fine-tuned", {"init": os.path.join(args.out, "pretrain"),
                                                               "backbone_lr_mult": 0.1}), ("from scratch", {})):
             acc, seconds = train(os.path.join(args.out, f"{arm.replace(' ', '_')}-{seed}"), data=f"folder:{new}",
-                                 seed=seed, **start, **FINETUNE_RUN)
+                                 seed=seed, threads=args.threads, **start, **FINETUNE_RUN)
             results[arm].append(acc)
             print(f"seed {seed} {arm:<12} test acc {acc:.2%} ({seconds:.0f}s)", flush=True)
-    print(f"\n| start | test acc, seeds 0-{args.seeds - 1} | mean |\n| --- | --- | --- |")
+    print(f"\n| start | test acc, seeds {', '.join(map(str, args.seeds))} | mean |\n| --- | --- | --- |")
     for arm, accs in results.items():
         print(f"| {arm} | {' / '.join(f'{a:.1%}' for a in accs)} | {statistics.mean(accs):.1%} |")
     gain = 100 * (statistics.mean(results["fine-tuned"]) - statistics.mean(results["from scratch"]))
