@@ -45,6 +45,11 @@ HELP = {
                     "train=0:20000,val=20000:25000,test=0:5000 (seed 004); test indexes the official test set",
     "normalize": "dataset (the training split's mean/std, default), none (pixels/255, ToTensor only), or MEAN,STD "
                  "(one pair, e.g. 0.5,0.5) or C means then C stds",
+    "weights": "pretrained weights: a state_dict file (.pth/.pt, read with weights_only=True, or .safetensors), "
+               "or for tv/ models DEFAULT or a torchvision weights name (IMAGENET1K_V1); default schedule becomes onecycle",
+    "init": "start from a cnnlab run's best.pt (RUN_DIR or file); the head is re-made when the classes differ",
+    "freeze_epochs": "train only the head for this many epochs (backbone frozen, batch norm in eval mode), then all",
+    "backbone_lr_mult": "the backbone's lr is --lr times this (e.g. 0.1), the head's is --lr",
 }
 
 
@@ -216,9 +221,11 @@ def cmd_serve(args):
 
 
 def cmd_models(args):
-    from .models.zoo import describe_model, list_models
+    from .models.zoo import describe_model, list_backbones, list_models
 
-    if args.name:
+    if args.family:
+        print(list_backbones(args.family, args.data, args.data_dir, args.image_size, args.name or ""))
+    elif args.name:
         print(describe_model(args.name, args.data, args.data_dir))
     else:
         print(list_models(args.data, args.data_dir))
@@ -374,6 +381,10 @@ def build_parser():
     m.add_argument("name", nargs="?")
     m.add_argument("--data", default="mnist-5k", help="dataset whose input shape to use")
     m.add_argument("--data-dir", default="data")
+    m.add_argument("--family", choices=("torchvision", "timm"), help="list a family of published networks "
+                   "(--model tv/NAME, timm/NAME) with parameters and FLOPs; NAME then filters the names")
+    m.add_argument("--image-size", type=int, default=0, help="with --family: count FLOPs at this side "
+                   "(default: the data's)")
     m.set_defaults(fn=cmd_models)
     d = sub.add_parser("datasets", help="list the datasets")
     d.set_defaults(fn=cmd_datasets)

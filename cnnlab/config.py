@@ -51,6 +51,10 @@ class TrainConfig(DataConfig):
     # model
     model: str = "mnist_cnn"
     model_args: dict = field(default_factory=dict)
+    weights: str = ""                              # pretrained weights: a file, DEFAULT or a torchvision name
+    init: str = ""                                 # start from a cnnlab run's best.pt
+    freeze_epochs: int = 0                         # train only the head for this many epochs first
+    backbone_lr_mult: float = 1.0                  # the backbone's lr = lr x this (discriminative lr)
     # optimisation
     epochs: int = 10
     batch_size: int = 64
@@ -103,7 +107,8 @@ CHOICES = {
 POSITIVE = ("epochs", "batch_size", "lr", "eval_batch_size")
 NON_NEGATIVE = ("train_samples", "val_samples", "test_samples", "image_size", "weight_decay", "l2",
                 "step_epochs", "warmup_epochs", "label_smoothing", "grad_clip", "patience",
-                "threads", "save_every_steps", "log_every", "seed", "augment_magnitude")
+                "threads", "save_every_steps", "log_every", "seed", "augment_magnitude",
+                "freeze_epochs")
 # Upper bounds of whole numbers. Every count fits 32 bits (torch and numpy take larger ones badly:
 # seed 10**20 overflowed torch.manual_seed); seeds are numpy's range. Images larger than 1024 px a
 # side are beyond what cnnlab's in-memory datasets hold (one RGB image is 3 MiB at 1024; an
@@ -185,9 +190,29 @@ def validate(cfg):
     if cfg.split_ranges and (cfg.train_samples or cfg.val_samples or cfg.test_samples):
         raise UsageError("'split_ranges' gives every split's images itself: drop train_samples, val_samples and "
                          "test_samples.")
+    validate_fine_tuning(cfg)
     if cfg.amp == "fp16" and cfg.device == "cpu":
         raise UsageError("'amp: fp16' needs CUDA; use 'amp: bf16' or 'off' on the CPU.")
     return cfg
+
+
+def validate_fine_tuning(cfg):
+    """--freeze-epochs and --backbone-lr-mult: a freeze longer than the run never unfreezes."""
+    if cfg.freeze_epochs > cfg.epochs:
+        raise UsageError(f"'freeze_epochs' ({cfg.freeze_epochs}) must not exceed 'epochs' ({cfg.epochs}): the "
+                         "backbone would never be trained; use fewer --freeze-epochs or more --epochs.")
+    if not 0 < cfg.backbone_lr_mult <= 10:
+        raise UsageError(f"'backbone_lr_mult' must be in (0, 10] (e.g. 0.1: the backbone learns 10x slower than "
+                         f"the head), got {cfg.backbone_lr_mult}.")
+
+
+def fine_tuning_defaults(values, overrides):
+    """A run started from pretrained weights (--weights / --init) whose schedule was not given
+    trains with one-cycle, as fastai's fine_tune does: the warm-up spares the pretrained features
+    the full lr of a new head's first, large gradients."""
+    starts_pretrained = overrides.get("weights") or overrides.get("init")
+    if starts_pretrained and "schedule" not in overrides and values["schedule"] == "constant":
+        values["schedule"] = "onecycle"
 
 
 def validate_schedule(cfg):
@@ -297,6 +322,7 @@ def make_config(overrides=None, base=None):
         if key not in FIELD_TYPES:
             raise unknown("configuration key", key, FIELD_TYPES)
         values[key] = coerce(key, value)
+    fine_tuning_defaults(values, overrides or {})
     return validate(TrainConfig(**values))
 
 

@@ -13,6 +13,7 @@ import inspect
 from ..config import parse_scalar
 from ..errors import UsageError, unknown
 from ..runtime import available_memory
+from .backbones import build_backbone, check_backbone, is_backbone
 
 REGISTRY = {}
 # An int knob far above its default can make a builder create millions of modules before anything
@@ -45,8 +46,25 @@ def model_names():
     return sorted(REGISTRY)
 
 
+def check_model_name(name):
+    """UsageError with the closest name for a model that is neither registered, nor a plugin's
+    module:Class, nor a tv/ or timm/ one."""
+    _load_families()
+    if is_backbone(name):
+        check_backbone(name)
+        return
+    if name not in REGISTRY and ":" in name:   # module:Class, the user's own (plugins.py)
+        from ..plugins import find_model
+
+        find_model(name)
+    if name not in REGISTRY:
+        raise unknown("model", name, REGISTRY)
+
+
 def model_knobs(name):
-    """The settable arguments of a builder and their defaults."""
+    """The settable arguments of a builder and their defaults (none for tv/ and timm/ networks)."""
+    if is_backbone(name):
+        return {}
     params = inspect.signature(REGISTRY[name]).parameters
     return {k: p.default for k, p in params.items() if k not in ("in_shape", "num_classes")}
 
@@ -63,6 +81,8 @@ def create_model(name, in_shape, num_classes, **args):
 def build(name, in_shape, num_classes, args):
     """Run the builder; a value it cannot build with (p=1.5 for dropout, width=0 for a conv) is a UsageError."""
     try:
+        if is_backbone(name):
+            return build_backbone(name, tuple(in_shape), int(num_classes))
         return REGISTRY[name](tuple(in_shape), int(num_classes), **args)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"model '{name}' cannot be built with {args} for {shape_text(in_shape)} inputs: "
@@ -74,6 +94,8 @@ def surely_small(name, in_shape, num_classes, args):
     to 3x64x64 and 1000 classes, which need less than SMALL_BUILD to build (a test checks every
     registered model). Those are built unmeasured: the first meta-device operation of a process
     spends 1-3 s importing torch's meta kernels, which `cnnlab predict` on one image would pay."""
+    if is_backbone(name):   # published networks reach 600M parameters: always measured
+        return False
     defaults = model_knobs(name)
     at_most_default = all(type(defaults[k]) is not int or 0 < v <= defaults[k] for k, v in args.items())
     return at_most_default and in_shape[0] <= 3 and max(in_shape[1:]) <= 64 and num_classes <= 1000
@@ -82,13 +104,7 @@ def surely_small(name, in_shape, num_classes, args):
 def model_args(name, args):
     """`args` (--model-arg text or YAML values) in the types of the builder's knobs; unknown model
     or knob names are refused with the closest valid one."""
-    _load_families()
-    if name not in REGISTRY and ":" in name:   # module:Class, the user's own (plugins.py)
-        from ..plugins import find_model
-
-        find_model(name)
-    if name not in REGISTRY:
-        raise unknown("model", name, REGISTRY)
+    check_model_name(name)
     knobs = model_knobs(name)
     for key in args:
         if key not in knobs:

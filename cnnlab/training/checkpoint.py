@@ -21,14 +21,13 @@ and upgrades it, `build_model` / `preprocess_of` / `restore` turn it back into l
 import io
 import math
 import os
-import pickle
-import re
 
 import torch
 
 from ..atomic import atomic_path
 from ..errors import CnnlabError, UsageError
 from ..models import count_params, create_model, model_args
+from ..models.weights import torch_load_safely
 from ..runtime import rng_state, set_rng_state
 
 FORMAT = "cnnlab-checkpoint"
@@ -60,17 +59,7 @@ def save(payload, path):
 def load(path, name="best.pt"):
     """The checkpoint dict, or one clear CnnlabError. Nothing in the file is executed."""
     path = resolve(path, name)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        refused = re.search(r"(unsupported GLOBAL [^\s]+|Unsupported global: [^\s]+)", str(e), re.IGNORECASE)
-        if not refused:
-            raise CnnlabError(f"{path} is not a readable checkpoint (not a torch.save file, or damaged).") from None
-        raise CnnlabError(f"{path} was refused: it asks to load a Python object ({refused.group(1)}) that "
-                          "could run code. Nothing in it was executed; cnnlab only opens plain tensors and numbers.") from None
-    except Exception as e:  # truncated or foreign bytes fail in many ways inside torch.load and zipfile
-        raise CnnlabError(f"{path} is not a readable checkpoint (truncated or another kind of file: "
-                          f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__}).") from None
+    ckpt = torch_load_safely(path)
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
         problem = layout_problem(ckpt)
         if problem:

@@ -44,6 +44,7 @@ def settings_lines(state):
         f"optimizer  {cfg.optimizer} lr {cfg.lr:g}, batch {cfg.batch_size} (global), {cfg.epochs} epochs, "
         f"schedule {cfg.schedule}" + (f", weight decay {cfg.weight_decay:g}" if cfg.weight_decay else "")
         + (f", l2 {cfg.l2:g}" if cfg.l2 else ""),
+        *([f"fine-tune  {state.fine_tune}"] if state.fine_tune else []),
         f"device     {meta['device']}" + (f" x {meta['world_size']} processes" if meta["world_size"] > 1 else "")
         + f", seed {cfg.seed}, amp {cfg.amp}",
         f"run folder {state.run_dir}",

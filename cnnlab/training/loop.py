@@ -15,6 +15,7 @@ from .console import Console, ProgressBar
 from .diagnose import DivergenceWarning, diagnose
 from .distributed import handling_stop_signals, wrap_for_training
 from .engine import Interrupted, class_weights, ema_model, epoch_results, evaluate, make_step, snapshot, train_step
+from .finetune import FreezeBackbone, describe, load_pretrained
 from .optim import build_optimizer, resumed_lr_change
 from .progress import Progress
 from .run_folder import RunFolder, check_writable, default_name
@@ -25,6 +26,7 @@ from ..data.loader import BatchLoader
 from ..errors import UsageError, note
 from ..evaluate.metrics import balanced_accuracy, per_class
 from ..models import check_memory, create_model, model_args
+from ..models.backbones import head_names
 from ..runtime import setup, teardown
 
 
@@ -54,7 +56,7 @@ def standard_callbacks():
     """What every run does, in this order: the run folder's files first (metrics.csv is written
     before last.pt, so a crash never leaves a checkpoint ahead of its metrics), console lines last."""
     return [RunFiles(), Checkpoints(), TensorBoard(), ProgressBar(), Console(), DivergenceWarning(), EarlyStopping(),
-            SignalStop()]
+            SignalStop(), FreezeBackbone()]
 
 
 def train_loop(state, hooks):
@@ -114,12 +116,10 @@ def check_run(state):
 def check_names(cfg):
     """Unknown dataset or model names fail before anything is written or loaded."""
     from ..data import check_data_name
-    from ..errors import unknown
-    from ..models import model_names
+    from ..models import check_model_name
 
     check_data_name(cfg.data)
-    if cfg.model not in model_names():
-        raise unknown("model", cfg.model, model_names())
+    check_model_name(cfg.model)
 
 
 def prepare(state):
@@ -146,9 +146,12 @@ def build(state, splits=None):
     # must fit on the device too: refused here before anything is allocated
     check_memory(cfg.model, data.shape, len(data.classes), model_args(cfg.model, cfg.model_args), "train",
                  batch=max(1, cfg.batch_size // ctx.world), device=ctx.device)
-    model = create_model(cfg.model, data.shape, len(data.classes), **cfg.model_args).to(ctx.device)
+    model = create_model(cfg.model, data.shape, len(data.classes), **cfg.model_args)
+    head = head_names(model, len(data.classes))
+    state.fine_tune = describe(cfg, load_pretrained(cfg, model, data), head)   # before data.preprocess is read
+    model = model.to(ctx.device)
     state.model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
-    state.optimizer, state.ema = build_optimizer(cfg, state.model), ema_model(state.model, cfg.ema)
+    state.optimizer, state.ema = build_optimizer(cfg, state.model, head), ema_model(state.model, cfg.ema)
     state.progress = Progress(ctx.device)
     state.forward = wrap_for_training(state.model, cfg, ctx)
     weight = class_weights(cfg.class_weights, data.train[1], data.classes)

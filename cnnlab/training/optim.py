@@ -17,13 +17,26 @@ from ..config import make_config
 from ..errors import UsageError
 
 
-def build_optimizer(cfg, model):
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(cfg, model, head=()):
+    """`head`: the classifier's parameter names, which --backbone-lr-mult leaves at the full lr."""
+    params = param_groups(cfg, model, head)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                                weight_decay=cfg.weight_decay)
     kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def param_groups(cfg, model, head):
+    """The parameters to optimise: one group, or with --backbone-lr-mult two, the backbone's with
+    an `lr_mult` that set_lr applies (fastai's discriminative lrs: pretrained features move slower
+    than a new head). The mult is in the optimizer's state_dict, so a resumed run keeps it."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.backbone_lr_mult == 1 or not head:
+        return [p for _, p in params]
+    head = set(head)
+    return [{"params": [p for n, p in params if n not in head], "lr_mult": cfg.backbone_lr_mult},
+            {"params": [p for n, p in params if n in head], "lr_mult": 1.0}]
 
 
 def lr_factor(cfg, step, steps_per_epoch):
@@ -47,7 +60,7 @@ def lr_factor(cfg, step, steps_per_epoch):
 
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
 def l2_penalty(model):

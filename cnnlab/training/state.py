@@ -29,6 +29,7 @@ class TrainState:
     train_loader: Any = None
     val_loader: Any = None
     meta: dict = None               # checkpoint.metadata: what every checkpoint says about the run
+    fine_tune: str = None           # finetune.describe: the pretrained weights, what is frozen (settings block)
     # filled while training
     best_weights: dict = None       # the best epoch's weights so far (CPU state_dict)
     row: dict = None                # the metrics.csv row of the epoch that just ended

@@ -1,0 +1,83 @@
+"""Fine-tuning, as fastai's `fine_tune`: pretrained weights in (--weights, --init), the backbone
+frozen for the first --freeze-epochs while a new head learns, then everything trained with the
+backbone's lr scaled by --backbone-lr-mult (optim.param_groups, set_lr).
+
+The frozen phase is set at every epoch's start from the epoch number alone, so a run resumed
+inside or after it is in the same phase as the uninterrupted run: nothing to save.
+"""
+import torch
+
+from . import checkpoint
+from .callbacks import Callback
+from ..errors import UsageError
+from ..models.backbones import head_names
+from ..models.weights import fit_weights, resolve_weights, weights_preprocess
+
+
+def load_pretrained(cfg, model, data):
+    """--weights or --init into the freshly built `model`; the data's normalisation becomes the one
+    the weights were trained with (it is what the Preprocess saves). Returns what was done, in
+    words, or None when the run starts from random weights."""
+    if cfg.weights and cfg.init:
+        raise UsageError("give --weights or --init, not both: both say where the starting weights come from.")
+    if cfg.weights:
+        state, source, entry = resolve_weights(cfg.weights, cfg.model)
+        normalisation = weights_preprocess(entry)
+    elif cfg.init:
+        ckpt = checkpoint.load(cfg.init)
+        state, source, normalisation = ckpt["state_dict"], f"{checkpoint.resolve(cfg.init)}", ckpt["preprocess"]
+    else:
+        return None
+    text = fit_weights(model, state, len(data.classes), source, cfg.model)
+    if normalisation:
+        text += use_normalisation(data, normalisation)
+    return text
+
+
+def use_normalisation(data, pre):
+    """The weights' mean and std as the data's (averaged over RGB for 1-channel data, whose stem
+    was summed over RGB); returns a note for the settings block."""
+    mean, std = pre["mean"], pre["std"]
+    if data.shape[0] != len(mean):
+        mean, std = [sum(mean) / len(mean)] * data.shape[0], [sum(std) / len(std)] * data.shape[0]
+    data.mean, data.std = list(mean), list(std)
+    trained_at = f" (trained on {pre['crop']} px crops of {pre['resize']} px)" if "crop" in pre else ""
+    return f"; inputs normalised with the weights' mean/std{trained_at}"
+
+
+def describe(cfg, loaded, head):
+    """The settings block's fine-tune line: where the weights came from, what is frozen, the lrs."""
+    parts = [loaded] if loaded else []
+    if cfg.freeze_epochs:
+        first = "epoch 1" if cfg.freeze_epochs == 1 else f"epochs 1-{cfg.freeze_epochs}"
+        parts.append(f"{first}: backbone frozen (batch norm in eval mode), only the head "
+                     f"({', '.join(head)}) trains; then all")
+    if cfg.backbone_lr_mult != 1:
+        parts.append(f"backbone lr = {cfg.backbone_lr_mult:g} x lr")
+    return "; ".join(parts) or None
+
+
+class FreezeBackbone(Callback):
+    """--freeze-epochs N: for epochs 1..N the backbone's parameters take no gradient (so the backward
+    pass stops at the head, and the optimizer skips them) and its batch-norm layers keep their
+    statistics (eval mode); from epoch N+1 everything trains."""
+
+    def on_setup(self, state):
+        if state.cfg.freeze_epochs and state.ctx.world > 1:   # DDP fixes the set of trained parameters when it wraps
+            raise UsageError("--freeze-epochs is not supported with --nproc above 1 yet: DDP cannot change which "
+                             "parameters train mid-run; train on one process, or drop --freeze-epochs.")
+
+    def on_epoch_start(self, state):
+        if state.cfg.freeze_epochs:
+            frozen = state.progress.epoch < state.cfg.freeze_epochs
+            set_frozen(state.model, head_names(state.model, len(state.data.classes)), frozen)
+
+
+def set_frozen(model, head, frozen):
+    head = set(head)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not frozen or name in head)
+    # evaluate() puts the model back in train mode after each validation pass, so this runs every epoch
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.train(not frozen)
