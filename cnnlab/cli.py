@@ -24,6 +24,7 @@ HELP = {
     "l2": "seed 002's explicit L2 penalty l2*sum(w^2) added to the loss (differs from --weight-decay for Adam)",
     "weight_decay": "the optimizer's weight decay (decoupled for adamw)",
     "schedule": "constant, step (x gamma every --step-epochs), cosine, onecycle",
+    "calibrate": "after training, fit a temperature on the validation split (calibrated probabilities; stored in best.pt, applied by evaluate, predict, serve and export)",
     "ema": "keep an exponential moving average of the weights with this decay (e.g. 0.999); it is what is evaluated and saved",
     "amp": "auto (bf16 on CUDA, off on CPU), off, bf16, fp16",
     "patience": "early stopping: stop after this many epochs without a better val accuracy (0 = off)",
@@ -132,7 +133,8 @@ def cmd_evaluate(args):
         print(json.dumps(m, indent=2))
         return 0
     print(f"{args.split}: {m['samples']} images  loss {m['loss']:.4f}  accuracy {m['accuracy']:.2%}"
-          + (f"  top-5 {m['top5_accuracy']:.2%}" if m.get("top5_accuracy") is not None else ""))
+          + (f"  top-5 {m['top5_accuracy']:.2%}" if m.get("top5_accuracy") is not None else "")
+          + f"  ECE {m['ece']:.2%}")
     width = max([len(r["class"]) for r in m["per_class"]] + [len("weighted avg")])
     print(f"{'class':<{width}}  precision  recall     f1  support")
     for r in m["per_class"]:

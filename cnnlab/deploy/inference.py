@@ -76,6 +76,7 @@ class Model(Classifier):
         self.metrics, self.config, self.path = ckpt.get("metrics", {}), ckpt.get("config", {}), path
         self.in_shape = tuple(ckpt["model"]["in_shape"])
         self.scale_shift = self.preprocess.scale_shift(self.device)
+        self.temperature = checkpoint.temperature_of(ckpt)   # 1.0 unless trained with --calibrate
 
     def __repr__(self):
         return f"cnnlab.Model({self.config.get('model')}, classes={self.classes})"
@@ -86,8 +87,8 @@ class Model(Classifier):
 
     @torch.inference_mode()
     def logits(self, batch_uint8):
-        """(B, C, S, S) uint8 -> (B, K) logits."""
-        return self.net(self.inputs(batch_uint8).contiguous(memory_format=torch.channels_last)).float()
+        """(B, C, S, S) uint8 -> (B, K) logits (divided by the checkpoint's temperature)."""
+        return self.net(self.inputs(batch_uint8).contiguous(memory_format=torch.channels_last)).float() / self.temperature
 
     def probabilities(self, batch_uint8):
         return self.logits(batch_uint8).softmax(1).cpu()

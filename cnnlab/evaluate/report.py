@@ -15,6 +15,7 @@ from ..atomic import write_text
 from ..data.splits import stratified_order
 from ..training.callbacks import Callback
 from ..training.run_folder import read_json, read_metrics
+from .calibration import ece, reliability
 from .evaluation import metrics_of
 
 
@@ -35,6 +36,8 @@ def write_pictures(run_dir, data, metrics, history):
     paths["mistakes"] = plots.save_mistakes(data.test[0].numpy(), data.test[1].numpy(), metrics["_probs"].numpy(),
                                             metrics["_losses"].numpy(), classes, file("mistakes"))
     paths["per_class"] = plots.save_per_class(metrics["per_class"], file("per_class"))
+    paths["reliability"] = plots.save_reliability(*reliability(metrics["_probs"], data.test[1]),
+                                                  ece(metrics["_probs"], data.test[1]), file("reliability"))
     return paths
 
 
@@ -65,7 +68,8 @@ class ReportWriter(Callback):
     def on_end(self, state):
         if not state.ctx.is_main:
             return None
-        write_report(state.run_dir, state.data, metrics_of(state.test, state.data.classes), state.cfg.to_dict(),
+        metrics = metrics_of(state.test, state.data.classes, labels=state.data.test[1])
+        write_report(state.run_dir, state.data, metrics, state.cfg.to_dict(),
                      summary=state.summary, quiet=True)
         return None
 
@@ -148,6 +152,9 @@ img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}figure{{
 <h2>Confusion matrix ({split})</h2>{img("confusion", "confusion matrix")}
 <h2>Per-class metrics ({split})</h2>{_table(per_class_rows(metrics), ["class", "precision", "recall", "F1", "support"])}
 {img("per_class", "per-class accuracy and F1")}
+<h2>Calibration ({split})</h2><p>Expected calibration error {fmt_percent(metrics.get("ece", float("nan")))}
+(15 bins){f", after temperature scaling (T = {summary['temperature']:.3f})" if summary.get("temperature") else
+"; `--calibrate` fits a temperature that lowers it"}.</p>{img("reliability", "reliability diagram")}
 <h2>Mistakes</h2>{img("mistakes", f"highest-loss {split} images")}
 <h2>Training samples</h2>{img("samples", "training images with labels")}
 <h2>History</h2>{_table(history_rows(history), [k.replace("_", " ") for k in history[0]] if history else None)}
