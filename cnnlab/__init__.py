@@ -7,5 +7,5 @@
 """
 __version__ = "0.1.0"
 
-from .api import load, train  # noqa: E402  (after __version__, which cli.py imports alone)
+from .api import explain, load, train  # noqa: E402  (after __version__, which cli.py imports alone)
 from .tuning import tune  # noqa: E402

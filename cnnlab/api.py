@@ -46,3 +46,10 @@ def load(path, device="cpu"):
     from .deploy.inference import load as load_model
 
     return load_model(path, device=device)
+
+
+def explain(run, images, target=None, layer=None, out=None):
+    """Grad-CAM overlays of image files with a run's model (cnnlab explain): see deploy/explain.py."""
+    from .deploy.explain import explain as explain_files
+
+    return explain_files(run, images, target=target, layer=layer, out=out)

@@ -153,7 +153,7 @@ def cmd_report(args):
         raise UsageError(f"not a run folder: {args.run}")
     model, run_dir = load_trained(args.run)
     data = run_data(model, run_dir, data_dir=args.data_dir)
-    write_report(run_dir, data, evaluate_model(model, data, "test", collect=True), model.config)
+    write_report(run_dir, data, evaluate_model(model, data, "test", collect=True), model.config, net=model.net)
     return 0
 
 
@@ -188,6 +188,14 @@ def cmd_serve(args):
     serve(args.checkpoint, host=args.host, port=args.port, top_k=args.top_k, max_bytes=args.max_bytes,
           max_pixels=args.max_pixels, timeout=args.timeout, api_key=api_key, docs=args.docs, backend=args.backend,
           max_batch=args.max_batch, batch_wait=args.batch_wait_ms / 1000)
+    return 0
+
+
+def cmd_explain(args):
+    from .deploy.explain import explain
+
+    explain(args.run, args.images, target=args.target, layer=args.layer, out=args.out, invert=args.invert,
+            quiet=False)
     return 0
 
 
@@ -343,6 +351,15 @@ def build_parser():
     s.add_argument("--docs", action="store_true", help="serve FastAPI's /docs, /redoc and /openapi.json")
     add_backend_flag(s)
     s.set_defaults(fn=cmd_serve)
+    xp = sub.add_parser("explain", help="Grad-CAM heatmaps: where the model looked (a PNG per image + a contact sheet)")
+    xp.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
+    xp.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    xp.add_argument("--target", metavar="CLASS", help="explain this class (default: each image's top-1)")
+    xp.add_argument("--layer", help="the module to attribute to, a name from the model (default: its last "
+                    "spatial feature map, found automatically)")
+    xp.add_argument("--out", help="folder for the PNGs (default: RUN_DIR/explain)")
+    xp.add_argument("--invert", action="store_true", help="invert images (dark digits on light paper)")
+    xp.set_defaults(fn=cmd_explain)
     m = sub.add_parser("models", help="list the model zoo, or summarise one model layer by layer")
     m.add_argument("name", nargs="?")
     m.add_argument("--data", default="mnist-5k", help="dataset whose input shape to use")

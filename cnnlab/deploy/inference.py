@@ -93,6 +93,19 @@ class Model(Classifier):
     def probabilities(self, batch_uint8):
         return self.logits(batch_uint8).softmax(1).cpu()
 
+    def explain(self, items, target=None, layer=None, invert=None):
+        """Grad-CAM (evaluate/explain.py) of images (paths, PIL images, arrays, or a uint8 batch):
+        one dict per image with `predicted`, `probability`, `target`, `heatmap` (S, S) in [0, 1]
+        and `layer`; `target` a class name (default: each image's top-1), `layer` a module name."""
+        from ..evaluate.explain import explain_batch
+
+        if torch.is_tensor(items) and items.dtype == torch.uint8 and items.dim() == 4:
+            batch = items
+        else:
+            batch = torch.stack([self.preprocess.image(it, invert=invert)
+                                 for it in (items if isinstance(items, (list, tuple)) else [items])])
+        return explain_batch(self.net, self.preprocess, batch, self.classes, target, layer)
+
 
 class OnnxModel(Classifier):
     """An ONNX file written by `cnnlab export`, run by onnxruntime on the CPU; everything else it
