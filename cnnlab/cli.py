@@ -199,6 +199,18 @@ def cmd_explain(args):
     return 0
 
 
+def cmd_audit(args):
+    from .evaluate.audit import audit, summary_lines
+
+    report = audit(args.data, data_dir=args.data_dir, out=args.out, folds=args.folds, epochs=args.epochs,
+                   model=args.model, seed=args.seed, device=args.device, labels=not args.no_labels,
+                   fix_list=args.fix_list)
+    print("\n".join(summary_lines(report)))
+    print(f"wrote {os.path.join(report['out'], 'audit.html')} and audit.json"
+          + (f"; fix list: {args.fix_list}" if args.fix_list else ""))
+    return 0
+
+
 def cmd_models(args):
     from .models.zoo import describe_model, list_models
 
@@ -360,6 +372,21 @@ def build_parser():
     xp.add_argument("--out", help="folder for the PNGs (default: RUN_DIR/explain)")
     xp.add_argument("--invert", action="store_true", help="invert images (dark digits on light paper)")
     xp.set_defaults(fn=cmd_explain)
+    au = sub.add_parser("audit", help="check a dataset: suspect labels (k-fold + cleanlab), duplicates and leaks "
+                        "across splits, odd images, class balance; audit.html + audit.json")
+    au.add_argument("data", help="a --data name: mnist-5k, npz:PATH, folder:PATH, ...")
+    au.add_argument("--data-dir", default="data")
+    au.add_argument("--out", help="folder for audit.html and audit.json (default: audits/<data>)")
+    au.add_argument("--folds", type=int, default=4, help="k of the k-fold cross-training [default: 4]")
+    au.add_argument("--epochs", type=int, default=3, help="epochs of each fold's fast recipe [default: 3]")
+    au.add_argument("--model", help="the fold model (default: digits_fast for grayscale, resnet_small width 16 "
+                    "for colour)")
+    au.add_argument("--seed", type=int, default=0)
+    au.add_argument("--device", default="cpu", help="cpu or cuda for the folds' training")
+    au.add_argument("--no-labels", action="store_true", help="skip the label check (no training)")
+    au.add_argument("--fix-list", metavar="CSV", help="write every finding as a CSV to edit (action: exclude, "
+                    "relabel, keep)")
+    au.set_defaults(fn=cmd_audit)
     m = sub.add_parser("models", help="list the model zoo, or summarise one model layer by layer")
     m.add_argument("name", nargs="?")
     m.add_argument("--data", default="mnist-5k", help="dataset whose input shape to use")
