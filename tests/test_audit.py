@@ -107,6 +107,7 @@ def folder(tmp_path_factory):
         split = "train" if i < 45 else "test"
         os.makedirs(root / split / f"c{label}", exist_ok=True)
         Image.fromarray(a).save(root / split / f"c{label}" / f"{i}.png")
+    os.makedirs(root / "test" / f"c{y[0]}", exist_ok=True)
     Image.fromarray(x[0]).save(root / "test" / f"c{y[0]}" / "leak.png")
     Image.new("RGB", (32, 32), (90, 90, 90)).save(root / "train" / f"c{y[1]}" / "blank.png")
     Image.fromarray(x[5]).resize((12, 12)).save(root / "train" / f"c{y[5]}" / "tiny.png")
