@@ -20,7 +20,7 @@ from ..atomic import atomic_path, write_text
 from ..config import make_config
 from ..data import load_data
 from ..data.loader import BatchLoader
-from ..errors import CnnlabError, UsageError
+from ..errors import CnnlabError, UsageError, note
 from ..models import create_model
 from ..runtime import Context
 from ..training.engine import evaluate, make_step
@@ -244,7 +244,7 @@ def audit(data, data_dir="data", out=None, folds=4, epochs=3, model=None, seed=0
 
     if folds < 2:
         raise UsageError(f"--folds {folds}: k-fold cross-training needs at least 2 folds.")
-    log = (lambda *a: None) if quiet else print
+    log = (lambda *a: None) if quiet else note   # progress on stderr: stdout is the summary alone
     loaded = load_data(make_config({"data": data, "data_dir": data_dir}).data_config()) if isinstance(data, str) else data
     data = loaded.name
     x, y, where = pooled(loaded)
@@ -311,6 +311,10 @@ def summary_lines(report):
         rec = report["label_recipe"]
         lines.append(f"label issues: {len(report['label_issues'])} suspect labels ({rec['folds']}-fold {rec['model']}, "
                      f"out-of-fold accuracy {rec['out_of_fold_accuracy']:.1%})")
+        k = len(report["classes"])
+        if rec["out_of_fold_accuracy"] < min(0.9, 3 / k):
+            lines.append(f"  warning: the fold models are weak ({rec['out_of_fold_accuracy']:.1%} out-of-fold accuracy, "
+                         f"chance {1 / k:.1%}): the suspects mean little; try more --epochs or more images")
         for r in report["label_issues"][:5]:
             name = f" {r['file']}" if r["file"] else ""
             lines.append(f"  {r['split']}[{r['index']}]{name}: given {r['label']}, suggested {r['suggested']} "
