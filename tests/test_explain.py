@@ -124,3 +124,28 @@ def test_python_api_explains_a_uint8_batch(checkpoint_file):
     direct = explain_batch(model.net, model.preprocess, torch.stack([model.preprocess.image(str(checkpoint_file / "img0.png"))]),
                            model.classes, target="c")
     assert direct[0]["target"] == "c"
+
+
+def test_serve_explain_answers_a_heatmap_and_refuses_an_unknown_class(checkpoint_file):
+    """POST /explain through the app itself (httpx's in-process transport, no socket)."""
+    import asyncio
+    import base64
+
+    httpx = pytest.importorskip("httpx")
+    import cnnlab
+    from cnnlab.deploy.serve import create_app
+
+    app = create_app(cnnlab.load(str(checkpoint_file / "m.pt")))
+    body = (checkpoint_file / "img0.png").read_bytes()
+
+    async def post(url):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await client.post(url, content=body)
+    ok = asyncio.run(post("/explain?target=c"))
+    assert ok.status_code == 200, ok.text
+    answer = ok.json()
+    assert answer["target"] == "c" and answer["layer"] == "features"
+    png = base64.b64decode(answer["overlay"].split(",", 1)[1])
+    assert png.startswith(b"\x89PNG") and Image.open(__import__("io").BytesIO(png)).size == (224, 224)
+    bad = asyncio.run(post("/explain?target=zz"))
+    assert bad.status_code == 400 and "unknown class 'zz'" in bad.json()["error"]
