@@ -149,3 +149,33 @@ def test_serve_explain_answers_a_heatmap_and_refuses_an_unknown_class(checkpoint
     assert png.startswith(b"\x89PNG") and Image.open(__import__("io").BytesIO(png)).size == (224, 224)
     bad = asyncio.run(post("/explain?target=zz"))
     assert bad.status_code == 400 and "unknown class 'zz'" in bad.json()["error"]
+
+
+def test_serve_page_shows_the_heatmap_when_toggled(checkpoint_file, chromium):
+    """The page's Grad-CAM toggle: an uploaded image gets its overlay, with no console error."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from tests.test_browser import FLAGS
+    from tests.test_serve import free_port, start_server
+
+    port = free_port()
+    server = start_server(str(checkpoint_file / "m.pt"), port)
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True, args=FLAGS)
+            page = browser.new_page()
+            errors = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            failed = []   # Chromium asks for /favicon.ico, which serve does not have: not an error of the page
+            page.on("response", lambda r: failed.append(r.url) if r.status >= 400 and "favicon" not in r.url else None)
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.check("#heat")
+            page.set_input_files("#file", str(checkpoint_file / "img1.png"))
+            page.wait_for_selector('body[data-heatmaps="1"]', state="attached", timeout=60_000)
+            size = page.eval_on_selector("#heatmap", "e => [e.hidden, e.complete, e.naturalWidth]")
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert size == [False, True, 224], size
+    assert not failed and not [e for e in errors if not e.startswith("Failed to load resource")], (failed, errors)
