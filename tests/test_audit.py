@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import run_cli
+from tests.conftest import FAULT_REPORT, run_cli
 
 pytest.importorskip("imagehash", reason="cnnlab audit needs imagehash (pip install 'cnnlab[explain]')")
 pytest.importorskip("cleanlab", reason="cnnlab audit needs cleanlab (pip install 'cnnlab[explain]')")
@@ -136,6 +136,7 @@ def test_audit_refuses_bad_input_in_one_line(tmp_path):
     assert result.returncode == 2 and "--folds 1" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("audit", "mnist5k", "--no-labels", "--out", tmp_path)
     assert result.returncode == 2 and "mnist-5k" in result.stderr
+    FAULT_REPORT.append("audit --folds 1 and a misspelt dataset: exit 2, one line each, no traceback")
 
 
 def test_audit_page_renders_in_chromium(folder, tmp_path, chromium):

@@ -14,7 +14,7 @@ import cnnlab
 from cnnlab.evaluate.calibration import ece, reliability
 from cnnlab.training import checkpoint
 from cnnlab.training.temperature import fit_temperature
-from tests.conftest import run_cli
+from tests.conftest import FAULT_REPORT, run_cli
 
 SMALL = ["--data", "mnist-5k", "--train-samples", 600, "--val-samples", 200, "--test-samples", 200,
          "--batch-size", 50, "--epochs", 2, "--report", "false"]
@@ -135,3 +135,4 @@ def test_calibrate_without_a_validation_split_is_refused(tmp_path):
     result = run_cli("train", *SMALL, "--val-fraction", 0, "--val-samples", 0, "--calibrate", "--out", tmp_path / "r")
     assert result.returncode == 2, result.stderr
     assert "--calibrate" in result.stderr and "Traceback" not in result.stderr
+    FAULT_REPORT.append("train --calibrate with no validation split: exit 2, one line naming --calibrate")

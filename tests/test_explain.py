@@ -11,7 +11,7 @@ from cnnlab.config import make_config
 from cnnlab.evaluate.explain import explain_batch, find_layer, gradcam
 from cnnlab.models import create_model, model_names
 from cnnlab.training.checkpoint import payload, save as save_checkpoint
-from tests.conftest import run_cli
+from tests.conftest import FAULT_REPORT, run_cli
 
 pytest.importorskip("captum", reason="Grad-CAM needs captum (pip install 'cnnlab[explain]')")
 
@@ -112,6 +112,7 @@ def test_explain_writes_an_overlay_per_image_and_a_contact_sheet(checkpoint_file
 def test_explain_refuses_an_unknown_class_or_layer_in_one_line(checkpoint_file, tmp_path, flags, culprit):
     result = run_cli("explain", checkpoint_file / "m.pt", checkpoint_file / "img0.png", *flags, "--out", tmp_path)
     assert result.returncode == 2 and culprit in result.stderr and "Traceback" not in result.stderr
+    FAULT_REPORT.append(f"explain {' '.join(flags)}: exit 2, one line: {result.stderr.strip()[:80]}")
 
 
 def test_python_api_explains_a_uint8_batch(checkpoint_file):
