@@ -195,3 +195,10 @@ def settings_doc():
 
 
 train.__doc__ += settings_doc()
+
+
+def explain(run, images, target=None, layer=None, out=None):
+    """Grad-CAM overlays of image files with a run's model (cnnlab explain): see deploy/explain.py."""
+    from .deploy.explain import explain as explain_files
+
+    return explain_files(run, images, target=target, layer=layer, out=out)

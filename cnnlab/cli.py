@@ -33,6 +33,7 @@ HELP = {
     "l2": "seed 002's explicit L2 penalty l2*sum(w^2) added to the loss (differs from --weight-decay for Adam)",
     "weight_decay": "the optimizer's weight decay (decoupled for adamw)",
     "schedule": "constant, step (x gamma every --step-epochs), cosine, onecycle",
+    "calibrate": "after training, fit a temperature on the validation split (calibrated probabilities; stored in best.pt, applied by evaluate, predict, serve and export)",
     "ema": "keep an exponential moving average of the weights with this decay (e.g. 0.999); it is what is evaluated and saved",
     "amp": "auto (bf16 on CUDA, off on CPU), off, bf16, fp16",
     "patience": "early stopping: stop after this many epochs without a better val accuracy (0 = off)",
@@ -160,7 +161,8 @@ def cmd_evaluate(args):
         return 0
     print(f"{args.split}: {m['samples']} images  loss {m['loss']:.4f}  accuracy {m['accuracy']:.2%}"
           f"  balanced {m['balanced_acc']:.2%}" + (f"  (tta {args.tta})" if args.tta != "none" else "")
-          + (f"  top-5 {m['top5_accuracy']:.2%}" if m.get("top5_accuracy") is not None else ""))
+          + (f"  top-5 {m['top5_accuracy']:.2%}" if m.get("top5_accuracy") is not None else "")
+          + f"  ECE {m['ece']:.2%}")
     if "final" in m:
         print(f"{args.split}, last epoch ({m['final']['epoch']}, last.pt): loss {m['final']['loss']:.4f}  "
               f"accuracy {m['final']['accuracy']:.2%}")
@@ -182,7 +184,7 @@ def cmd_report(args):
         raise UsageError(f"not a run folder: {args.run}")
     model, run_dir = load_trained(args.run)
     data = run_data(model, run_dir, data_dir=args.data_dir)
-    write_report(run_dir, data, evaluate_model(model, data, "test", collect=True), model.config)
+    write_report(run_dir, data, evaluate_model(model, data, "test", collect=True), model.config, net=model.net)
     return 0
 
 
@@ -217,6 +219,26 @@ def cmd_serve(args):
     serve(args.checkpoint, host=args.host, port=args.port, top_k=args.top_k, max_bytes=args.max_bytes,
           max_pixels=args.max_pixels, timeout=args.timeout, api_key=api_key, docs=args.docs, backend=args.backend,
           max_batch=args.max_batch, batch_wait=args.batch_wait_ms / 1000, tta=args.tta)
+    return 0
+
+
+def cmd_explain(args):
+    from .deploy.explain import explain
+
+    explain(args.run, args.images, target=args.target, layer=args.layer, out=args.out, invert=args.invert,
+            quiet=False)
+    return 0
+
+
+def cmd_audit(args):
+    from .evaluate.audit import audit, summary_lines
+
+    report = audit(args.data, data_dir=args.data_dir, out=args.out, folds=args.folds, epochs=args.epochs,
+                   model=args.model, seed=args.seed, device=args.device, labels=not args.no_labels,
+                   fix_list=args.fix_list)
+    print("\n".join(summary_lines(report)))
+    print(f"wrote {os.path.join(report['out'], 'audit.html')} and audit.json"
+          + (f"; fix list: {args.fix_list}" if args.fix_list else ""))
     return 0
 
 
@@ -377,6 +399,30 @@ def build_parser():
     s.add_argument("--docs", action="store_true", help="serve FastAPI's /docs, /redoc and /openapi.json")
     add_backend_flag(s)
     s.set_defaults(fn=cmd_serve)
+    xp = sub.add_parser("explain", help="Grad-CAM heatmaps: where the model looked (a PNG per image + a contact sheet)")
+    xp.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
+    xp.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    xp.add_argument("--target", metavar="CLASS", help="explain this class (default: each image's top-1)")
+    xp.add_argument("--layer", help="the module to attribute to, a name from the model (default: its last "
+                    "spatial feature map, found automatically)")
+    xp.add_argument("--out", help="folder for the PNGs (default: RUN_DIR/explain)")
+    xp.add_argument("--invert", action="store_true", help="invert images (dark digits on light paper)")
+    xp.set_defaults(fn=cmd_explain)
+    au = sub.add_parser("audit", help="check a dataset: suspect labels (k-fold + cleanlab), duplicates and leaks "
+                        "across splits, odd images, class balance; audit.html + audit.json")
+    au.add_argument("data", help="a --data name: mnist-5k, npz:PATH, folder:PATH, ...")
+    au.add_argument("--data-dir", default="data")
+    au.add_argument("--out", help="folder for audit.html and audit.json (default: audits/<data>)")
+    au.add_argument("--folds", type=int, default=4, help="k of the k-fold cross-training [default: 4]")
+    au.add_argument("--epochs", type=int, default=3, help="epochs of each fold's fast recipe [default: 3]")
+    au.add_argument("--model", help="the fold model (default: digits_fast for grayscale, resnet_small width 16 "
+                    "for colour)")
+    au.add_argument("--seed", type=int, default=0)
+    au.add_argument("--device", default="cpu", help="cpu or cuda for the folds' training")
+    au.add_argument("--no-labels", action="store_true", help="skip the label check (no training)")
+    au.add_argument("--fix-list", metavar="CSV", help="write every finding as a CSV to edit (action: exclude, "
+                    "relabel, keep)")
+    au.set_defaults(fn=cmd_audit)
     m = sub.add_parser("models", help="list the model zoo, or summarise one model layer by layer")
     m.add_argument("name", nargs="?")
     m.add_argument("--data", default="mnist-5k", help="dataset whose input shape to use")

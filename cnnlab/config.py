@@ -87,6 +87,7 @@ class TrainConfig(DataConfig):
     log_every: float = 0.0
     tensorboard: bool = False
     report: bool = True
+    calibrate: bool = False                       # fit a temperature on the val split after training
 
     def to_dict(self):
         return dataclasses.asdict(self)

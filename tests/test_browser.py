@@ -30,7 +30,7 @@ def test_report_renders_with_all_images(browser, demo_run):
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto("file://" + os.path.abspath(os.path.join(demo_run, "report.html")))
     images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
-    assert len(images) == 5 and all(done and width > 0 for done, width in images), images
+    assert len(images) == 6 and all(done and width > 0 for done, width in images), images
     assert "cnnlab report" in page.title() and not errors, errors
     page.screenshot(path=os.path.join(ARTIFACTS, "report.png"), full_page=True)
 

@@ -35,12 +35,12 @@ def test_evaluate_json_matches_summary(demo_run):
 
 
 def test_pictures_and_report_exist(demo_run):
-    for name in ("curves.png", "confusion.png", "samples.png", "mistakes.png", "per_class.png"):
+    for name in ("curves.png", "confusion.png", "samples.png", "mistakes.png", "per_class.png", "reliability.png"):
         with open(os.path.join(demo_run, name), "rb") as f:
             head = f.read(8)
         assert head == b"\x89PNG\r\n\x1a\n" and os.path.getsize(os.path.join(demo_run, name)) > 5000, name
     page = open(os.path.join(demo_run, "report.html"), encoding="utf-8").read()
-    assert page.count("data:image/png;base64,") == 5 and "per-class" in page.lower()
+    assert page.count("data:image/png;base64,") == 6 and "per-class" in page.lower()
 
 
 def test_report_command_rewrites(demo_run):

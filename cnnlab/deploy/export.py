@@ -12,6 +12,7 @@ from ..errors import UsageError
 from . import onnxgraph
 from .onnxgraph import TOLERANCE, check_parity
 from .inference import load
+from ..training.temperature import tempered
 
 def default_out(model, fmt, quantize=None):
     base = model.path[:-3] if model.path.endswith(".pt") else model.path
@@ -69,7 +70,7 @@ def export_torchscript(model, out):
     """(TorchScript's outputs, PyTorch's) on the same seeded batch."""
     import warnings
 
-    net = model.net.eval()
+    net = tempered(model.net, model.temperature).eval()
     sample = onnxgraph.example_input(model, raw_input=False)
     with torch.inference_mode():
         expected = net(sample).numpy()

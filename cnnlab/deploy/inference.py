@@ -85,6 +85,7 @@ class Model(Classifier):
         self.metrics, self.config, self.path = ckpt.get("metrics", {}), ckpt.get("config", {}), path
         self.in_shape = tuple(ckpt["model"]["in_shape"])
         self.scale_shift = self.preprocess.scale_shift(self.device)
+        self.temperature = checkpoint.temperature_of(ckpt)   # 1.0 unless trained with --calibrate
 
     def __repr__(self):
         return f"cnnlab.Model({self.config.get('model')}, classes={self.classes})"
@@ -95,11 +96,24 @@ class Model(Classifier):
 
     @torch.inference_mode()
     def logits(self, batch_uint8):
-        """(B, C, S, S) uint8 -> (B, K) logits."""
-        return self.net(self.inputs(batch_uint8).contiguous(memory_format=torch.channels_last)).float()
+        """(B, C, S, S) uint8 -> (B, K) logits (divided by the checkpoint's temperature)."""
+        return self.net(self.inputs(batch_uint8).contiguous(memory_format=torch.channels_last)).float() / self.temperature
 
     def view_probabilities(self, batch_uint8):
         return self.logits(batch_uint8).softmax(1).cpu()
+
+    def explain(self, items, target=None, layer=None, invert=None):
+        """Grad-CAM (evaluate/explain.py) of images (paths, PIL images, arrays, or a uint8 batch):
+        one dict per image with `predicted`, `probability`, `target`, `heatmap` (S, S) in [0, 1]
+        and `layer`; `target` a class name (default: each image's top-1), `layer` a module name."""
+        from ..evaluate.explain import explain_batch
+
+        if torch.is_tensor(items) and items.dtype == torch.uint8 and items.dim() == 4:
+            batch = items
+        else:
+            batch = torch.stack([self.preprocess.image(it, invert=invert)
+                                 for it in (items if isinstance(items, (list, tuple)) else [items])])
+        return explain_batch(self.net, self.preprocess, batch, self.classes, target, layer)
 
 
 class OnnxModel(Classifier):

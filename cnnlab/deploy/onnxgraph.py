@@ -8,6 +8,7 @@ import json
 import torch
 
 from ..errors import CnnlabError
+from ..training.temperature import tempered
 
 RAW, NORMALISED = "uint8 NHWC 0-255 pixels", "float32 NCHW normalised"
 TOLERANCE = 1e-4   # float32 graphs agree to ~1e-6; more means an operator exported wrongly
@@ -23,11 +24,12 @@ def onnxruntime():
 
 class Deployable(torch.nn.Module):
     """The net as exported: `raw_input` moves the checkpoint's conversion (uint8 NHWC -> float NCHW,
-    inversion, mean/std) into the graph; `probabilities` ends it with a softmax."""
+    inversion, mean/std) into the graph; `probabilities` ends it with a softmax; a calibrated
+    checkpoint's `temperature` divides the logits (--calibrate)."""
 
-    def __init__(self, net, preprocess, raw_input=False, probabilities=False):
+    def __init__(self, net, preprocess, raw_input=False, probabilities=False, temperature=1.0):
         super().__init__()
-        self.net, self.raw_input, self.probabilities = net, raw_input, probabilities
+        self.net, self.raw_input, self.probabilities = tempered(net, temperature), raw_input, probabilities
         scale, shift = preprocess.scale_shift()   # (1, C, 1, 1): x * scale + shift == (x / 255 - mean) / std
         if preprocess.invert:   # (255 - x) * scale + shift, folded into the same multiply-add
             scale, shift = -scale, shift + 255 * scale
@@ -61,7 +63,8 @@ def metadata(model, raw_input, probabilities, test_accuracy=None):
             "input_shape": json.dumps([h, w, c] if raw_input else [c, h, w]),
             "input_format": RAW if raw_input else NORMALISED,
             "output": "probabilities" if probabilities else "logits",
-            "preprocessing": json.dumps(model.preprocess.to_dict()), "cnnlab_version": __version__}
+            "preprocessing": json.dumps(model.preprocess.to_dict()), "cnnlab_version": __version__,
+            "temperature": f"{model.temperature:.6g}"}
     if test_accuracy is not None:
         meta["test_accuracy"] = f"{test_accuracy:.4f}"
     return meta
@@ -70,7 +73,7 @@ def metadata(model, raw_input, probabilities, test_accuracy=None):
 def write(model, out, raw_input=False, probabilities=False, test_accuracy=None):
     """Export `model` to `out` with its metadata; returns the graph's (B, K) outputs on a seeded
     random batch, through onnxruntime, and PyTorch's own outputs on the same batch."""
-    net = Deployable(model.net, model.preprocess, raw_input, probabilities).cpu().eval()
+    net = Deployable(model.net, model.preprocess, raw_input, probabilities, model.temperature).cpu().eval()
     sample = example_input(model, raw_input)
     with torch.inference_mode():
         expected = net(sample).numpy()

@@ -44,6 +44,20 @@ class Refused(Exception):
         self.status, self.headers = status, headers or {}
 
 
+def explained(model, image, name, target=None):
+    """The /explain answer for one decoded image. Grad-CAM hooks into the network, so it runs on a
+    copy: /predict's batches share the original meanwhile."""
+    import copy
+
+    from ..evaluate.explain import explain_batch, overlay
+
+    net = copy.deepcopy(model.net)
+    r = explain_batch(net, model.preprocess, image[None], model.classes, target)[0]
+    buffer = io.BytesIO()
+    overlay(image, r.pop("heatmap")).save(buffer, format="PNG")
+    return {"path": name, **r, "overlay": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}
+
+
 def decode(model, raw, name, max_pixels):
     """One uploaded file as the model's uint8 (C, S, S) input, or the error message (str) when it
     is not a readable image or decodes to more than `max_pixels` (checked from its header)."""
@@ -258,6 +272,27 @@ def create_app(model, top_k=5, max_bytes=5 * 2**20, max_pixels=None, timeout=30.
         except Refused as e:
             response = JSONResponse({"error": str(e)}, e.status, headers=e.headers)
         metrics.observe(response.status_code, time.perf_counter() - start)
+        return response
+
+    @app.post("/explain")
+    async def explain(request: Request, target: str = None):
+        """Grad-CAM of the image sent (the raw body, or a form's first file): `{path, predicted,
+        probability, target, target_probability, layer, overlay}`, the overlay a PNG data URL;
+        `target` a class name (default: the top-1). 400 for an unreadable image, an unknown class
+        or the ONNX backend (Grad-CAM needs the PyTorch network)."""
+        try:
+            if model.backend != "torch":
+                raise Refused(400, "POST /explain needs the PyTorch network: serve a checkpoint with --backend torch.")
+            files = await uploaded_files(request, max_bytes, timeout)
+            async with slots.hold():
+                name, x = (await run_in_threadpool(decode_all, model, files[:1], max_pixels))[0]
+                if isinstance(x, str):
+                    raise Refused(400, x)
+                response = JSONResponse(await run_in_threadpool(explained, model, x, name, target), 200)
+        except Refused as e:
+            response = JSONResponse({"error": str(e)}, e.status, headers=e.headers)
+        except CnnlabError as e:   # an unknown --target class
+            response = JSONResponse({"error": str(e)}, 400)
         return response
 
     @app.get("/metrics")

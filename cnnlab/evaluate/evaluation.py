@@ -19,6 +19,8 @@ from ..errors import UsageError, note
 from ..runtime import Context
 from ..training import checkpoint
 from ..training.engine import evaluate
+from ..training.temperature import tempered
+from .calibration import ece
 from .metrics import summarize
 
 
@@ -30,6 +32,7 @@ class Trained:
     preprocess: Preprocess
     config: dict              # the run's resolved config (checkpoint "config")
     device: torch.device
+    temperature: float = 1.0  # --calibrate's: logits are divided by it (training/temperature.py)
 
 
 def load_trained(path, device="cpu"):
@@ -39,7 +42,8 @@ def load_trained(path, device="cpu"):
     device = torch.device(device)
     # NHWC: 2.3x faster CPU inference for the seed CNN (benchmarks/README.md)
     net = checkpoint.build_model(ckpt, resolved).to(device, memory_format=torch.channels_last).eval()
-    model = Trained(net, list(ckpt["classes"]), checkpoint.preprocess_of(ckpt), dict(ckpt.get("config") or {}), device)
+    model = Trained(net, list(ckpt["classes"]), checkpoint.preprocess_of(ckpt), dict(ckpt.get("config") or {}), device,
+                    checkpoint.temperature_of(ckpt))
     return model, path if os.path.isdir(path) else os.path.dirname(path)
 
 
@@ -79,27 +83,36 @@ def run_data(model, run_dir=None, data=None, data_dir=None):
 
 def evaluate_model(model, data, split="test", collect=False, tta="none"):
     """Metrics of `model` on a split of `data`, normalised with the MODEL's statistics (another
-    dataset's own would hide a shift in the inputs). collect=True keeps the per-sample results;
-    `tta`: flip or flip+crop averages the probabilities of those views (data/augment.py)."""
+    dataset's own would hide a shift in the inputs), with the checkpoint's temperature. collect=True
+    keeps the per-sample results; the calibration error ("ece") is always measured. `tta`: flip or
+    flip+crop averages the probabilities of those views (data/augment.py)."""
     x, y = getattr(data, split)
     if len(y) == 0:
         raise UsageError(f"the {split} split is empty.")
     if data.classes != model.classes and len(data.classes) != len(model.classes):
         raise UsageError(f"data has {len(data.classes)} classes, the model {len(model.classes)}.")
     loader = BatchLoader(x, y, 256, model.preprocess, model.device, channels_last=True)
-    net = model.net if tta == "none" else TTA(model.net, tta, model.preprocess.scale_shift(model.device)[1])
-    raw = evaluate(net, loader, Context(device=model.device), len(model.classes), collect=collect)
-    return {**metrics_of(raw, model.classes, split), **({"tta": tta} if tta != "none" else {})}
+    net = tempered(model.net, model.temperature)
+    if tta != "none":
+        net = TTA(net, tta, model.preprocess.scale_shift(model.device)[1])
+    raw = evaluate(net, loader, Context(device=model.device), len(model.classes), collect=True)
+    out = metrics_of(raw, model.classes, split, labels=y)
+    if not collect:
+        del out["_probs"], out["_losses"]
+    return {**out, **({"tta": tta} if tta != "none" else {})}
 
 
-def metrics_of(raw, classes, split="test"):
+def metrics_of(raw, classes, split="test", labels=None):
     """The results dict of one evaluation: engine.evaluate's counts (loss, top5, cm and, when
     collected, per-sample probs and losses) summarised per class. The per-sample tensors go under
-    `_probs`/`_losses`: for pictures, never printed as JSON."""
+    `_probs`/`_losses`: for pictures, never printed as JSON. With the split's `labels` too, the
+    expected calibration error "ece" (calibration.py)."""
     out = summarize(raw["cm"], classes, loss=raw["loss"], top5=raw["top5"])
     out["split"] = split
     if "probs" in raw:
         out["_probs"], out["_losses"] = raw["probs"], raw["losses"]
+        if labels is not None:
+            out["ece"] = ece(raw["probs"], labels)
     return out
 
 

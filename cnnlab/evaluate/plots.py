@@ -106,21 +106,48 @@ def save_samples(images, labels, classes, path, n=20):
     return _save(fig, path)
 
 
-def save_mistakes(images, labels, probs, losses, classes, path, n=16):
+def top_losses(losses, n=16):
+    """Indices of the `n` highest losses, highest first (the images save_mistakes shows)."""
+    return np.argsort(-np.asarray(losses))[:n]
+
+
+def save_mistakes(images, labels, probs, losses, classes, path, n=16, heatmaps=None):
     """The highest-loss test images: true label, predicted label and its probability
-    (fastai's plot_top_losses)."""
-    order = np.argsort(-np.asarray(losses))[:n]
+    (fastai's plot_top_losses); `heatmaps`: {index: (H, W) array in [0, 1]} drawn over them
+    (Grad-CAM of the predicted class, explain.py)."""
+    order = top_losses(losses, n)
     cols = min(8, max(1, len(order)))
     rows = max(1, math.ceil(len(order) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.6 * rows), squeeze=False)
     for ax, i in zip(axes.flat, order):
         pred = int(np.argmax(probs[i]))
         _show(ax, images[i])
+        if heatmaps is not None and int(i) in heatmaps:
+            ax.imshow(heatmaps[int(i)], cmap="jet", alpha=0.45, vmin=0, vmax=1)
         ax.set_title(f"true {classes[int(labels[i])]}\npred {classes[pred]} {probs[i][pred]:.0%}",
                      fontsize=9, color="red" if pred != int(labels[i]) else "black")
     for ax in list(axes.flat)[len(order):]:
         ax.axis("off")
     fig.suptitle("highest-loss test images")
+    return _save(fig, path)
+
+
+def save_reliability(count, confidence, accuracy, ece, path):
+    """The reliability diagram: accuracy per confidence bin against the diagonal of perfect
+    calibration (bars under it: over-confident), with each bin's share of the images below."""
+    count, confidence, accuracy = (np.asarray(v, dtype=float) for v in (count, confidence, accuracy))
+    bins = len(count)
+    centers, width = (np.arange(bins) + 0.5) / bins, 1 / bins
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    filled = count > 0
+    ax.bar(centers[filled], accuracy[filled], width=width, edgecolor="black", label="accuracy")
+    ax.bar(centers[filled], (confidence - accuracy)[filled], bottom=accuracy[filled], width=width, color="red",
+           alpha=0.3, edgecolor="red", label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"reliability (ECE {ece:.2%}, {bins} bins)")
+    ax.legend(loc="upper left", fontsize=8)
+    ax_n.bar(centers, count / max(count.sum(), 1), width=width, edgecolor="black")
+    ax_n.set(xlabel="confidence (top-1 probability)", ylabel="share")
     return _save(fig, path)
 
 

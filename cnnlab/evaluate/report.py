@@ -15,7 +15,9 @@ from ..atomic import write_text
 from ..data.splits import stratified_order
 from ..training.callbacks import Callback
 from ..training.run_folder import read_json, read_metrics
+from .calibration import ece, reliability
 from .evaluation import metrics_of
+from .explain import mistake_heatmaps
 
 
 def _embed(path):
@@ -23,27 +25,32 @@ def _embed(path):
         return "data:image/png;base64," + base64.b64encode(f.read()).decode()
 
 
-def write_pictures(run_dir, data, metrics, history):
-    """curves, confusion, samples, mistakes and per_class .png; returns {name: path}. `metrics` is an
-    evaluation of data.test with the per-sample results (`_probs`, `_losses`) collected."""
+def write_pictures(run_dir, data, metrics, history, net=None):
+    """curves, confusion, samples, mistakes, per_class and reliability .png; returns {name: path}.
+    `metrics` is an evaluation of data.test with the per-sample results (`_probs`, `_losses`)
+    collected; `net`: the network, to draw Grad-CAM heatmaps over the mistakes (captum installed)."""
     classes = [row["class"] for row in metrics["per_class"]]   # the model's names, in its order
     file = lambda name: os.path.join(run_dir, name + ".png")
     paths = {"curves": plots.save_curves(history, file("curves"))}
     paths["confusion"] = plots.save_confusion(metrics["confusion_matrix"], classes, file("confusion"))
     pick = stratified_order(data.train[1], seed=0)[:20]   # a mix of classes, not the first rows
     paths["samples"] = plots.save_samples(data.train[0][pick].numpy(), data.train[1][pick], classes, file("samples"))
+    heat = None if net is None else mistake_heatmaps(net, data.preprocess, data.test[0], metrics["_probs"],
+                                                     plots.top_losses(metrics["_losses"]))
     paths["mistakes"] = plots.save_mistakes(data.test[0].numpy(), data.test[1].numpy(), metrics["_probs"].numpy(),
-                                            metrics["_losses"].numpy(), classes, file("mistakes"))
+                                            metrics["_losses"].numpy(), classes, file("mistakes"), heatmaps=heat)
     paths["per_class"] = plots.save_per_class(metrics["per_class"], file("per_class"))
+    paths["reliability"] = plots.save_reliability(*reliability(metrics["_probs"], data.test[1]),
+                                                  ece(metrics["_probs"], data.test[1]), file("reliability"))
     return paths
 
 
-def write_report(run_dir, data, metrics, config, summary=None, quiet=False):
+def write_report(run_dir, data, metrics, config, summary=None, quiet=False, net=None):
     """Every picture plus report.html of a run folder, from its test results `metrics` (see
     write_pictures); `summary`: the run's summary.json, read from the folder when not given.
     Returns the report's path."""
     history = read_metrics(run_dir)
-    paths = write_pictures(run_dir, data, metrics, history)
+    paths = write_pictures(run_dir, data, metrics, history, net)
     if summary is None:
         summary_path = os.path.join(run_dir, "summary.json")
         summary = read_json(summary_path) if os.path.exists(summary_path) else {}
@@ -65,8 +72,9 @@ class ReportWriter(Callback):
     def on_end(self, state):
         if not state.ctx.is_main:
             return None
-        write_report(state.run_dir, state.data, metrics_of(state.test, state.data.classes), state.cfg.to_dict(),
-                     summary=state.summary, quiet=True)
+        metrics = metrics_of(state.test, state.data.classes, labels=state.data.test[1])
+        write_report(state.run_dir, state.data, metrics, state.cfg.to_dict(),
+                     summary=state.summary, quiet=True, net=state.model)
         return None
 
 
@@ -150,7 +158,10 @@ img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}figure{{
 <h2>Confusion matrix ({split})</h2>{img("confusion", "confusion matrix")}
 <h2>Per-class metrics ({split})</h2>{_table(per_class_rows(metrics), ["class", "precision", "recall", "F1", "support"])}
 {img("per_class", "per-class accuracy and F1")}
-<h2>Mistakes</h2>{img("mistakes", f"highest-loss {split} images")}
+<h2>Calibration ({split})</h2><p>Expected calibration error {fmt_percent(metrics.get("ece", float("nan")))}
+(15 bins){f", after temperature scaling (T = {summary['temperature']:.3f})" if summary.get("temperature") else
+"; `--calibrate` fits a temperature that lowers it"}.</p>{img("reliability", "reliability diagram")}
+<h2>Mistakes</h2>{img("mistakes", f"highest-loss {split} images (with captum: Grad-CAM of the predicted class)")}
 <h2>Training samples</h2>{img("samples", "training images with labels")}
 <h2>History</h2>{_table(history_rows(history), [k.replace("_", " ") for k in history[0]] if history else None)}
 <h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>

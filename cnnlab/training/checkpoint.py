@@ -17,6 +17,7 @@ and upgrades it, `build_model` / `preprocess_of` / `restore` turn it back into l
     metrics                best.pt: {val_acc, epoch}; last.pt: {}
     state_dict             the weights (the EMA average in best.pt when --ema is on)
     train_state            last.pt only: {optimizer, ema, rng, progress}, what --resume needs
+    temperature            optional, best.pt after --calibrate: logits are divided by it (temperature.py)
 """
 import io
 import math
@@ -155,6 +156,21 @@ def build_model(ckpt, path=""):
         raise CnnlabError(f"{path}: weights do not fit model '{spec['name']}' with "
                           f"{spec['num_classes']} classes ({str(e).splitlines()[0][:160]}).") from None
     return net
+
+
+def temperature_of(ckpt):
+    """The checkpoint's temperature (1.0 when it was not calibrated); a non-positive one is refused."""
+    value = ckpt.get("temperature", 1.0)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+        raise CnnlabError(f"checkpoint 'temperature' must be a positive number, got {value!r:.40}.")
+    return float(value)
+
+
+def set_temperature(path, temperature):
+    """Store a fitted temperature in the checkpoint at `path` (rewritten atomically)."""
+    ckpt = load(path)
+    ckpt["temperature"] = float(temperature)
+    save({k: v for k, v in ckpt.items() if k not in ("format", "version")}, path)
 
 
 def preprocess_of(ckpt):

@@ -20,6 +20,7 @@ from .optim import build_optimizer, resumed_lr_change
 from .progress import Progress
 from .run_folder import RunFolder, check_writable, default_name
 from .state import TrainState, silent
+from .temperature import fit_temperature, split_logits, tempered
 from ..data import load_data, read_splits
 from ..data.augment import resolve_augment, strong_augment
 from ..data.loader import BatchLoader
@@ -129,6 +130,9 @@ def prepare(state):
     if state.cfg.patience and not state.has_val:   # refused before the run folder is written
         raise UsageError(f"--patience {state.cfg.patience} needs a validation split, and this run has none: "
                          "use a --val-fraction above 0, or drop --patience.")
+    if state.cfg.calibrate and not state.has_val:
+        raise UsageError("--calibrate fits a temperature on the validation split, and this run has none: use a "
+                         "--val-fraction above 0, or drop --calibrate.")
     if state.resumed:
         saved = checkpoint.restore(state, state.run_dir)
         change = resumed_lr_change(saved, state.cfg, state.progress.global_step, len(state.train_loader))
@@ -183,9 +187,23 @@ def test_once(state):
         final = evaluate(state.eval_model, test_loader, ctx, len(data.classes))
     if state.best_weights is not None:
         state.model.load_state_dict(state.best_weights)
-    state.test = evaluate(state.model, test_loader, ctx, len(data.classes), collect=True)
+    temperature = calibrate(state) if cfg.calibrate else None
+    state.test = evaluate(tempered(state.model, temperature), test_loader, ctx, len(data.classes), collect=True)
     state.final_test = final or state.test
     state.summary = summarize(state)
+    if temperature is not None:
+        state.summary["temperature"] = temperature
+
+
+def calibrate(state):
+    """--calibrate: the temperature of the best weights fitted on the whole validation split (the
+    same on every rank), written into best.pt; the test results are then the calibrated ones."""
+    logits, labels = split_logits(state.model, state.data.val, state.data.preprocess, state.ctx.device)
+    temperature = fit_temperature(logits, labels)
+    if state.ctx.is_main:
+        checkpoint.set_temperature(state.run.file("best.pt"), temperature)
+    state.log(f"calibrated: temperature {temperature:.3f} (fitted on {len(labels)} validation images)")
+    return temperature
 
 
 def summarize(state):

@@ -1,0 +1,158 @@
+"""cnnlab audit: duplicates and leaks against planted copies, odd images, cleanlab's ranking on
+probabilities with a known answer, folds that never score an image they trained on, the command's
+files (audit.json, audit.html in headless Chromium, the fix list)."""
+import csv
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import FAULT_REPORT, run_cli
+
+pytest.importorskip("imagehash", reason="cnnlab audit needs imagehash (pip install 'cnnlab[explain]')")
+pytest.importorskip("cleanlab", reason="cnnlab audit needs cleanlab (pip install 'cnnlab[explain]')")
+from cnnlab.evaluate import audit as A  # noqa: E402
+
+CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "cifar10_5k.npz")
+
+
+def cifar(n):
+    if not os.path.exists(CIFAR):
+        pytest.skip("../shared/datasets/cifar10_5k.npz is absent")
+    data = np.load(CIFAR)
+    return data["x_train"][:n], data["y_train"][:n]
+
+
+def jpeg(a):
+    buffer = io.BytesIO()
+    Image.fromarray(a).save(buffer, "JPEG", quality=75)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def test_planted_copies_are_found_and_distinct_images_are_not_paired():
+    x, _ = cifar(120)
+    shifted = np.zeros_like(x[2])
+    shifted[1:] = x[2][:-1]                                   # one pixel down
+    resized = np.asarray(Image.fromarray(x[3]).resize((64, 64), Image.BICUBIC).resize((32, 32), Image.BILINEAR))
+    images = np.concatenate([x, np.stack([x[0], jpeg(x[1]), shifted, resized])])
+    pairs = A.duplicate_pairs(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+    assert sorted(pairs) == [(0, 120, "exact"), (1, 121, "near"), (2, 122, "near"), (3, 123, "near")]
+
+
+def test_odd_images():
+    x = torch.randint(0, 256, (5, 1, 20, 20), dtype=torch.uint8)
+    x[1] = 128                                              # uniform grey: blank
+    x[2] = torch.randint(0, 30, (1, 20, 20), dtype=torch.uint8)   # nothing brighter than 30: dark
+    odd = A.odd_images(x, [(20, 20), (20, 20), (20, 20), (12, 40), None])
+    assert odd == {1: "nearly blank", 2: "very dark", 3: "tiny (12x40 px)"}
+
+
+def test_label_issues_are_the_rows_whose_given_label_the_model_doubts():
+    g = torch.Generator().manual_seed(0)
+    n, k = 400, 4
+    y = torch.arange(n) % k
+    probs = torch.full((n, k), 0.02)
+    probs[torch.arange(n), y] = 0.94
+    wrong = torch.randperm(n, generator=g)[:20]
+    other = (y[wrong] + 1) % k
+    probs[wrong] = 0.02
+    probs[wrong, other] = 0.94                               # the model is sure of another class
+    assert sorted(A.label_issues(y, probs)) == sorted(wrong.tolist())
+
+
+def test_no_fold_scores_an_image_it_trained_on(monkeypatch):
+    """Each image's probabilities come from the one fold model that never saw it."""
+    trained_on = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, seen):
+            super().__init__()
+            self.seen, self.w = seen, torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, xb):   # images carry their own row number in pixel [0, 0, 0] (un-normalised below)
+            rows = xb[:, 0, 0, 0].round().long()
+            out = torch.zeros(len(xb), 2)
+            out[:, 1] = torch.tensor([float(int(r) in self.seen) for r in rows]) * 10
+            return out
+
+    def fake_train(cfg, x, y, k, preprocess, ctx):
+        seen = set(x[:, 0, 0, 0].tolist())
+        trained_on.append(seen)
+        return Recorder(seen)
+
+    monkeypatch.setattr(A, "train_fold", fake_train)
+    x = torch.zeros(40, 1, 4, 4, dtype=torch.uint8)
+    x[:, 0, 0, 0] = torch.arange(40, dtype=torch.uint8)
+    y = torch.arange(40) % 2
+    from cnnlab.data.preprocess import Preprocess
+
+    identity = Preprocess(channels=1, image_size=4, mean=[0.0], std=[1 / 255])   # normalise(x) == x
+    probs = A.out_of_fold_probs(x, y, 2, identity, A.fast_config(1, 1), folds=4, log=lambda *a: None)
+    assert len(trained_on) == 4 and all(len(s) == 30 for s in trained_on)
+    # a model that had seen a row would score it 1.0 for class 1; one that had not gives 0.5
+    assert torch.allclose(probs[:, 1], torch.tensor(0.5))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """60 CIFAR images in train/ and test/ class folders, with a training image copied into test/
+    (a leak), a blank image and a tiny one."""
+    x, y = cifar(60)
+    root = tmp_path_factory.mktemp("audit") / "data"
+    for i, (a, label) in enumerate(zip(x, y)):
+        split = "train" if i < 45 else "test"
+        os.makedirs(root / split / f"c{label}", exist_ok=True)
+        Image.fromarray(a).save(root / split / f"c{label}" / f"{i}.png")
+    os.makedirs(root / "test" / f"c{y[0]}", exist_ok=True)
+    Image.fromarray(x[0]).save(root / "test" / f"c{y[0]}" / "leak.png")
+    Image.new("RGB", (32, 32), (90, 90, 90)).save(root / "train" / f"c{y[1]}" / "blank.png")
+    Image.fromarray(x[5]).resize((12, 12)).save(root / "train" / f"c{y[5]}" / "tiny.png")
+    return root
+
+
+def test_audit_command_writes_json_page_and_fix_list(folder, tmp_path):
+    out, fixes = tmp_path / "out", tmp_path / "fix.csv"
+    result = run_cli("audit", f"folder:{folder}", "--folds", 2, "--epochs", 1, "--out", out, "--fix-list", fixes)
+    assert result.returncode == 0, result.stderr
+    assert "label issues:" in result.stdout and "1 across splits (leaks)" in result.stdout
+    report = json.loads((out / "audit.json").read_text())
+    leak = next(d for d in report["duplicates"] if d["leak"])
+    assert {os.path.basename(leak["a"]["file"]), os.path.basename(leak["b"]["file"])} == {"0.png", "leak.png"}
+    reasons = {os.path.basename(r["file"]): r["reason"] for r in report["odd_images"]}
+    assert reasons["blank.png"] == "nearly blank" and reasons["tiny.png"].startswith("tiny")
+    rows = list(csv.DictReader(open(fixes, encoding="utf-8")))
+    assert {"leak", "odd"} <= {r["issue"] for r in rows} and all(r["action"] in ("exclude", "keep") for r in rows)
+    page = (out / "audit.html").read_text()
+    shown = len(report["label_issues"]) + 2 * len(report["duplicates"]) + len(report["odd_images"])
+    assert page.count("data:image/png;base64,") == shown     # a thumbnail for every finding
+
+
+def test_audit_refuses_bad_input_in_one_line(tmp_path):
+    result = run_cli("audit", "mnist-5k", "--folds", 1, "--out", tmp_path)
+    assert result.returncode == 2 and "--folds 1" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("audit", "mnist5k", "--no-labels", "--out", tmp_path)
+    assert result.returncode == 2 and "mnist-5k" in result.stderr
+    FAULT_REPORT.append("audit --folds 1 and a misspelt dataset: exit 2, one line each, no traceback")
+
+
+def test_audit_page_renders_in_chromium(folder, tmp_path, chromium):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from tests.test_browser import FLAGS
+
+    out = tmp_path / "out"
+    assert run_cli("audit", f"folder:{folder}", "--no-labels", "--out", out).returncode == 0
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=FLAGS)
+        page = browser.new_page()
+        errors = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto("file://" + str(out / "audit.html"))
+        images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
+        browser.close()
+    assert images and all(done and width > 0 for done, width in images), images
+    assert not errors, errors
