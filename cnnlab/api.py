@@ -26,15 +26,11 @@ class Result:
         return f"Result(run_dir={self.run_dir!r}, test_acc={self.summary.get('test_acc')})"
 
     def _repr_html_(self):
-        """Jupyter shows the summary and the run's curves."""
-        import html
+        """Jupyter shows the summary, the training curves and the confusion matrix."""
+        from .evaluate.report import notebook_html
 
-        s = self.summary
-        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(s.get(k)))}</td></tr>"
-                       for k in ("model", "data", "test_acc", "best_val_acc", "epochs", "num_params", "train_seconds"))
-        curves = os.path.join(str(self.run_dir), "curves.png")
-        picture = f'<img src="{html.escape(curves)}" width="480">' if os.path.exists(curves) else ""
-        return f"<b>cnnlab run</b> {html.escape(str(self.run_dir))}<table>{rows}</table>{picture}"
+        keys = ("model", "data", "test_acc", "final_test_acc", "best_val_acc", "epochs", "num_params", "train_seconds")
+        return notebook_html(f"cnnlab run {self.run_dir}", [(k, self.summary.get(k)) for k in keys], self.run_dir)
 
 
 def train(config=None, resume=None, quiet=False, callbacks=(), plugins=(), **settings):
@@ -124,6 +120,42 @@ def load(path, device="cpu", plugins=()):
 
     use(plugins)
     return load_model(path, device=device)
+
+
+def launch(nproc, config=None, plugins=(), **settings):
+    """Train with DDP on `nproc` processes of this machine, as `cnnlab train --nproc N` does, with
+    train's settings; returns the Result. The processes are new, so the model and data must be
+    names they can find again: built-in names, folders, or register_model / register_dataset
+    entries of the modules in `plugins` (objects and in-memory arrays cannot cross; one line says so).
+
+        >>> cnnlab.launch(2, data="mnist-5k", model="mnist_cnn", epochs=3, out="runs/ddp")
+    """
+    import tempfile
+
+    from .config import dump_yaml, make_config
+    from .errors import CnnlabError, UsageError
+    from .plugins import use
+    from .training.distributed import launch as torchrun
+    from .training.resume import with_data_name
+    from .training.run_folder import default_name, read_json, read_metrics
+
+    for key in ("model", "data"):
+        if key in settings and not isinstance(settings[key], (str, os.PathLike)):
+            raise UsageError(f"cnnlab.launch starts new processes, which cannot be handed your {key} object: "
+                             f"register it in a module (cnnlab.register_{key if key == 'model' else 'dataset'}) "
+                             "and pass plugins=[that file], or give a name or a folder.")
+    settings = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in settings.items()}
+    use(plugins)   # the names are checked here, before any process starts
+    cfg = with_data_name(make_config(settings, base=config))
+    out = cfg.out or os.path.join("runs", default_name(cfg))
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = os.path.join(tmp, "launch.yaml")
+        dump_yaml(make_config({"out": out}, base=cfg), recipe)
+        code = torchrun(nproc, ["--config", recipe, *(a for p in plugins for a in ("--plugin", os.fspath(p)))])
+    if code:
+        raise CnnlabError(f"distributed training ended with exit status {code} (its report is above); "
+                          f"cnnlab.train(resume={out!r}) continues from last.pt, if it was written.")
+    return Result(out, read_json(os.path.join(out, "summary.json")), read_metrics(out))
 
 
 def evaluate(path, data=None, split="test", plugins=()):

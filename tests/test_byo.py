@@ -285,3 +285,19 @@ def test_a_checkpoint_naming_a_library_function_as_its_model_runs_nothing(tmp_pa
 def test_lr_find_takes_your_own_model_and_arrays():
     curve = cnnlab.lr_find(model=Model, data=mnist_arrays(300, 0), batch_size=32)
     assert len(curve.lrs) == len(curve.losses) > 10 and 1e-7 <= curve.suggestion <= 10
+
+
+def test_notebooks_show_a_result_and_a_model_with_their_pictures(tmp_path):
+    """Jupyter renders _repr_html_: the summary, and the curves and confusion matrix embedded (a
+    notebook cannot show files outside its folder by path)."""
+    import base64
+
+    result = cnnlab.train(data="mnist-5k", model="mnist_cnn", epochs=1, train_samples=300, test_samples=100,
+                          out=str(tmp_path / "r"), quiet=True)
+    page = result._repr_html_()
+    for name in ("curves", "confusion"):
+        with open(tmp_path / "r" / f"{name}.png", "rb") as f:
+            assert base64.b64encode(f.read()).decode("ascii") in page, name
+    assert f"{result.summary['test_acc']}" in page
+    model_page = cnnlab.load(result.run_dir)._repr_html_()
+    assert "mnist_cnn" in model_page and "data:image/png;base64," in model_page and "1x28x28" in model_page

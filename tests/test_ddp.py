@@ -94,3 +94,20 @@ def test_sigterm_to_the_launcher_leaves_a_resumable_checkpoint(tmp_path):
     assert proc.returncode == 143, err[-2000:]
     assert f"cnnlab train --resume {out} --nproc 2" in err
     assert load_checkpoint(out / "last.pt", "last.pt")["train_state"]["progress"]["global_step"] > 0
+
+
+def test_launch_from_python_matches_the_cli_run(ddp_run, tmp_path):
+    """cnnlab.launch(2, ...) is `cnnlab train --nproc 2` from Python: the same run, the same weights."""
+    out, _ = ddp_run
+    result = cnnlab.launch(2, device="cpu", out=str(tmp_path / "py"), **ARGS)
+    assert result.summary["world_size"] == 2 and result.summary["test_acc"] == json.load(
+        open(os.path.join(out, "summary.json")))["test_acc"]
+    assert len(result.history) == ARGS["epochs"]
+
+
+def test_launch_refuses_objects_it_cannot_hand_to_new_processes():
+    import numpy as np
+    from cnnlab.errors import UsageError
+
+    with pytest.raises(UsageError, match="register_dataset"):
+        cnnlab.launch(2, data=(np.zeros((4, 8, 8), np.uint8), np.arange(4) % 2))

@@ -90,6 +90,16 @@ class Model(Classifier):
     def __repr__(self):
         return f"cnnlab.Model({self.config.get('model')}, classes={self.classes})"
 
+    def _repr_html_(self):
+        """Jupyter shows the network, its classes and inputs, and its run's curves and confusion matrix."""
+        from ..evaluate.report import notebook_html
+
+        rows = [("model", self.config.get("model")), ("classes", ", ".join(map(str, self.classes))),
+                ("input", "x".join(map(str, self.in_shape))), ("checkpoint", self.path),
+                ("validation accuracy", self.metrics.get("val_acc")), ("temperature", self.temperature)]
+        run_dir = os.path.dirname(self.path) if self.path else None
+        return notebook_html(f"cnnlab.Model {self.config.get('model')}", rows, run_dir)
+
     def inputs(self, batch_uint8):
         """(B, C, S, S) uint8 -> the network's input, normalised as in training (BatchLoader)."""
         return self.preprocess.normalise(batch_uint8.to(self.device), self.scale_shift)

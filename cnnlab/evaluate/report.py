@@ -167,3 +167,20 @@ img{{max-width:100%}}pre{{background:#f6f6f6;padding:1em;overflow:auto}}figure{{
 <h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>
 <h2>Environment</h2>{_table(environment_rows(summary))}
 </body></html>"""
+
+
+def notebook_html(title, rows, run_dir=None, pictures=("curves", "confusion")):
+    """What Jupyter shows for a Result or a Model: a small table and the run's pictures, embedded
+    (a notebook cannot load files outside its own folder by path)."""
+    import base64
+    import html
+
+    table = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    images = ""
+    for name in pictures if run_dir else ():
+        path = os.path.join(str(run_dir), name + ".png")
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                data = base64.b64encode(f.read()).decode("ascii")
+            images += f'<img src="data:image/png;base64,{data}" width="420" alt="{name}">'
+    return f"<b>{html.escape(title)}</b><table>{table}</table>{images}"
