@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from cnnlab.config import make_config
 from cnnlab.data.loader import balanced_order
 from cnnlab.errors import UsageError
-from cnnlab.evaluate.metrics import balanced_accuracy
+from cnnlab.metrics import balanced_accuracy
 from cnnlab.training.diagnose import starved
 from cnnlab.training.engine import class_weights, confusion_matrix, training_loss
 

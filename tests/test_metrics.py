@@ -1,4 +1,4 @@
-"""cnnlab.evaluate.metrics against scikit-learn over random predictions (hypothesis), degenerate cases included,
+"""cnnlab.metrics against scikit-learn over random predictions (hypothesis), degenerate cases included,
 and `cnnlab evaluate --json` against scikit-learn on predictions made independently of the engine."""
 import json
 
@@ -12,7 +12,7 @@ from sklearn.metrics import confusion_matrix as sk_confusion
 
 import cnnlab
 from cnnlab.evaluate.evaluation import load_trained, run_data
-from cnnlab.evaluate.metrics import summarize
+from cnnlab.metrics import summarize
 from cnnlab.training.engine import confusion_matrix
 
 from .conftest import run_cli

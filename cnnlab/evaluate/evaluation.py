@@ -21,7 +21,7 @@ from ..training import checkpoint
 from ..training.engine import evaluate
 from ..training.temperature import tempered
 from .calibration import ece
-from .metrics import summarize
+from ..metrics import summarize
 
 
 @dataclass

@@ -25,7 +25,7 @@ from ..data import load_data, read_splits
 from ..data.augment import resolve_augment, strong_augment
 from ..data.loader import BatchLoader
 from ..errors import UsageError, note
-from ..evaluate.metrics import balanced_accuracy, per_class
+from ..metrics import balanced_accuracy, per_class
 from ..models import check_memory, create_model, model_args
 from ..models.backbones import head_names
 from ..runtime import setup, teardown
