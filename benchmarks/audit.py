@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cnnlab  # noqa: E402
 from cnnlab.config import make_config  # noqa: E402
 from cnnlab.data import load_data  # noqa: E402
-from cnnlab.evaluate.audit import audit  # noqa: E402
+from cnnlab.evaluation.audit import audit  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "datasets")
 CIFAR = os.path.join(SHARED, "cifar10_5k.npz")
@@ -94,7 +94,7 @@ def duplicates():
 
 
 def temperature():
-    from cnnlab.evaluate.evaluation import evaluate_model, load_trained, run_data
+    from cnnlab.evaluation.results import evaluate_model, load_trained, run_data
 
     with tempfile.TemporaryDirectory() as out:
         result = cnnlab.train(data="mnist-5k", model="mnist_cnn", epochs=30, train_samples=1000, lr=3e-3,

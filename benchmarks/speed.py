@@ -98,7 +98,7 @@ def training_gflops(data_dir, batch_size, steps=150):
 def evaluate_speed(data_dir, run_dir):
     import torch
 
-    from cnnlab.evaluate.evaluation import evaluate_model, load_trained, run_data
+    from cnnlab.evaluation.results import evaluate_model, load_trained, run_data
 
     model, _ = load_trained(run_dir)
     data = run_data(model, run_dir, data="mnist")

@@ -2,7 +2,7 @@
 
 It sits on top of the pipeline: it turns the user's own objects (an nn.Module, arrays, a Dataset)
 into registry names (plugins.py, data/arrays.py), resolves the settings, runs training.loop.fit
-with the callbacks of the later stages (the report, from evaluate/) and wraps the finished state in
+with the callbacks of the later stages (the report, from evaluation/) and wraps the finished state in
 a `Result`. Imports happen inside the functions so `import cnnlab` (and `cnnlab --help`) stay fast."""
 import os
 
@@ -15,7 +15,7 @@ class Result:
         self.run_dir, self.summary, self.history = run_dir, summary, history
 
     def plot(self):
-        from .evaluate.plots import curves_figure
+        from .evaluation.plots import curves_figure
 
         return curves_figure(self.history)
 
@@ -27,7 +27,7 @@ class Result:
 
     def _repr_html_(self):
         """Jupyter shows the summary, the training curves and the confusion matrix."""
-        from .evaluate.report import notebook_html
+        from .evaluation.report import notebook_html
 
         keys = ("model", "data", "test_acc", "final_test_acc", "best_val_acc", "epochs", "num_params", "train_seconds")
         return notebook_html(f"cnnlab run {self.run_dir}", [(k, self.summary.get(k)) for k in keys], self.run_dir)
@@ -103,7 +103,7 @@ def report_callbacks(cfg):
     """--report (on by default): the run's pictures and report.html from training's own test results."""
     if not cfg.report:
         return []
-    from .evaluate.report import ReportWriter
+    from .evaluation.report import ReportWriter
 
     return [ReportWriter()]
 
@@ -164,7 +164,7 @@ def evaluate(path, data=None, split="test", plugins=()):
 
         >>> cnnlab.evaluate("runs/mnist", data=(x, y, x_test, y_test))["accuracy"]
     """
-    from .evaluate.evaluation import evaluate_path
+    from .evaluation.results import evaluate_path
     from .plugins import use
 
     use(plugins)

@@ -147,7 +147,7 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
-    from .evaluate.evaluation import evaluate_model, last_epoch, load_trained, run_data
+    from .evaluation.results import evaluate_model, last_epoch, load_trained, run_data
 
     model, run_dir = load_trained(args.run)
     data = run_data(model, run_dir, args.data, args.data_dir)
@@ -177,8 +177,8 @@ def cmd_evaluate(args):
 
 
 def cmd_report(args):
-    from .evaluate.evaluation import evaluate_model, load_trained, run_data
-    from .evaluate.report import write_report
+    from .evaluation.results import evaluate_model, load_trained, run_data
+    from .evaluation.report import write_report
 
     if not os.path.isdir(args.run):   # the report reads the run's metrics.csv and summary.json too
         raise UsageError(f"not a run folder: {args.run}")
@@ -189,7 +189,7 @@ def cmd_report(args):
 
 
 def cmd_compare(args):
-    from .evaluate.compare import compare, compare_table
+    from .evaluation.compare import compare, compare_table
 
     rows, picture = compare(args.runs, args.out)
     print("\n".join(compare_table(rows)))
@@ -231,7 +231,7 @@ def cmd_explain(args):
 
 
 def cmd_audit(args):
-    from .evaluate.audit import audit, summary_lines
+    from .evaluation.audit import audit, summary_lines
 
     report = audit(args.data, data_dir=args.data_dir, out=args.out, folds=args.folds, epochs=args.epochs,
                    model=args.model, seed=args.seed, device=args.device, labels=not args.no_labels,
@@ -280,7 +280,7 @@ def cmd_data_check(args):
 
 def cmd_lr_find(args):
     from .config import load_yaml, make_config
-    from .evaluate.plots import save_lr_find
+    from .evaluation.plots import save_lr_find
     from .training.lr_find import default_plot_path, lr_find
     from .training.resume import with_data_name
 

@@ -15,7 +15,7 @@ from tests.conftest import FAULT_REPORT, run_cli
 
 pytest.importorskip("imagehash", reason="cnnlab audit needs imagehash (pip install 'cnnlab[explain]')")
 pytest.importorskip("cleanlab", reason="cnnlab audit needs cleanlab (pip install 'cnnlab[explain]')")
-from cnnlab.evaluate import audit as A  # noqa: E402
+from cnnlab.evaluation import audit as A  # noqa: E402
 
 CIFAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "cifar10_5k.npz")
 

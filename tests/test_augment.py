@@ -184,7 +184,7 @@ def tiny_run(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["flip", "flip+crop"])
 def test_tta_averages_probabilities_the_same_in_evaluate_and_predict(tiny_run, mode):
     import cnnlab
-    from cnnlab.evaluate.evaluation import evaluate_model, load_trained, run_data
+    from cnnlab.evaluation.results import evaluate_model, load_trained, run_data
 
     model = cnnlab.load(tiny_run)
     trained, run_dir = load_trained(str(tiny_run))

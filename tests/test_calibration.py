@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
 import cnnlab
-from cnnlab.evaluate.calibration import ece, reliability
+from cnnlab.evaluation.calibration import ece, reliability
 from cnnlab.training import checkpoint
 from cnnlab.training.temperature import fit_temperature
 from tests.conftest import FAULT_REPORT, run_cli

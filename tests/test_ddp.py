@@ -49,7 +49,7 @@ def test_only_rank_zero_prints_and_writes(ddp_run):
 def test_ddp_checkpoint_loads_in_one_process(ddp_run):
     out, _ = ddp_run
     model = cnnlab.load(out)
-    from cnnlab.evaluate.evaluation import evaluate_path
+    from cnnlab.evaluation.results import evaluate_path
 
     m = evaluate_path(str(out))
     assert m["accuracy"] == pytest.approx(json.load(open(out / "summary.json"))["test_acc"])

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab.evaluate import plots
-from cnnlab.evaluate.compare import compare_table
-from cnnlab.evaluate.report import environment_rows, summary_rows
+from cnnlab.evaluation import plots
+from cnnlab.evaluation.compare import compare_table
+from cnnlab.evaluation.report import environment_rows, summary_rows
 from cnnlab.training.diagnose import diagnose
 
 from .conftest import run_cli
@@ -211,7 +211,7 @@ def _finished_training(tmp_path, rank=0, world=1, k=3, n_test=12):
     test = {"loss": 0.7, "acc": float(cm.diag().sum()) / n_test, "top5": None, "cm": cm, "probs": probs,
             "losses": -probs[torch.arange(n_test), y_test].log()}
     summary = {"model": "lenet5", "data": "toy", "test_acc": test["acc"], "num_params": 1234, "device": "cpu"}
-    return SimpleNamespace(run_dir=run_dir, data=data, test=test, summary=summary, cfg=make_config({"epochs": 3}),
+    return SimpleNamespace(run_dir=run_dir, data=data, test=test, summary=summary, cfg=make_config({"epochs": 3}), model=None,
                            ctx=Context(device=torch.device("cpu"), rank=rank, world=world))
 
 
@@ -219,14 +219,14 @@ PICTURES = ("curves.png", "confusion.png", "samples.png", "mistakes.png", "per_c
 
 
 def test_report_writer_renders_training_results_without_evaluating(tmp_path, monkeypatch):
-    import cnnlab.evaluate.evaluation
+    import cnnlab.evaluation.results
     import cnnlab.training.engine
-    from cnnlab.evaluate.report import ReportWriter
+    from cnnlab.evaluation.report import ReportWriter
 
     def no_evaluation(*args, **kwargs):
         raise AssertionError("the report evaluated the test split a second time")
     monkeypatch.setattr(cnnlab.training.engine, "evaluate", no_evaluation)
-    monkeypatch.setattr(cnnlab.evaluate.evaluation, "evaluate", no_evaluation)
+    monkeypatch.setattr(cnnlab.evaluation.results, "evaluate", no_evaluation)
     state = _finished_training(tmp_path)
     writer = ReportWriter()
     for hook in ("on_start", "on_step", "on_epoch_end", "on_interrupt"):
@@ -240,7 +240,7 @@ def test_report_writer_renders_training_results_without_evaluating(tmp_path, mon
 
 
 def test_report_writer_writes_nothing_on_other_ranks(tmp_path):
-    from cnnlab.evaluate.report import ReportWriter
+    from cnnlab.evaluation.report import ReportWriter
 
     state = _finished_training(tmp_path, rank=1, world=2)
     ReportWriter().on_end(state)
@@ -249,13 +249,13 @@ def test_report_writer_writes_nothing_on_other_ranks(tmp_path):
 
 def test_a_training_run_reports_from_its_own_test_results(tmp_path, monkeypatch):
     """The report of `cnnlab train` is rendered from the test evaluation training made (the test
-    split is evaluated once per run): evaluate/'s own evaluation is never called."""
+    split is evaluated once per run): evaluation/'s own evaluation is never called."""
     import cnnlab
-    import cnnlab.evaluate.evaluation
+    import cnnlab.evaluation.results
 
     def no_evaluation(*args, **kwargs):
         raise AssertionError("the report evaluated the test split a second time")
-    monkeypatch.setattr(cnnlab.evaluate.evaluation, "evaluate", no_evaluation)
+    monkeypatch.setattr(cnnlab.evaluation.results, "evaluate", no_evaluation)
     result = cnnlab.train(train_samples=600, val_samples=200, test_samples=200, epochs=1, out=str(tmp_path / "run"),
                           quiet=True)
     for name in PICTURES + ("report.html",):
@@ -265,7 +265,7 @@ def test_a_training_run_reports_from_its_own_test_results(tmp_path, monkeypatch)
 
 
 def test_report_history_shows_a_dash_for_a_run_without_validation():
-    from cnnlab.evaluate.report import history_rows
+    from cnnlab.evaluation.report import history_rows
 
     row = {"epoch": 1.0, "train_loss": 0.5, "train_acc": 0.9, "val_loss": float("nan"), "val_acc": float("nan"),
            "lr": 1e-3, "seconds": 2.0}

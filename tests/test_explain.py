@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from cnnlab.config import make_config
-from cnnlab.evaluate.explain import explain_batch, find_layer, gradcam
+from cnnlab.evaluation.explain import explain_batch, find_layer, gradcam
 from cnnlab.models import create_model, model_names
 from cnnlab.training.checkpoint import payload, save as save_checkpoint
 from tests.conftest import FAULT_REPORT, run_cli

@@ -94,7 +94,7 @@ def test_lr_find_suggests_a_rate_that_trains(tmp_path):
 
 
 def test_lr_find_returns_its_curve_and_writes_nothing(tmp_path, monkeypatch):
-    """The library call draws and prints nothing (train/ does not import evaluate/): the CLI does."""
+    """The library call draws and prints nothing (train/ does not import evaluation/): the CLI does."""
     monkeypatch.chdir(tmp_path)
     curve = lr_find(make_config({"train_samples": 200, "batch_size": 16, "report": False}), steps=12)
     assert len(curve.lrs) == len(curve.losses) <= 12 and curve.lrs == sorted(curve.lrs)

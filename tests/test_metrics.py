@@ -11,7 +11,7 @@ from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from sklearn.metrics import confusion_matrix as sk_confusion
 
 import cnnlab
-from cnnlab.evaluate.evaluation import load_trained, run_data
+from cnnlab.evaluation.results import load_trained, run_data
 from cnnlab.metrics import summarize
 from cnnlab.training.engine import confusion_matrix
 

@@ -15,7 +15,7 @@ import cnnlab
 from cnnlab.config import DataConfig, make_config
 from cnnlab.data import load_data
 from cnnlab.errors import CnnlabError
-from cnnlab.evaluate.evaluation import load_trained, run_data
+from cnnlab.evaluation.results import load_trained, run_data
 from cnnlab.training.loop import fit
 
 from .conftest import FAULT_REPORT, run_cli
@@ -166,7 +166,7 @@ def test_a_tiny_reported_split_is_warned_with_its_count(capsys):
 
 
 def test_without_a_validation_split_nothing_is_called_val(tmp_path, capsys):
-    from cnnlab.evaluate.compare import compare_table
+    from cnnlab.evaluation.compare import compare_table
 
     state = fit(make_config({"val_fraction": 0.0, "train_samples": 200, "test_samples": 100, "epochs": 2,
                              "out": str(tmp_path / "r")}))

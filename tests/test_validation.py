@@ -200,7 +200,7 @@ def test_any_damaged_field_loads_or_is_one_clear_error(tmp_path_factory, key, pl
 def test_non_finite_weights_are_refused_at_load(tmp_path, bad):
     """They gave "nan%" for every prediction, with exit 0 (predict, evaluate, export and serve all
     load through checkpoint.build_model)."""
-    from cnnlab.evaluate.evaluation import load_trained
+    from cnnlab.evaluation.results import load_trained
 
     ckpt = good_checkpoint()
     ckpt["state_dict"]["head.2.bias"][3] = bad
@@ -216,7 +216,7 @@ def test_non_finite_weights_are_refused_at_load(tmp_path, bad):
 def test_a_checkpoint_from_another_run_is_refused(runs, run):
     """A 3-class best.pt and last.pt copied into an MNIST run folder: evaluate and report read the
     run's splits (IndexError), resume failed loading the weights (RuntimeError)."""
-    from cnnlab.evaluate.evaluation import evaluate_path
+    from cnnlab.evaluation.results import evaluate_path
 
     for name in ("best.pt", "last.pt"):
         shutil.copy(runs / "three" / name, os.path.join(run, name))

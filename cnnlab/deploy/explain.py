@@ -1,12 +1,12 @@
 """`cnnlab explain RUN IMAGES...` and `cnnlab.explain()`: Grad-CAM overlays of image files (one PNG
-per image beside a contact sheet), computed by evaluate/explain.py on the checkpoint's network."""
+per image beside a contact sheet), computed by evaluation/explain.py on the checkpoint's network."""
 import os
 
 import torch
 
 from ..data.images import open_image
 from ..errors import CnnlabError, UsageError, note
-from ..evaluate.explain import write_explanations
+from ..evaluation.explain import write_explanations
 from .inference import load
 from .predict import expand
 

@@ -92,7 +92,7 @@ class Model(Classifier):
 
     def _repr_html_(self):
         """Jupyter shows the network, its classes and inputs, and its run's curves and confusion matrix."""
-        from ..evaluate.report import notebook_html
+        from ..evaluation.report import notebook_html
 
         rows = [("model", self.config.get("model")), ("classes", ", ".join(map(str, self.classes))),
                 ("input", "x".join(map(str, self.in_shape))), ("checkpoint", self.path),
@@ -113,10 +113,10 @@ class Model(Classifier):
         return self.logits(batch_uint8).softmax(1).cpu()
 
     def explain(self, items, target=None, layer=None, invert=None):
-        """Grad-CAM (evaluate/explain.py) of images (paths, PIL images, arrays, or a uint8 batch):
+        """Grad-CAM (evaluation/explain.py) of images (paths, PIL images, arrays, or a uint8 batch):
         one dict per image with `predicted`, `probability`, `target`, `heatmap` (S, S) in [0, 1]
         and `layer`; `target` a class name (default: each image's top-1), `layer` a module name."""
-        from ..evaluate.explain import explain_batch
+        from ..evaluation.explain import explain_batch
 
         if torch.is_tensor(items) and items.dtype == torch.uint8 and items.dim() == 4:
             batch = items

@@ -25,7 +25,7 @@ class Measure:
 
 def run_data_of(model):
     """The run's own data and split, as `cnnlab evaluate` reads them."""
-    from ..evaluate.evaluation import run_data
+    from ..evaluation.results import run_data
 
     return run_data(model, os.path.dirname(model.path))
 

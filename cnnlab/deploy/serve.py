@@ -49,7 +49,7 @@ def explained(model, image, name, target=None):
     copy: /predict's batches share the original meanwhile."""
     import copy
 
-    from ..evaluate.explain import explain_batch, overlay
+    from ..evaluation.explain import explain_batch, overlay
 
     net = copy.deepcopy(model.net)
     r = explain_batch(net, model.preprocess, image[None], model.classes, target)[0]

@@ -63,7 +63,8 @@ class TrialReporter(Callback):
         """What a trial measured at the end is validation accuracy: say so in summary.json, and
         leave the test fields empty rather than let a validation number pass for a test one."""
         state.summary.update(evaluated_split="val", final_val_acc=state.summary["test_acc"], test_acc=None,
-                             test_loss=None, test_top5_acc=None)
+                             test_loss=None, test_top5_acc=None, final_test_acc=None, final_test_loss=None,
+                             test_balanced_acc=None, test_recall=None)
         state.run.write_json("summary.json", state.summary)
 
 

@@ -3,7 +3,7 @@ report.html) is report.py's job, and never evaluates when the results are given.
 
 A model is loaded here from its checkpoint with training/checkpoint.py, not with deploy/inference.py:
 evaluation needs the network, its classes and its Preprocess, not the prediction-side conversion
-of single images (and evaluate/ sits below deploy/ in the pipeline).
+of single images (and evaluation/ sits below deploy/ in the pipeline).
 """
 import os
 from dataclasses import dataclass

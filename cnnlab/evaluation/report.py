@@ -16,7 +16,7 @@ from ..data.splits import stratified_order
 from ..training.callbacks import Callback
 from ..training.run_folder import read_json, read_metrics
 from .calibration import ece, reliability
-from .evaluation import metrics_of
+from .results import metrics_of
 from .explain import mistake_heatmaps
 
 
@@ -66,7 +66,7 @@ class ReportWriter(Callback):
     """Training callback: at the end of a run, its pictures and report.html (rank 0 only), from the
     test evaluation training already made of the best weights (`state.test`: engine.evaluate's
     dict with collect=True), so the test split is evaluated once per run. The caller of the
-    training loop adds it when the config's `report` is on (train/ does not import evaluate/);
+    training loop adds it when the config's `report` is on (train/ does not import evaluation/);
     every other hook is Callback's, doing nothing."""
 
     def on_end(self, state):
