@@ -215,7 +215,7 @@ def _finished_training(tmp_path, rank=0, world=1, k=3, n_test=12):
                            ctx=Context(device=torch.device("cpu"), rank=rank, world=world))
 
 
-PICTURES = ("curves.png", "confusion.png", "samples.png", "mistakes.png", "per_class.png")
+PICTURES = ("curves.png", "confusion.png", "samples.png", "mistakes.png", "per_class.png", "reliability.png")
 
 
 def test_report_writer_renders_training_results_without_evaluating(tmp_path, monkeypatch):
@@ -235,7 +235,7 @@ def test_report_writer_renders_training_results_without_evaluating(tmp_path, mon
     for name in PICTURES:
         assert os.path.getsize(os.path.join(state.run_dir, name)) > 1000, name
     page = open(os.path.join(state.run_dir, "report.html"), encoding="utf-8").read()
-    assert page.count("data:image/png;base64,") == 5
+    assert page.count("data:image/png;base64,") == 6
     assert "<td>eel</td>" in page and "<td>1,234</td>" in page and "&quot;epochs&quot;: 3" in page
 
 
