@@ -152,10 +152,10 @@ def cmd_evaluate(args):
     model, run_dir = load_trained(args.run)
     data = run_data(model, run_dir, args.data, args.data_dir)
     m = evaluate_model(model, data, args.split, tta=args.tta)
-    last = last_epoch(args.run)
+    last = last_epoch(args.run, model)
     if last:   # the figure the tutorials print: the last epoch's weights, beside the best epoch's
-        final = evaluate_model(last[0], data, args.split, tta=args.tta)
-        m["final"] = {"epoch": last[1], "accuracy": final["accuracy"], "loss": final["loss"]}
+        final = evaluate_model(last, data, args.split, tta=args.tta)
+        m["final"] = {"epoch": last.epoch, "accuracy": final["accuracy"], "loss": final["loss"]}
     if args.json:
         print(json.dumps(m, indent=2))
         return 0

@@ -33,30 +33,33 @@ class Trained:
     config: dict              # the run's resolved config (checkpoint "config")
     device: torch.device
     temperature: float = 1.0  # --calibrate's: logits are divided by it (training/temperature.py)
+    epoch: int = None         # the epoch its weights are from (best.pt's metrics, last.pt's progress)
 
 
 def load_trained(path, device="cpu"):
     """(Trained, run folder) of a run folder (its best.pt) or a checkpoint file."""
     resolved = checkpoint.resolve(str(path))
-    ckpt = checkpoint.load(resolved)
+    return trained(checkpoint.load(resolved), resolved, device), path if os.path.isdir(path) else os.path.dirname(path)
+
+
+def trained(ckpt, path, device="cpu"):
+    """The Trained of a loaded checkpoint (`path`: its file, named in errors)."""
     device = torch.device(device)
     # NHWC: 2.3x faster CPU inference for the seed CNN (benchmarks/README.md)
-    net = checkpoint.build_model(ckpt, resolved).to(device, memory_format=torch.channels_last).eval()
-    model = Trained(net, list(ckpt["classes"]), checkpoint.preprocess_of(ckpt), dict(ckpt.get("config") or {}), device,
-                    checkpoint.temperature_of(ckpt))
-    return model, path if os.path.isdir(path) else os.path.dirname(path)
+    net = checkpoint.build_model(ckpt, path).to(device, memory_format=torch.channels_last).eval()
+    epoch = ckpt.get("metrics", {}).get("epoch") or ((ckpt.get("train_state") or {}).get("progress") or {}).get("epoch")
+    return Trained(net, list(ckpt["classes"]), checkpoint.preprocess_of(ckpt), dict(ckpt.get("config") or {}), device,
+                   checkpoint.temperature_of(ckpt), epoch)
 
 
-def last_epoch(path):
-    """(Trained, epoch) of a run folder's last.pt when it holds a later epoch than its best.pt, else
-    None. The tutorials report their last epoch; cnnlab's best.pt is the best validation epoch."""
-    last, best = (os.path.join(str(path), name) for name in ("last.pt", "best.pt"))
-    if not (os.path.isdir(path) and os.path.exists(last) and os.path.exists(best)):
+def last_epoch(path, best):
+    """The Trained of a run folder's last.pt when it holds another epoch than `best` (its best.pt's
+    Trained), else None. The tutorials report their last epoch; best.pt is the best validation epoch."""
+    last = os.path.join(str(path), "last.pt")
+    if not (os.path.isdir(path) and os.path.exists(last)):
         return None
-    epoch = (checkpoint.load(last).get("train_state") or {}).get("progress", {}).get("epoch")
-    if epoch is None or epoch == checkpoint.load(best).get("metrics", {}).get("epoch"):
-        return None
-    return load_trained(last)[0], epoch
+    model = trained(checkpoint.load(last), last, best.device)
+    return None if model.epoch is None or model.epoch == best.epoch else model
 
 
 def run_data(model, run_dir=None, data=None, data_dir=None):
