@@ -5,11 +5,15 @@ print), and the wall time. Full MNIST from ../shared/datasets; the full CIFAR-10
 ../shared/datasets/cifar10_jpg.tar (extracted once into /tmp/cifar10_jpg); Fashion-MNIST's recipe
 on MNIST where Fashion-MNIST is absent (labelled).
 
-    python benchmarks/recipes.py [--only NAME ...]
+    python benchmarks/recipes.py [--only NAME ...] [--jobs N]
+
+--jobs N runs N recipes at once (on a GPU, whose small-model runs leave it mostly idle); each row's
+wall time is then that recipe's own time beside the others, not alone.
 
 A class folder is sorted by class, so seed 004's index ranges (a recipe for CIFAR-10 in its own
 order) become random stratified samples of the same sizes here (labelled)."""
 import argparse
+import concurrent.futures
 import glob
 import json
 import os
@@ -65,21 +69,26 @@ def run(name):
     published = f"{figure:.0%} ({source})" if figure is not None else (source or "-")
     best = "-" if s["best_val_acc"] is None else f"{s['test_acc']:.2%}"   # no validation split: no best epoch
     gap = "" if figure is None else f" ({(s['final_test_acc'] - figure) * 100:+.1f})"
-    return (f"| `{name}` | {label} | {s['model']} | {published} | {best} | {s['final_test_acc']:.2%}{gap} | "
-            f"{s['epochs']} | {wall:.0f} s |")
+    row = (f"| `{name}` | {label} | {s['model']} | {published} | {best} | {s['final_test_acc']:.2%}{gap} | "
+           f"{s['epochs']} | {wall:.0f} s |")
+    print(row, file=sys.stderr, flush=True)   # at once: with --jobs, stdout keeps the recipes' order
+    return row
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*")
-    names = ap.parse_args().only or sorted(os.path.basename(p)[:-5]
+    ap.add_argument("--jobs", type=int, default=1, help="recipes run at once")
+    args = ap.parse_args()
+    names = args.only or sorted(os.path.basename(p)[:-5]
                                           for p in glob.glob(os.path.join(ROOT, "cnnlab", "recipes", "*.yaml")))
     cifar_folder()
     print("| recipe | data here | model | published figure | test acc, best val epoch | test acc, last epoch "
           "(vs figure) | epochs | wall |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in names:
-        print(run(name), flush=True)
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        for row in pool.map(run, names):   # rows in the recipes' order, each printed once ready
+            print(row, flush=True)
 
 
 if __name__ == "__main__":
