@@ -206,3 +206,28 @@ def test_tensorboard_and_log_every(tmp_path):
 def test_conflicting_flags(tmp_path, args, needle):
     result = run_cli("train", *args, "--out", tmp_path / "c")
     assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_training_wrapper_is_never_truth_tested():
+    """--compile's wrapper (torch._dynamo's OptimizedModule) answers len() only for an nn.Sequential,
+    so `forward or model` raised "ResNet does not support len()" for every other --compile run."""
+    from cnnlab.runtime import Context
+    from cnnlab.training.engine import make_step
+
+    class NoTruth(torch.nn.Module):   # what OptimizedModule does around a non-Sequential network
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x)
+
+        def __len__(self):
+            raise TypeError("ResNet does not support len()")
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    cfg = make_config({"optimizer": "sgd", "lr": 0.1})
+    step = make_step(net, torch.optim.SGD(net.parameters(), lr=0.1), cfg, Context(torch.device("cpu")),
+                     forward=NoTruth(net))
+    loss, correct = step(torch.randn(5, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1]), 0.1)
+    assert loss.item() > 0 and 0 <= correct.item() <= 5

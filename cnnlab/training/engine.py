@@ -39,7 +39,7 @@ def make_step(model, optimizer, cfg, ctx, *, forward=None, ema=None, class_weigh
     device tensors, so nothing waits for the device. `forward`: the training wrapper of `model`
     (DDP, torch.compile); `ema`: the averaged model to update after the step; `class_weight`:
     --class-weights as a (K,) tensor. `yb`: labels (B,), or soft targets (B, K) under mixup/cutmix."""
-    forward = forward or model
+    forward = model if forward is None else forward   # not `or`: a compiled module's truth test calls len()
 
     def step(xb, yb, lr):
         set_lr(optimizer, lr)
