@@ -189,3 +189,21 @@ def test_the_one_step_seeds_run_and_go_downhill(script, lines):
     assert result.returncode == 0, result.stderr
     before, after = (float(re.search(re.escape(label) + r"[:\s]*([0-9.]+)", result.stdout).group(1)) for label in lines)
     assert after < before                  # one step on the same batch lowers its loss
+
+
+def test_the_shared_batch_norm_normalises_with_the_batch_in_eval_mode_too():
+    """One batch norm shared by every depth has no meaningful running statistics (an eval-mode test of
+    the book's run scored chance after 97% training accuracy): it uses the batch's own, in both modes,
+    as the book's validate() (which never calls model.eval()) measured its 0.86."""
+    torch.manual_seed(0)
+    shared = create_model("net_res_deep", (3, 32, 32), 2, n_blocks=5, share_weights=True)
+    x = torch.randn(8, 3, 32, 32)
+    shared.train()
+    for _ in range(3):   # training steps would move running statistics, if there were any
+        shared(x * 3 + 1)
+    with torch.no_grad():
+        train_mode = shared.train()(x)
+        eval_mode = shared.eval()(x)
+    assert torch.allclose(train_mode, eval_mode, atol=1e-5)
+    own = create_model("net_res_deep", (3, 32, 32), 2, n_blocks=2)   # blocks of their own keep theirs
+    assert all(m.track_running_stats for m in own.modules() if isinstance(m, torch.nn.BatchNorm2d))
