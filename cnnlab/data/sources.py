@@ -237,6 +237,10 @@ def select_classes(src, wanted):
         return {pool: [r for r, m in zip(rows, masks[pool].tolist()) if m] if pool in masks else rows
                 for pool, rows in per_pool.items()}
 
-    return Source(*keep(src.train_x, src.train_y, "train"), *keep(src.test_x, src.test_y, "test"),
+    kept = Source(*keep(src.train_x, src.train_y, "train"), *keep(src.test_x, src.test_y, "test"),
                   classes=[src.classes[i] for i in index], flip_ok=src.flip_ok, files=keep_rows(src.files),
                   ids=keep_rows(src.ids))
+    if src.val_rows is not None:   # named validation rows (csv:), renumbered among the rows kept
+        new_row = masks["train"].cumsum(0) - 1
+        kept.val_rows = [int(new_row[r]) for r in src.val_rows if masks["train"][r]]
+    return kept
