@@ -202,7 +202,8 @@ def compact(x, ok):
     good = np.flatnonzero(ok)
     if len(good) < len(x):
         for start in range(0, len(good), 256):   # rows only move down: each chunk is read before it is written
-            x[start:start + 256] = x[good[start:start + 256]]
+            rows = good[start:start + 256]
+            x[start:start + len(rows)] = x[rows]
     return x[:len(good)]
 
 
