@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import CnnlabError, UsageError, note, on_main_rank, printable
-from .cache import cached_arrays, disk_array, files_key, new_pixels
+from .cache import PageDropper, cached_arrays, disk_array, files_key, new_pixels
 from .images import GRAY_MODES, IMAGE_SUFFIXES, load_array
 from .registry import Source, register_dataset
 from .sources import select_classes
@@ -150,6 +150,7 @@ def decode_all(files, channels, size, where="", out=None):
     errors = {}
     bar = tqdm(total=len(files), desc="decoding", unit="img", disable=None if on_main_rank() else True,
                leave=False, dynamic_ncols=True)
+    dropper = PageDropper(out) if isinstance(out, np.memmap) else None   # written pages leave memory
     with bar, decoding_pool(len(chunks)) as pool:
         for start, decoded in pool.map(decode_chunk, chunks):
             for i, (pixels, error) in enumerate(decoded):
@@ -158,6 +159,8 @@ def decode_all(files, channels, size, where="", out=None):
                 else:
                     out[start + i] = pixels
             bar.update(len(decoded))
+            if dropper:
+                dropper.read(len(decoded) * out[0].nbytes)
     ok = np.ones(len(files), dtype=bool)
     ok[list(errors)] = False
     return compact(out, ok), ok, [errors[i] for i in sorted(errors)]
@@ -221,7 +224,7 @@ def decode_files(files, labels, channels, size, cfg, where=""):
     def fill(folder):
         x, ok, bad = decode_all(files, channels, size, where, out=new_pixels(folder, (len(files), channels, size, size)))
         if isinstance(x, np.memmap):
-            x.flush()
+            PageDropper(x).drop()   # flushed, and its pages out of this process
             os.truncate(os.path.join(folder, "pixels.u8"), x.nbytes)   # the bad files' rows, cut off
         return {"shape": list(x.shape), "ok": ok.tolist(), "bad": bad, "source": where.strip(),
                 "files": len(files)}

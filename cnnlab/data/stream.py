@@ -9,16 +9,13 @@ in a background thread while the model trains on this one. Both modes slice batc
 same seeded permutation with the same augmentation draws (the loader's make_batch), so their
 batches, and so their losses, are identical, and exact resume and DDP shards hold in both.
 """
-import ctypes
 import hashlib
-import mmap
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 
 from ..errors import UsageError, note
-from .cache import disk_array, new_pixels
+from .cache import PageDropper, disk_array, new_pixels
 from .images import available_memory
 from .loader import BatchLoader, _generator, augment_gather
 
@@ -57,20 +54,23 @@ def split_on_disk(x, rows, pool_entry, cache_dir):
 
     def fill(folder):
         out = new_pixels(folder, (len(rows),) + tuple(x.shape[1:]))
+        dropper = PageDropper(x, out)
         for start in range(0, len(rows), 256):   # sorted rows within a chunk: a forward read of the pool
             out[start:start + 256] = x[rows[start:start + 256]].numpy()
-        if isinstance(out, np.memmap):
-            out.flush()
+            dropper.read(out[start:start + 256].nbytes)
+        dropper.drop()
         return {"shape": list(out.shape), "source": f"split of {pool_entry.meta.get('source', '')}".strip()}
     entry = disk_array("splits", key, fill, cache_dir)
     return torch.from_numpy(entry.array()), entry
 
 
-def channel_sums(x, chunk=1024):
-    """(sum, sum of squares, count) per channel of uint8 images, exactly (int64), read in chunks:
-    a memory-mapped split is never converted to floats as a whole."""
+def channel_sums(x, elements=2**22):
+    """(sum, sum of squares, count) per channel of uint8 images, exactly (int64), read in chunks of
+    about `elements` pixels (32 MiB as int64): a split is never converted as a whole (1,024 images
+    at 224 were 2.4 GB of int64 and their squares)."""
     total = torch.zeros(x.shape[1], dtype=torch.int64)
     squares = torch.zeros(x.shape[1], dtype=torch.int64)
+    chunk = max(1, elements // max(1, x[0].numel())) if len(x) else 1
     for start in range(0, len(x), chunk):
         part = x[start:start + chunk].to(torch.int64)
         total += part.sum(dim=(0, 2, 3))
@@ -88,7 +88,7 @@ class StreamLoader(BatchLoader):
         self.source = x                     # (N, C, H, W) uint8, memory-mapped
         self.pinned = torch.device(device).type == "cuda"
         self.ahead = None                   # (rows, images) read ahead for the coming step
-        self.read_since_drop = 0
+        self.dropper = PageDropper(x)
 
     def batches(self, epoch=0, start=0):
         order = self.order(epoch)
@@ -109,18 +109,10 @@ class StreamLoader(BatchLoader):
         """uint8 images of `rows` on the device: a gather from the memory map, through pinned memory
         and a non-blocking copy on CUDA."""
         images = self.source[rows]                   # (B, C, H, W): only these rows are read
-        self.forget_pages(images.numel())
+        self.dropper.read(images.numel())
         if self.pinned:
             return images.pin_memory().to(self.x.device, non_blocking=True)
         return images.to(self.x.device)
-
-    def forget_pages(self, nbytes):
-        """Every 256 MiB read, let the kernel drop the pages read so far from this process: the
-        mapped file's pages otherwise count towards its resident memory until the next epoch."""
-        self.read_since_drop += nbytes
-        if self.read_since_drop >= 256 * 2**20:
-            self.read_since_drop = 0
-            drop_mapped_pages(self.source)
 
     def images(self, idx, positions, epoch, step):
         """As BatchLoader.images, from the rows read for this batch (read now if they were not)."""
@@ -133,16 +125,6 @@ class StreamLoader(BatchLoader):
         local = torch.arange(len(got), device=got.device)
         return augment_gather(padded, local, self.x.shape[2:], self.pad, "flip" in self.augment,
                               _generator(self.seed, epoch, step, 7), len(idx), positions)
-
-
-def drop_mapped_pages(x):
-    """madvise(DONTNEED) over a memory-mapped (copy-on-write, never written) tensor: its pages
-    leave this process's resident set and are read from the page cache or disk when touched again."""
-    if not x.nbytes:
-        return   # an empty split is no mapping at all (cache.Entry.array)
-    libc = ctypes.CDLL(None)
-    start = x.data_ptr() - x.data_ptr() % mmap.PAGESIZE
-    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(x.data_ptr() + x.nbytes - start), 4)   # 4: MADV_DONTNEED
 
 
 def make_loader(x, y, batch_size, preprocess, device="cpu", streamed=False, **options):
