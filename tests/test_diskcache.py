@@ -60,6 +60,25 @@ def test_streamed_batches_equal_in_memory_ones(tmp_path, augment, strong, world)
                 assert torch.equal(xm, xs) and torch.equal(ym, ys)
 
 
+def mapped_kib():
+    """This process's resident memory in mapped file pages (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc/self/status")
+def test_reading_a_streamed_split_keeps_resident_memory_flat(tmp_path, monkeypatch):
+    import cnnlab.data.cache as cache
+
+    monkeypatch.setattr(cache, "DROP_EVERY", 2**20)                  # drop every MiB read (256 MiB in use)
+    x = mapped_pool(tmp_path, n=2000, shape=(3, 64, 64))             # 23 MiB memory-mapped
+    loader = StreamLoader(x, torch.zeros(len(x), dtype=torch.int64), 100, Preprocess(3, 64, [0.5] * 3, [0.25] * 3),
+                          shuffle=True, augment="crop+flip")
+    before = mapped_kib()
+    grew = max(mapped_kib() - before for _ in loader.batches(0))
+    assert grew < 8 * 1024, f"mapped pages grew by {grew} KiB while reading a 23 MiB split"
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.booleans(), min_size=1, max_size=600))
 def test_compaction_keeps_the_good_rows_in_order(ok):
@@ -90,6 +109,7 @@ def test_in_memory_yes_and_no_train_identically(photos):
     assert memory.summary["test_acc"] == streamed.summary["test_acc"]
     assert memory.summary["test_loss"] == streamed.summary["test_loss"]
     assert len(os.listdir(photos / "cache" / "splits")) == 3       # train, val, test: each gathered once
+    assert cnnlab.evaluate(streamed.run_dir)["accuracy"] == pytest.approx(streamed.summary["test_acc"])
 
 
 def test_auto_streams_only_over_the_budget(photos, monkeypatch):
