@@ -91,19 +91,20 @@ class StreamLoader(BatchLoader):
         self.dropper = PageDropper(x)
 
     def batches(self, epoch=0, start=0):
+        """As BatchLoader.batches; while a batch trains, the next one's rows are read in a thread."""
         order = self.order(epoch)
-        mine = slice(self.rank, None, self.world)
-        step_rows = lambda step: order[step * self.batch_size:(step + 1) * self.batch_size][mine].cpu()
         with ThreadPoolExecutor(1) as reader:
-            coming = reader.submit(self.read, step_rows(start)) if start < len(self) else None
+            coming = reader.submit(self.read, self.own_rows(order, start)) if start < len(self) else None
             for step in range(start, len(self)):
-                rows = step_rows(step)
-                self.ahead = (rows, coming.result())
+                self.ahead = (self.own_rows(order, step), coming.result())
                 if step + 1 < len(self):
-                    coming = reader.submit(self.read, step_rows(step + 1))
-                idx = order[step * self.batch_size:(step + 1) * self.batch_size]
-                yield self.make_batch(idx, epoch, step)
+                    coming = reader.submit(self.read, self.own_rows(order, step + 1))
+                yield self.make_batch(order[step * self.batch_size:(step + 1) * self.batch_size], epoch, step)
             self.ahead = None
+
+    def own_rows(self, order, step):
+        """The rows this rank reads at `step`: its share of the global batch (make_batch's `mine`)."""
+        return order[step * self.batch_size:(step + 1) * self.batch_size][self.rank::self.world].cpu()
 
     def read(self, rows):
         """uint8 images of `rows` on the device: a gather from the memory map, through pinned memory
