@@ -22,7 +22,7 @@ from cnnlab.data.folder import compact
 from cnnlab.data.loader import BatchLoader
 from cnnlab.data.preprocess import Preprocess
 from cnnlab.data.stream import StreamLoader
-from cnnlab.errors import UsageError
+from cnnlab.errors import CnnlabError, UsageError
 
 from .conftest import FAULT_REPORT, ROOT, run_cli
 from .test_csv import make_photos
@@ -222,3 +222,25 @@ def test_ddp_streamed_from_the_disk_cache_matches_one_process_in_memory(photos):
         assert abs(float(row["train_loss"]) - one["train_loss"]) < 1e-4
     assert len(os.listdir(photos / "cache" / "folders")) == 1       # decoded once for both ranks
     assert json.load(open(photos / "ddp" / "summary.json"))["world_size"] == 2
+
+
+def test_a_full_disk_is_one_line_naming_the_cache(photos, monkeypatch):
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(CnnlabError) as e:
+        load_data(DataConfig(data=f"folder:{photos / 'photos'}", image_size=16))
+    assert str(e.value).startswith(f"cannot write the decoded-images cache in {photos / 'cache'}: No space left on "
+                                   "device. Free some space or point --cache-dir")
+    assert entries(str(photos / "cache"))[0] == [] and not os.listdir(photos / "cache" / "folders")   # no partial left
+    FAULT_REPORT.append("disk cache: no space for the pixels (ENOSPC at reservation) -> one line naming the cache "
+                        "folder and --cache-dir; no partial entry left")
+
+
+def test_a_cache_dir_that_is_a_file_is_one_line(photos):
+    (photos / "not_a_folder").write_text("")
+    with pytest.raises(CnnlabError, match=r"^cannot write the decoded-images cache in .*not_a_folder: Not a directory"):
+        load_data(DataConfig(data=f"folder:{photos / 'photos'}", image_size=16, cache_dir=str(photos / "not_a_folder")))
+    FAULT_REPORT.append("--cache-dir naming a file -> one line naming it")

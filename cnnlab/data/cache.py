@@ -157,12 +157,17 @@ def build_entry(final, fill):
 
 
 def new_pixels(folder, shape):
-    """A writable uint8 memmap of `shape` in folder/pixels.u8 (what a `fill` writes into)."""
+    """A writable uint8 memmap of `shape` in folder/pixels.u8 (what a `fill` writes into). Its
+    space is reserved first: a full disk is then one OSError here, not a SIGBUS (a crash without
+    a message) at the first page of a memory map that the disk cannot hold."""
     path = os.path.join(folder, PIXELS)
-    if not int(np.prod(shape)):
-        open(path, "wb").close()
+    nbytes = int(np.prod(shape))
+    with open(path, "wb") as f:
+        if nbytes and hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+    if not nbytes:
         return np.zeros(shape, np.uint8)
-    return np.memmap(path, np.uint8, "w+", shape=tuple(shape))
+    return np.memmap(path, np.uint8, "r+", shape=tuple(shape))
 
 
 DROP_EVERY = 256 * 2**20
