@@ -88,7 +88,8 @@ def test_compaction_keeps_the_good_rows_in_order(ok):
 
 
 def folder_run(tmp_path, **settings):
-    return cnnlab.train(data=str(tmp_path / "photos"), model="lenet5", image_size=16, epochs=2, batch_size=8,
+    settings = {"epochs": 2, **settings}
+    return cnnlab.train(data=str(tmp_path / "photos"), model="lenet5", image_size=16, batch_size=8,
                         augment="crop+flip", out=str(tmp_path / settings.pop("name")), report=False, quiet=True,
                         **settings)
 
@@ -110,6 +111,9 @@ def test_in_memory_yes_and_no_train_identically(photos):
     assert memory.summary["test_loss"] == streamed.summary["test_loss"]
     assert len(os.listdir(photos / "cache" / "splits")) == 3       # train, val, test: each gathered once
     assert cnnlab.evaluate(streamed.run_dir)["accuracy"] == pytest.approx(streamed.summary["test_acc"])
+    first = folder_run(photos, name="resumed", in_memory="no", mixup=0.2, epochs=1)   # then resumed: exact
+    resumed = cnnlab.train(resume=first.run_dir, epochs=2, report=False, quiet=True)
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in streamed.history]
 
 
 def test_auto_streams_only_over_the_budget(photos, monkeypatch):
