@@ -227,7 +227,7 @@ def decode_files(files, labels, channels, size, cfg, where=""):
         if isinstance(x, np.memmap):
             PageDropper(x).drop()   # flushed, and its pages out of this process
             os.truncate(os.path.join(folder, "pixels.u8"), x.nbytes)   # the bad files' rows, cut off
-        return {"shape": list(x.shape), "ok": ok.tolist(), "bad": bad, "source": where.strip(),
+        return {"shape": list(x.shape), "ok": ok.tolist(), "bad": bad, "source": "images" + where,
                 "files": len(files)}
     entry = disk_array("folders", files_key(decode_label(channels, size), files), fill, cfg.cache_dir)
     ok, bad = np.array(entry.meta["ok"], dtype=bool), [printable(b) for b in entry.meta["bad"]]

@@ -46,9 +46,9 @@ def stream_splits(mode, nbytes, data_name, disk_backed):
     return mode == "no" or (mode == "auto" and nbytes > budget)
 
 
-def split_on_disk(x, rows, pool_entry, cache_dir):
-    """The rows `rows` of a memory-mapped pool `x`, gathered once into their own cache entry (keyed
-    by the pool's entry and the rows) -> (memory-mapped uint8 tensor, its Entry)."""
+def split_on_disk(x, rows, pool_entry, cache_dir, name="a"):
+    """The rows `rows` of a memory-mapped pool `x` (split `name`), gathered once into their own cache
+    entry (keyed by the pool's entry and the rows) -> (memory-mapped uint8 tensor, its Entry)."""
     rows = torch.as_tensor(rows, dtype=torch.int64)
     key = hashlib.sha256(pool_entry.path.encode() + rows.numpy().tobytes()).hexdigest()[:24]
 
@@ -59,7 +59,7 @@ def split_on_disk(x, rows, pool_entry, cache_dir):
             out[start:start + 256] = x[rows[start:start + 256]].numpy()
             dropper.read(out[start:start + 256].nbytes)
         dropper.drop()
-        return {"shape": list(out.shape), "source": f"split of {pool_entry.meta.get('source', '')}".strip()}
+        return {"shape": list(out.shape), "source": f"{name} split of the {pool_entry.meta.get('source', 'images')}"}
     entry = disk_array("splits", key, fill, cache_dir)
     return torch.from_numpy(entry.array()), entry
 
