@@ -126,6 +126,16 @@ def test_auto_streams_only_over_the_budget(photos, monkeypatch):
     assert data.streamed and "streamed from disk" in data.residence() and "over a 0.0 GiB budget" in data.residence()
 
 
+def test_classes_of_cached_data_stay_on_disk_and_match_memory(photos):
+    cfg = lambda mode: DataConfig(data=f"folder:{photos / 'photos'}", image_size=16, classes=["dog", "cat"],
+                                  in_memory=mode)
+    streamed, memory = load_data(cfg("no")), load_data(cfg("yes"))
+    assert streamed.streamed and not memory.streamed and streamed.classes == ["dog", "cat"]
+    for split in ("train", "val", "test"):
+        assert torch.equal(getattr(streamed, split)[0], getattr(memory, split)[0])
+        assert torch.equal(getattr(streamed, split)[1], getattr(memory, split)[1])
+
+
 def test_in_memory_yes_that_cannot_fit_is_one_line_before_loading(photos, monkeypatch):
     import cnnlab.data.stream as stream
     import cnnlab.data as data_module

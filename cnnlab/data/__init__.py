@@ -132,7 +132,7 @@ def pick_splits(src, splits, cfg):
     for split, pool in where.items():
         x, y = pools[pool]
         if streamed:   # decoded at --image-size already: nothing to resize
-            x, entry = split_on_disk(x, rows[split], src.cache[pool], cfg.cache_dir, split)
+            x, entry = split_on_disk(x, rows[split], src.cache[pool], f"{split} split")
             disk_bytes += entry.nbytes
             parts[split] = (x, y[rows[split]])
         else:

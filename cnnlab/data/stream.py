@@ -10,6 +10,7 @@ same seeded permutation with the same augmentation draws (the loader's make_batc
 batches, and so their losses, are identical, and exact resume and DDP shards hold in both.
 """
 import hashlib
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -46,9 +47,9 @@ def stream_splits(mode, nbytes, data_name, disk_backed):
     return mode == "no" or (mode == "auto" and nbytes > budget)
 
 
-def split_on_disk(x, rows, pool_entry, cache_dir, name="a"):
-    """The rows `rows` of a memory-mapped pool `x` (split `name`), gathered once into their own cache
-    entry (keyed by the pool's entry and the rows) -> (memory-mapped uint8 tensor, its Entry)."""
+def split_on_disk(x, rows, pool_entry, name="a split"):
+    """The rows `rows` of a memory-mapped pool `x` (split `name`), gathered once into their own entry
+    in the pool's cache (keyed by the pool's entry and the rows) -> (memory-mapped uint8 tensor, its Entry)."""
     rows = torch.as_tensor(rows, dtype=torch.int64)
     key = hashlib.sha256(pool_entry.path.encode() + rows.numpy().tobytes()).hexdigest()[:24]
 
@@ -59,8 +60,9 @@ def split_on_disk(x, rows, pool_entry, cache_dir, name="a"):
             out[start:start + 256] = x[rows[start:start + 256]].numpy()
             dropper.read(out[start:start + 256].nbytes)
         dropper.drop()
-        return {"shape": list(out.shape), "source": f"{name} split of the {pool_entry.meta.get('source', 'images')}"}
-    entry = disk_array("splits", key, fill, cache_dir)
+        origin = pool_entry.meta.get("origin") or pool_entry.meta.get("source", "images")   # the decoded files
+        return {"shape": list(out.shape), "source": f"{name} of the {origin}", "origin": origin}
+    entry = disk_array("splits", key, fill, os.path.dirname(os.path.dirname(pool_entry.path)))
     return torch.from_numpy(entry.array()), entry
 
 
