@@ -185,6 +185,7 @@ def decoding_pool(tasks):
 
 
 class _SerialPool:
+    """decode_all's pool when there is one chunk or no fork: the chunks are decoded in this process."""
     map = staticmethod(map)
 
 
