@@ -258,3 +258,19 @@ def test_a_cache_dir_that_is_a_file_is_one_line(photos):
     with pytest.raises(CnnlabError, match=r"^cannot write the decoded-images cache in .*not_a_folder: Not a directory"):
         load_data(DataConfig(data=f"folder:{photos / 'photos'}", image_size=16, cache_dir=str(photos / "not_a_folder")))
     FAULT_REPORT.append("--cache-dir naming a file -> one line naming it")
+
+
+def test_decoding_workers_share_one_memory_budget(tmp_path):
+    from cnnlab.data import images
+    from cnnlab.data.folder import decoding_pool
+
+    workers = min(os.cpu_count() or 1, 2)                  # one CPU: decoded in this process, the whole budget
+    with decoding_pool(2) as pool:
+        budgets = set(pool.map(worker_budget, range(8)))
+    assert budgets == {images.DECODING.total // workers}   # two workers: half of the process's budget each
+
+
+def worker_budget(_):
+    from cnnlab.data import images
+
+    return images.DECODING.total

@@ -171,8 +171,8 @@ DECODE_CHUNK = 64   # files per task: ~10 MB of pixels at 224 back through the p
 
 
 def decoding_pool(tasks):
-    """Worker processes for decode_all (forked: no re-import of torch; one thread each, as the
-    processes already fill the cores); none for a single task."""
+    """Worker processes for decode_all (forked: no re-import of torch; start_worker sets each one
+    up); none for a single task."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from contextlib import nullcontext
@@ -180,8 +180,17 @@ def decoding_pool(tasks):
     workers = min(os.cpu_count() or 1, tasks)
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         return nullcontext(_SerialPool())
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=torch.set_num_threads,
-                               initargs=(1,))
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=start_worker,
+                               initargs=(workers,))
+
+
+def start_worker(workers):
+    """A decoding process: one torch thread, and its share of the decoding memory budget (each
+    forked worker holds a copy of images.DECODING, which was meant for the whole process)."""
+    from . import images
+
+    torch.set_num_threads(1)
+    images.DECODING.total //= workers
 
 
 class _SerialPool:
