@@ -51,6 +51,9 @@ HELP = {
     "init": "start from a cnnlab run's best.pt (RUN_DIR or file); the head is re-made when the classes differ",
     "freeze_epochs": "train only the head for this many epochs (backbone frozen, batch norm in eval mode), then all",
     "backbone_lr_mult": "the backbone's lr is --lr times this (e.g. 0.1), the head's is --lr",
+    "cache_dir": "where folder: and csv: images are cached once decoded (default: $CNNLAB_CACHE or ~/.cache/cnnlab)",
+    "in_memory": "auto (splits in memory when they fit half the memory available, else streamed from the disk "
+                 "cache), yes or no [default: auto]",
 }
 
 
@@ -275,7 +278,27 @@ def cmd_recipes(args):
 def cmd_data_check(args):
     from .data.check import check
 
-    return check(args.data, args.data_dir)
+    return check(args.data, args.data_dir, cache_dir=args.cache_dir, in_memory=args.in_memory)
+
+
+def cmd_cache(args):
+    """`cnnlab cache list|clear`: the decoded-images cache, entry by entry, and its size."""
+    from .data.cache import cache_root, clear, entries
+
+    root = cache_root(args.cache_dir)
+    if args.cache_command == "clear":
+        print(f"freed {clear(root) / 2**20:,.1f} MiB in {root}")
+        return 0
+    found, other = entries(root)
+    print(f"{root}: {len(found)} entries")
+    for kind, entry in found:
+        n, *shape = entry.shape
+        print(f"  {kind:<8} {os.path.basename(entry.path)}  {n:>8,} x {'x'.join(map(str, shape)):<10} "
+              f"{entry.nbytes / 2**20:>10,.1f} MiB  {entry.meta.get('source', '')}")
+    total = sum(entry.nbytes for _, entry in found) + other
+    print(f"total {total / 2**20:,.1f} MiB" + (f" ({other / 2**20:,.1f} MiB of it small entries, locks and "
+                                                "unfinished builds)" if other else ""))
+    return 0
 
 
 def cmd_lr_find(args):
@@ -441,7 +464,13 @@ def build_parser():
     chk = dsub.add_parser("check", help="class counts, sizes, modes, unreadable files, duplicates across splits")
     chk.add_argument("data")
     chk.add_argument("--data-dir", default="data")
+    chk.add_argument("--cache-dir", default="", help=HELP["cache_dir"])
+    chk.add_argument("--in-memory", default="auto", choices=("auto", "yes", "no"), help=HELP["in_memory"])
     chk.set_defaults(fn=cmd_data_check)
+    ca = sub.add_parser("cache", help="the decoded-images cache: `cnnlab cache list` (entries and sizes) or `clear`")
+    ca.add_argument("cache_command", choices=("list", "clear"))
+    ca.add_argument("--cache-dir", default="", help=HELP["cache_dir"])
+    ca.set_defaults(fn=cmd_cache)
     lf = sub.add_parser("lr-find", help="LR range test: plot and suggested learning rate")
     add_train_flags(lf)
     lf.add_argument("--plot", help="where to write the plot (default: inside --out when given, else "

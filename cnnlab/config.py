@@ -35,6 +35,11 @@ class DataConfig:
     # dataset: the training split's own mean and std; none: pixels / 255 only (ToTensor, seeds 000 and
     # 003); "MEAN,STD" or one mean per channel then one std per channel (seed 004: 0.5,0.5)
     normalize: str = "dataset"
+    # folder: and csv: data, decoded once into a memory-mapped cache on disk: its folder ("" =
+    # $CNNLAB_CACHE or ~/.cache/cnnlab), and whether the splits are loaded into memory (auto: when
+    # they fit half the memory available) or streamed from it batch by batch
+    cache_dir: str = ""
+    in_memory: str = "auto"
 
 
 @dataclass
@@ -104,6 +109,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "sampler": ("shuffle", "balanced"),
     "on_bad_image": ("error", "skip"),
+    "in_memory": ("auto", "yes", "no"),
 }
 POSITIVE = ("epochs", "batch_size", "lr", "eval_batch_size")
 NON_NEGATIVE = ("train_samples", "val_samples", "test_samples", "image_size", "weight_decay", "l2",

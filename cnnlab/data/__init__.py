@@ -11,6 +11,7 @@ from ..errors import UsageError, note
 # The builders register themselves on import, in the order `cnnlab datasets` lists them.
 from . import sources, folder, synthetic  # noqa: F401
 from . import arrays  # noqa: F401,E402  (memory:ID, data handed to cnnlab.train as arrays or a Dataset)
+from . import csvsource  # noqa: F401,E402  (csv:FILE, a labels file of image paths)
 from .images import resize
 from .preprocess import Preprocess
 from .registry import Source, datasets, declared_shape, open_source, register_dataset, resolve_name  # noqa: F401
@@ -29,6 +30,8 @@ class Data:
     flip_ok: bool
     splits: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)
+    streamed: bool = False    # the splits stay memory-mapped from the disk cache (data/stream.py)
+    disk_bytes: int = 0       # the disk cache's entries behind this data (0: not from the disk cache)
 
     @property
     def shape(self):
@@ -43,15 +46,33 @@ class Data:
     def nbytes(self):
         return sum(part[0].numel() + part[1].numel() * 8 for part in (self.train, self.val, self.test))
 
+    def residence(self):
+        """Where the images are, for the settings block: memory used, the budget, the disk cache."""
+        from .stream import memory_budget
+
+        if not self.disk_bytes:
+            return f"{self.nbytes() / 2**20:.1f} MiB in memory"
+        disk = f"cache {self.disk_bytes / 2**30:.2f} GiB on disk"
+        if not self.streamed:
+            return f"{self.nbytes() / 2**20:.1f} MiB in memory, budget {memory_budget() / 2**30:.1f} GiB; {disk}"
+        labels = sum(part[1].numel() * 8 for part in (self.train, self.val, self.test))
+        return (f"streamed from disk: {labels / 2**20:.1f} MiB of labels and two batches in memory, "
+                f"{self.nbytes() / 2**30:.2f} GiB of images over a {memory_budget() / 2**30:.1f} GiB budget; {disk}")
+
 
 def check_data_name(name):
     resolve_name(name)
 
 
 def channel_stats(x):
-    """Per-channel mean and std of uint8 images, as fractions of 255 (from the training split only)."""
-    xf = x.float().div_(255)
-    return xf.mean(dim=(0, 2, 3)).tolist(), xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+    """Per-channel mean and std of uint8 images, as fractions of 255 (from the training split only),
+    from exact integer sums read in chunks (a streamed split is never held as floats)."""
+    from .stream import channel_sums
+
+    total, squares, n = (v.double() if torch.is_tensor(v) else v for v in channel_sums(x))
+    mean = total / n
+    var = (squares - total * mean) / max(n - 1, 1)          # unbiased, as torch.std
+    return (mean / 255).tolist(), (var.clamp_min(0).sqrt() / 255).clamp_min(1e-3).tolist()
 
 
 def normalization(setting, train_x):
@@ -82,18 +103,41 @@ def load_data(cfg, splits=None):
         src = sources.select_classes(src, cfg.classes)
     if len(torch.unique(src.train_y)) < 2:
         raise UsageError(f"'{cfg.data}' has fewer than 2 classes in its training data.")
-    splits = match_splits(splits, src, cfg.data) if splits else make_splits(src, cfg)
-    test_x, test_y = (src.test_x, src.test_y) if splits["test_pool"] == "test" else (src.train_x, src.train_y)
-    pick = lambda x, y, idx: (resize(x[idx], cfg.image_size), y[idx])
-    train = pick(src.train_x, src.train_y, splits["train"])
-    mean, std = normalization(cfg.normalize, train[0])
-    data = Data(name=cfg.data, classes=list(src.classes), train=train,
-                val=pick(src.train_x, src.train_y, splits["val"]),
-                test=pick(test_x, test_y, splits["test"]),
-                mean=mean, std=std, flip_ok=src.flip_ok, splits=splits, files=src.files)
+    if splits:
+        splits = match_splits(splits, src, cfg.data)
+    else:
+        splits = csvsource.named_val_splits(src, cfg) if src.val_rows is not None else make_splits(src, cfg)
+    parts, streamed, disk_bytes = pick_splits(src, splits, cfg)
+    mean, std = normalization(cfg.normalize, parts["train"][0])
+    data = Data(name=cfg.data, classes=list(src.classes), **parts, mean=mean, std=std, flip_ok=src.flip_ok,
+                splits=splits, files=src.files, streamed=streamed, disk_bytes=disk_bytes)
     warn_missing_classes(data)
     warn_small_splits(data)
     return data
+
+
+def pick_splits(src, splits, cfg):
+    """({split: (x, y)}, streamed, bytes on disk): each split's rows of its pool, gathered into
+    memory (resized to --image-size), or, for a pool in the disk cache streamed per --in-memory,
+    gathered once into a memory-mapped cache entry of its own."""
+    from .stream import split_on_disk, stream_splits
+
+    pools = {"train": (src.train_x, src.train_y), "test": (src.test_x, src.test_y)}
+    where = {"train": "train", "val": "train", "test": splits["test_pool"]}
+    rows = {split: torch.as_tensor(splits[split], dtype=torch.int64) for split in where}
+    shape = pools["train"][0].shape[1:]
+    image_bytes = shape[0] * (cfg.image_size ** 2 if cfg.image_size else shape[1] * shape[2])
+    streamed = stream_splits(cfg.in_memory, sum(map(len, rows.values())) * image_bytes, cfg.data, bool(src.cache))
+    parts, disk_bytes = {}, sum(entry.nbytes for entry in src.cache.values())
+    for split, pool in where.items():
+        x, y = pools[pool]
+        if streamed:   # decoded at --image-size already: nothing to resize
+            x, entry = split_on_disk(x, rows[split], src.cache[pool], f"{split} split")
+            disk_bytes += entry.nbytes
+            parts[split] = (x, y[rows[split]])
+        else:
+            parts[split] = (resize(x[rows[split]], cfg.image_size), y[rows[split]])
+    return parts, streamed, disk_bytes
 
 
 def absent_classes(y, classes):

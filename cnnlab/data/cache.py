@@ -1,11 +1,19 @@
-"""A small on-disk cache of decoded uint8 arrays, keyed by the source files' names, sizes and
-mtimes: change a file and the key changes. Lives in $CNNLAB_CACHE or ~/.cache/cnnlab."""
+"""The on-disk cache of decoded images, keyed by the source files' names, sizes and mtimes and by
+the decoding settings: change a file and the key changes. Lives in --cache-dir, else $CNNLAB_CACHE,
+else ~/.cache/cnnlab. Small results (image formats) are npz files (cached_arrays); decoded pools
+and streamed splits are memory-mapped entries (disk_array), listed and cleared by `cnnlab cache`."""
+import glob
 import hashlib
+import json
 import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, write_text
 from ..errors import CnnlabError
 
 
@@ -34,9 +42,10 @@ def files_key(label, files):
     return h.hexdigest()[:24]
 
 
-def cached_arrays(key, make, kind="sets"):
-    """The dict of arrays stored under `key`, or `make()`'s, saved atomically for next time."""
-    path = os.path.join(cache_dir(), kind, key + ".npz")
+def cached_arrays(key, make, kind="sets", root=""):
+    """The dict of arrays stored under `key`, or `make()`'s, saved atomically for next time
+    (`root`: --cache-dir, else the default)."""
+    path = os.path.join(root or cache_dir(), kind, key + ".npz")
     if os.path.exists(path):
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -51,3 +60,190 @@ def cached_arrays(key, make, kind="sets"):
     except (OSError, CnnlabError):
         pass  # a read-only home or a full disk is no reason to fail; we just decode again next time
     return arrays
+
+
+# --- memory-mapped arrays on disk ---------------------------------------------------------------
+# An entry is a folder <cache>/<kind>/<key>/ holding pixels.u8 (raw uint8 rows, read back with
+# numpy's memmap) and meta.json (shape, what it holds). It is built under another name,
+# .<key>.partial-<pid>, and renamed last, so a crash mid-build leaves nothing that looks complete;
+# a lock file per key (fcntl.flock) makes a second process wait for the first one's build, then read it.
+
+PIXELS, META = "pixels.u8", "meta.json"
+
+
+def cache_root(override=""):
+    """--cache-dir, else $CNNLAB_CACHE, else ~/.cache/cnnlab."""
+    return override or cache_dir()
+
+
+@contextmanager
+def file_lock(path):
+    """An exclusive lock on `path` (created if needed), held for the `with` block; the kernel drops
+    it when the process dies, so a killed build never blocks the next one."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@dataclass
+class Entry:
+    """A complete cache entry: its folder and meta.json."""
+    path: str
+    meta: dict
+
+    @property
+    def shape(self):
+        return tuple(self.meta["shape"])
+
+    @property
+    def nbytes(self):
+        return int(np.prod(self.shape))
+
+    def array(self):
+        """The rows as a numpy memmap: pages are read when touched, never all at once. Copy-on-write
+        mode, so torch.from_numpy takes it without a warning, though nothing ever writes to it."""
+        if not self.nbytes:
+            return np.zeros(self.shape, np.uint8)
+        return np.memmap(os.path.join(self.path, PIXELS), np.uint8, "c", shape=self.shape)
+
+
+def read_entry(path):
+    """The Entry at `path`, or None when it is absent or incomplete (no meta.json: a build died)."""
+    try:
+        with open(os.path.join(path, META), encoding="utf-8") as f:
+            return Entry(path, json.load(f))
+    except (OSError, ValueError):
+        return None
+
+
+def disk_array(kind, key, fill, root=""):
+    """The Entry stored as kind/key, built once by `fill(folder)` if absent. `fill` writes
+    folder/pixels.u8 and returns the meta dict (with "shape"). Safe for processes that ask at once
+    (DDP ranks, two trainings): one builds, the others wait on the lock, then read."""
+    root = cache_root(root)
+    final = os.path.join(root, kind, key)
+    found = read_entry(final)
+    if found:
+        return found
+    try:
+        with file_lock(os.path.join(root, "locks", f"{kind}-{key}.lock")):
+            return read_entry(final) or build_entry(final, fill)   # built by another process while we waited?
+    except OSError as e:
+        raise CnnlabError(f"cannot write the decoded-images cache in {root}: {e.strerror or e}. Free some space "
+                          "or point --cache-dir (or CNNLAB_CACHE) at a writable folder with room.") from None
+
+
+def build_entry(final, fill):
+    """Build the entry in a partial folder and rename it to `final` last (the lock is held)."""
+    folder, key = os.path.split(final)
+    for stale in glob.glob(os.path.join(folder, f".{glob.escape(key)}.partial-*")):
+        shutil.rmtree(stale, ignore_errors=True)   # a build that died: the lock says no one else is at it
+    partial = os.path.join(folder, f".{key}.partial-{os.getpid()}")
+    os.makedirs(partial)
+    try:
+        meta = dict(fill(partial), created=time.time())
+        write_text(os.path.join(partial, META), json.dumps(meta))
+        os.rename(partial, final)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return Entry(final, meta)
+
+
+def new_pixels(folder, shape):
+    """A writable uint8 memmap of `shape` in folder/pixels.u8 (what a `fill` writes into). Its
+    space is reserved first: a full disk is then one OSError here, not a SIGBUS (a crash without
+    a message) at the first page of a memory map that the disk cannot hold."""
+    path = os.path.join(folder, PIXELS)
+    nbytes = int(np.prod(shape))
+    with open(path, "wb") as f:
+        if nbytes and hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+    if not nbytes:
+        return np.zeros(shape, np.uint8)
+    return np.memmap(path, np.uint8, "r+", shape=tuple(shape))
+
+
+DROP_EVERY = 256 * 2**20
+
+
+class PageDropper:
+    """Keeps a pass over memory-mapped arrays from filling this process's resident memory: every
+    DROP_EVERY bytes read or written, the mapped pages leave the process (flushed first when written;
+    the file and the page cache keep the data). Without it a pass over a 6 GB cache showed 6 GB of
+    resident memory, all of it mapped file pages."""
+
+    def __init__(self, *arrays):
+        self.arrays, self.since = arrays, 0
+
+    def read(self, nbytes):
+        self.since += nbytes
+        if self.since >= DROP_EVERY:
+            self.drop()
+
+    def drop(self):
+        self.since = 0
+        for a in self.arrays:
+            if isinstance(a, np.memmap):
+                a.flush()
+            drop_pages(a)
+
+
+def drop_pages(a):
+    """madvise(MADV_DONTNEED) over a memory-mapped numpy array or a tensor made from one (only
+    those: on ordinary memory it would zero the data). Mapped file pages are read again from the
+    page cache or the file when touched; written ones must be flushed first (PageDropper does)."""
+    import ctypes
+    import mmap
+
+    nbytes = a.nbytes
+    if not nbytes or not hasattr(mmap, "MADV_DONTNEED"):
+        return   # an empty entry is no mapping at all (Entry.array); not Linux: nothing to do
+    ptr = a.data_ptr() if hasattr(a, "data_ptr") else a.ctypes.data
+    start = ptr - ptr % mmap.PAGESIZE
+    ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(ptr + nbytes - start), mmap.MADV_DONTNEED)
+
+
+def entries(root=""):
+    """[(kind, Entry)] of every complete entry under the cache root, and the bytes of everything
+    else there (partial builds, locks, small npz entries), for `cnnlab cache list`."""
+    root = cache_root(root)
+    found, other = [], 0
+    for kind in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        for name in sorted(os.listdir(os.path.join(root, kind))):
+            path = os.path.join(root, kind, name)
+            entry = read_entry(path) if os.path.isdir(path) and not name.startswith(".") else None
+            if entry:
+                found.append((kind, entry))
+            else:
+                other += folder_bytes(path)
+    return found, other
+
+
+def folder_bytes(path):
+    """Bytes of a file, or of every file below a folder."""
+    if not os.path.isdir(path):
+        return os.path.getsize(path) if os.path.exists(path) else 0
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def clear(root=""):
+    """Delete the whole cache folder's contents; returns the bytes freed. Entries being built hold
+    their lock: they are left alone (their builder renames them when done)."""
+    root = cache_root(root)
+    freed = 0
+    found, _ = entries(root)
+    for kind, entry in found:
+        freed += folder_bytes(entry.path)
+        shutil.rmtree(entry.path, ignore_errors=True)
+    for kind in ("formats", "sets", "folders"):   # the small npz entries of cached_arrays
+        for path in glob.glob(os.path.join(root, kind, "*.npz")):
+            freed += os.path.getsize(path)
+            os.remove(path)
+    return freed

@@ -31,8 +31,9 @@ def duplicates_across(data):
     return sum(len(s) > 1 for s in where.values())
 
 
-def check(name, data_dir="data"):
-    data = load_data(DataConfig(data=name, data_dir=data_dir, on_bad_image="skip"))
+def check(name, data_dir="data", cache_dir="", in_memory="auto"):
+    data = load_data(DataConfig(data=name, data_dir=data_dir, on_bad_image="skip", cache_dir=cache_dir,
+                                in_memory=in_memory))
     k = len(data.classes)
     print(f"{name}: {k} classes, image {'x'.join(map(str, data.shape))} as decoded, "
           f"splits train/val/test {len(data.train[1])}/{len(data.val[1])}/{len(data.test[1])}")

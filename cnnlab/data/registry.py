@@ -34,6 +34,12 @@ class Source:
     # pool -> one (path relative to the dataset folder, size in bytes) per row, for sources whose
     # rows are files: splits.json names its images by them, so a changed folder is noticed
     ids: dict = field(default_factory=dict)
+    # pool -> cache.Entry for pools memory-mapped from the disk cache (folder:, csv:): their splits
+    # may be streamed from disk instead of loaded into memory (--in-memory)
+    cache: dict = field(default_factory=dict)
+    # rows of the training pool that the data itself names as the validation split (a CSV's split
+    # column); None: cnnlab cuts the validation split
+    val_rows: list = None
 
 
 @dataclass(frozen=True)

@@ -229,14 +229,31 @@ def select_classes(src, wanted):
     remap = torch.full((len(src.classes),), -1, dtype=torch.int64)
     remap[index] = torch.arange(len(index))
     masks = {pool: remap[y] >= 0 for pool, y in (("train", src.train_y), ("test", src.test_y)) if y is not None}
+    pixels = {pool: kept_pixels(src, pool, mask) for pool, mask in masks.items()}   # pool -> (x, Entry or None)
 
-    def keep(x, y, pool):
-        return (x[masks[pool]], remap[y[masks[pool]]]) if y is not None else (None, None)
+    def keep(y, pool):
+        return (pixels[pool][0], remap[y[masks[pool]]]) if y is not None else (None, None)
 
     def keep_rows(per_pool):   # files and ids: one entry per row of a pool, kept with their rows
         return {pool: [r for r, m in zip(rows, masks[pool].tolist()) if m] if pool in masks else rows
                 for pool, rows in per_pool.items()}
 
-    return Source(*keep(src.train_x, src.train_y, "train"), *keep(src.test_x, src.test_y, "test"),
+    kept = Source(*keep(src.train_y, "train"), *keep(src.test_y, "test"),
                   classes=[src.classes[i] for i in index], flip_ok=src.flip_ok, files=keep_rows(src.files),
-                  ids=keep_rows(src.ids))
+                  ids=keep_rows(src.ids), cache={pool: entry for pool, (_, entry) in pixels.items() if entry})
+    if src.val_rows is not None:   # named validation rows (csv:), renumbered among the rows kept
+        new_row = masks["train"].cumsum(0) - 1
+        kept.val_rows = [int(new_row[r]) for r in src.val_rows if masks["train"][r]]
+    return kept
+
+
+def kept_pixels(src, pool, mask):
+    """(images of `pool` where `mask` holds, their cache Entry or None): gathered into memory, or for
+    a pool in the disk cache into a memory-mapped entry of their own, so data larger than memory
+    stays on disk with --classes too."""
+    x = src.train_x if pool == "train" else src.test_x
+    if pool not in src.cache:
+        return x[mask], None
+    from .stream import split_on_disk
+
+    return split_on_disk(x, mask.nonzero().flatten(), src.cache[pool], f"{pool} pool with --classes")

@@ -39,7 +39,7 @@ def settings_lines(state):
     sizes = " / ".join(f"{len(data.splits[k])}" for k in ("train", "val", "test"))
     return [
         f"data       {cfg.data}: {'x'.join(map(str, data.shape))}, {len(data.classes)} classes, "
-        f"train/val/test {sizes} ({data.nbytes() / 2**20:.1f} MiB in memory), augment {meta['augment']}",
+        f"train/val/test {sizes} ({data.residence()}), augment {meta['augment']}",
         f"model      {cfg.model} {meta['model_args'] or ''}({meta['num_params']:,} parameters)",
         f"optimizer  {cfg.optimizer} lr {cfg.lr:g}, batch {cfg.batch_size} (global), {cfg.epochs} epochs, "
         f"schedule {cfg.schedule}" + (f", weight decay {cfg.weight_decay:g}" if cfg.weight_decay else "")

@@ -23,7 +23,7 @@ from .state import TrainState, silent
 from .temperature import fit_temperature, split_logits, tempered
 from ..data import load_data, read_splits
 from ..data.augment import resolve_augment, strong_augment
-from ..data.loader import BatchLoader
+from ..data.stream import make_loader
 from ..errors import UsageError, note
 from ..metrics import balanced_accuracy, per_class
 from ..models import check_memory, create_model, model_args
@@ -169,10 +169,11 @@ def build(state, splits=None):
 
 
 def batch_loader(state, split, batch_size, **options):
-    """A BatchLoader over one split on the training device, sharded over the ranks."""
+    """A batch loader over one split on the training device (streamed from the disk cache when the
+    data is: data/stream.py), sharded over the ranks."""
     ctx = state.ctx
-    return BatchLoader(*split, batch_size, state.data.preprocess, ctx.device, rank=ctx.rank, world=ctx.world,
-                       channels_last=state.cfg.channels_last, **options)
+    return make_loader(*split, batch_size, state.data.preprocess, ctx.device, streamed=state.data.streamed,
+                       rank=ctx.rank, world=ctx.world, channels_last=state.cfg.channels_last, **options)
 
 
 def test_once(state):
