@@ -35,6 +35,7 @@ class DataConfig:
     # dataset: the training split's own mean and std; none: pixels / 255 only (ToTensor, seeds 000 and
     # 003); "MEAN,STD" or one mean per channel then one std per channel (seed 004: 0.5,0.5)
     normalize: str = "dataset"
+    fix_list: str = ""                             # a CSV from `cnnlab audit --fix-list`: its exclude rows left out, relabel rows relabelled
 
 
 @dataclass

@@ -127,7 +127,8 @@ def test_audit_command_writes_json_page_and_fix_list(folder, tmp_path):
     rows = list(csv.DictReader(open(fixes, encoding="utf-8")))
     assert {"leak", "odd"} <= {r["issue"] for r in rows} and all(r["action"] in ("exclude", "keep") for r in rows)
     page = (out / "audit.html").read_text()
-    shown = len(report["label_issues"]) + 2 * len(report["duplicates"]) + len(report["odd_images"])
+    shown = (len(report["label_issues"]) + len(report["outliers"]) + 2 * len(report["duplicates"])
+             + len(report["odd_images"]))
     assert page.count("data:image/png;base64,") == shown     # a thumbnail for every finding
 
 
