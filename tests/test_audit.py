@@ -91,7 +91,7 @@ def test_no_fold_scores_an_image_it_trained_on(monkeypatch):
     from cnnlab.data.preprocess import Preprocess
 
     identity = Preprocess(channels=1, image_size=4, mean=[0.0], std=[1 / 255])   # normalise(x) == x
-    probs = A.out_of_fold_probs(x, y, 2, identity, A.fast_config(1, 1), folds=4, log=lambda *a: None)
+    probs, _ = A.out_of_fold_probs(x, y, 2, identity, A.fast_config(1, 1), folds=4, log=lambda *a: None)
     assert len(trained_on) == 4 and all(len(s) == 30 for s in trained_on)
     # a model that had seen a row would score it 1.0 for class 1; one that had not gives 0.5
     assert torch.allclose(probs[:, 1], torch.tensor(0.5))
@@ -141,19 +141,12 @@ def test_audit_refuses_bad_input_in_one_line(tmp_path):
 
 
 def test_audit_page_renders_in_chromium(folder, tmp_path, chromium):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    from tests.test_browser import FLAGS
+    from tests.browser import chromium_page
 
     out = tmp_path / "out"
     assert run_cli("audit", f"folder:{folder}", "--no-labels", "--out", out).returncode == 0
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=FLAGS)
-        page = browser.new_page()
-        errors = []
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
+    with chromium_page(chromium) as (page, errors):
         page.goto("file://" + str(out / "audit.html"))
         images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
-        browser.close()
     assert images and all(done and width > 0 for done, width in images), images
     assert not errors, errors
