@@ -150,3 +150,66 @@ def test_audit_page_renders_in_chromium(folder, tmp_path, chromium):
         images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
     assert images and all(done and width > 0 for done, width in images), images
     assert not errors, errors
+
+
+# ---------- outliers in embedding space ----------
+
+def test_centre_distances_are_in_units_of_each_class_spread():
+    """By hand: class 0 sits at the origin with its images 1 away, class 1 at (10, 0) with its images
+    3 away. (0, 2) is 2 of class 0's spreads from its centre (class 1: sqrt(104) / 3 = 3.4); (10, 6)
+    is 2 of class 1's; (0, 0) is 0; (5, 40) is far from both (40.3 / 3 = 13.4 from class 1)."""
+    ring = torch.tensor([[1.0, 0], [-1, 0], [0, 1], [0, -1]])
+    fit = torch.cat([ring, ring * 3 + torch.tensor([10.0, 0])])
+    fit_y = torch.tensor([0] * 4 + [1] * 4)
+    held = torch.tensor([[0.0, 2], [10, 6], [0, 0], [5, 40]])
+    got = A.centre_distances(fit, fit_y, held, num_classes=3)   # class 2 has no images: ignored
+    assert torch.allclose(got, torch.tensor([2.0, 2.0, 0.0, (25 + 1600) ** 0.5 / 3]))
+    assert A.outliers(got) == [3]
+
+
+def test_planted_noise_images_in_mnist_are_the_outliers():
+    """20 uniform-noise images among 4,125 mnist-5k images (2 folds of 3 epochs, as OUTLIER_DISTANCE
+    was measured): at least 18 of them flagged, and they are at least 80% of the flagged."""
+    from cnnlab.config import make_config
+    from cnnlab.data import load_data
+
+    data = load_data(make_config({"data": "mnist-5k", "train_samples": 3000, "val_samples": 375,
+                                  "test_samples": 750}).data_config())
+    x, y = data.train
+    g = torch.Generator().manual_seed(1)
+    planted = torch.randperm(len(y), generator=g)[:20]
+    x = x.clone()
+    x[planted] = torch.randint(0, 256, (20, *x.shape[1:]), generator=g, dtype=torch.uint8)
+    data.train = (x, y)
+    xs, ys, _ = A.pooled(data)   # train first: the planted rows keep their numbers
+    _, scores = A.out_of_fold_probs(xs, ys, 10, data.preprocess, A.fast_config(1, 3), folds=2, log=lambda *a: None)
+    flagged = set(A.outliers(scores))
+    found = flagged & set(planted.tolist())
+    assert len(found) >= 18 and len(found) >= 0.8 * len(flagged), (len(found), len(flagged))
+
+
+# ---------- every entry point on every kind of source ----------
+
+@pytest.fixture(params=["mnist-5k", "cifar-npz", "folder"])
+def source(request):
+    if request.param == "mnist-5k":
+        return "mnist-5k"
+    if not os.path.exists(CIFAR):
+        pytest.skip("../shared/datasets/cifar10_5k.npz is absent")
+    return f"npz:{os.path.abspath(CIFAR)}" if request.param == "cifar-npz" else f"folder:{request.getfixturevalue('folder')}"
+
+
+def test_audit_runs_from_the_cli_and_the_python_api(source, tmp_path):
+    """The same audit (100 images a split, 2 folds of 1 epoch) from `cnnlab audit` and cnnlab.audit():
+    the same images, findings of every kind in both, and the page written."""
+    import cnnlab
+
+    result = run_cli("audit", source, "--limit", 100, "--folds", 2, "--epochs", 1, "--out", tmp_path / "cli")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "label issues:" in result.stdout and "outliers:" in result.stdout
+    cli = json.loads((tmp_path / "cli" / "audit.json").read_text())
+    api = cnnlab.audit(source, limit=100, folds=2, epochs=1, out=str(tmp_path / "api"), quiet=True)
+    for key in ("images", "classes", "imbalance", "duplicates", "odd_images"):
+        assert cli[key] == api[key], key
+    assert {"label_issues", "outliers"} <= cli.keys() & api.keys()
+    assert (tmp_path / "api" / "audit.html").read_text().count("<h2>") == 5
