@@ -367,7 +367,7 @@ def fix_rows(report):
         yield {"action": "exclude", "issue": "leak" if d["leak"] else f"{d['kind']} duplicate", **pick(d["b"]),
                "detail": f"same as {d['a']['split']}[{d['a']['index']}] {d['a']['file']}".strip()}
     for r in report.get("outliers", []):
-        yield {"action": "keep", "issue": "outlier", **pick(r), "detail": f"{r['distance']}x a class's spread from its centre"}
+        yield {"action": "keep", "issue": "outlier", **pick(r), "detail": f"{r['distance']}x a typical distance to a class"}
     for r in report["odd_images"]:
         yield {"action": "keep", "issue": "odd", **pick(r), "detail": r["reason"]}
 

@@ -55,7 +55,7 @@ def outlier_section(report, x):
              f"{r['distance']:.2f}") for r in report["outliers"]]
     return (f"<h2>Outliers ({len(rows)})</h2><p>Images far from every class centre in the penultimate-layer "
             "embedding of the fold models (each image embedded by the model that never saw it); distance in "
-            "units of the class's median spread, farthest first.</p>"
+            "units of a typical image's distance to its own class centre, farthest first.</p>"
             + _table(["image", "where", "label", "distance"], rows))
 
 
