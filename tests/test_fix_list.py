@@ -92,3 +92,29 @@ def test_a_list_that_does_not_fit_is_refused_in_one_line(audited, tmp_path, chan
 def test_missing_fix_list_names_the_command_that_makes_one(tmp_path):
     result = run_cli("train", "--fix-list", tmp_path / "none.csv", "--epochs", 1, "--out", tmp_path / "run")
     assert result.returncode == 2 and "cnnlab audit" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_folder_rows_are_found_by_file_wherever_the_folder_is(tmp_path):
+    """A folder audited as `digits` (relative) and trained as folder:/abs/path/digits after a move:
+    the rows still find their files; the excluded duplicate and blank image are gone."""
+    from PIL import Image
+
+    src = open_source(make_config({"data": "mnist-5k"}).data_config())
+    root = tmp_path / "before" / "digits"
+    for i in range(0, 5000, 125):   # 40 digits of every class (the pool is sorted by class)
+        os.makedirs(root / str(int(src.train_y[i])), exist_ok=True)
+        Image.fromarray(src.train_x[i, 0].numpy()).save(root / str(int(src.train_y[i])) / f"{i}.png")
+    Image.fromarray(src.train_x[0, 0].numpy()).save(root / str(int(src.train_y[0])) / "copy.png")
+    Image.new("L", (28, 28), 0).save(root / str(int(src.train_y[125])) / "blank.png")
+    result = run_cli("audit", "digits", "--no-labels", "--out", "audit", "--fix-list", "fixes.csv",
+                     cwd=tmp_path / "before", env={"PYTHONPATH": str(os.path.dirname(os.path.dirname(__file__)))})
+    assert result.returncode == 0, result.stderr
+    rows = read(tmp_path / "before" / "fixes.csv")
+    for r in rows:
+        r["action"] = "exclude"
+    write(tmp_path / "fixes.csv", rows)
+    os.rename(tmp_path / "before", tmp_path / "after")
+    moved = open_source(make_config({"data": f"folder:{tmp_path / 'after' / 'digits'}"}).data_config())
+    fixed = apply_fix_list(moved, str(tmp_path / "fixes.csv"))
+    gone = {os.path.basename(f) for f in moved.files["train"]} - {os.path.basename(f) for f in fixed.files["train"]}
+    assert len(fixed.train_y) == 42 - len(gone) and {"blank.png"} <= gone and gone & {"0.png", "copy.png"}

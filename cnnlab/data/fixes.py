@@ -3,12 +3,13 @@ one image and an action: `exclude` leaves it out of every split, `relabel` gives
 `suggested` column (edit that to any class name), `keep` changes nothing. An image named twice is
 left out if any of its rows says exclude.
 
-Rows find their image by `file` for folder sources (so a folder that gained files still matches),
-else by `pool` and `pool_index`: its row in the source's train or test set, which stays the same
-whatever --val-fraction and the sample sizes cut. The `label` column must still be the image's
-label: a list from another dataset, or one whose class order changed, is refused rather than
-applied to the wrong images. The fixes apply to the source before the splits are cut (a changed
-pool, like --classes), so a run and its resume see the same images."""
+Rows find their image by `file` for folder sources (so a folder that gained files, moved or is
+named by another path still matches), else by `pool` and `pool_index`: its row in the source's
+train or test set, which stays the same whatever --val-fraction and the sample sizes cut. The
+`label` column must still be the image's label: a list from another dataset, or one whose class
+order changed, is refused rather than applied to the wrong images. The fixes apply to the source
+before the splits are cut (a changed pool, like --classes), so a run and its resume see the same
+images."""
 import csv
 
 import torch
@@ -24,7 +25,7 @@ def apply_fix_list(src, path):
     """The Source with the list's exclude rows dropped and its relabel rows relabelled."""
     labels = {"train": src.train_y.clone(), "test": None if src.test_y is None else src.test_y.clone()}
     dropped = {pool: torch.zeros(len(y), dtype=torch.bool) for pool, y in labels.items() if y is not None}
-    where = {(pool, str(f)): i for pool, files in src.files.items() for i, f in enumerate(files)}
+    where = {rel: (pool, i) for pool, rows in src.ids.items() for i, (rel, _) in enumerate(rows)}   # folder sources
     for line, r in read_rows(path):
         pool, i = locate(r, where, labels, f"{path} line {line}")
         given = src.classes[int((src.train_y if pool == "train" else src.test_y)[i])]
@@ -59,12 +60,16 @@ def read_rows(path):
 
 
 def locate(r, where, labels, place):
-    """(pool, row) of a CSV row's image, by file when the source has files, else by pool and pool_index."""
+    """(pool, row) of a CSV row's image: by file for folder sources (the longest end of its path that
+    is a path inside the dataset folder, so the folder may be named otherwise or have moved), else
+    by pool and pool_index."""
     if r["file"] and where:
-        found = next((key for key in ((p, r["file"]) for p in ("train", "test")) if key in where), None)
+        parts = r["file"].replace("\\", "/").split("/")
+        found = next((where[key] for key in ("/".join(parts[-k:]) for k in range(len(parts), 0, -1)) if key in where),
+                     None)
         if found is None:
             raise UsageError(f"{place}: {r['file']} is not in this data.")
-        return found[0], where[found]
+        return found
     pool, index = r["pool"], r["pool_index"]
     if labels.get(pool) is None or not index.isdigit() or int(index) >= len(labels[pool]):
         raise UsageError(f"{place}: no image {pool or '?'}[{index or '?'}] in this data (pool train or test, "

@@ -139,7 +139,8 @@ def features(model, x, preprocess, ctx):
     classifier), i.e. the penultimate layer; the logits for a model without a Linear."""
     head = next((m for m in reversed(list(model.modules())) if isinstance(m, torch.nn.Linear)), None)
     seen = []
-    hook = head.register_forward_pre_hook(lambda m, args: seen.append(args[0].flatten(1).float().cpu())) if head else None
+    keep = lambda module, args: seen.append(args[0].flatten(1).float().cpu())
+    hook = head.register_forward_pre_hook(keep) if head else None
     was_training = model.training
     model.eval()
     with torch.inference_mode():
@@ -367,7 +368,8 @@ def fix_rows(report):
         yield {"action": "exclude", "issue": "leak" if d["leak"] else f"{d['kind']} duplicate", **pick(d["b"]),
                "detail": f"same as {d['a']['split']}[{d['a']['index']}] {d['a']['file']}".strip()}
     for r in report.get("outliers", []):
-        yield {"action": "keep", "issue": "outlier", **pick(r), "detail": f"{r['distance']}x a typical distance to a class"}
+        yield {"action": "keep", "issue": "outlier", **pick(r),
+               "detail": f"{r['distance']}x a typical distance to a class"}
     for r in report["odd_images"]:
         yield {"action": "keep", "issue": "odd", **pick(r), "detail": r["reason"]}
 
