@@ -4,6 +4,8 @@
   labels-cifar   the same on the CIFAR-10 5k npz
   duplicates     a folder of 2,000 distinct CIFAR images with 20 exact and 20 near copies (JPEG
                  re-encoded, resized to 64 px, shifted one pixel) planted in its test split
+  duplicates-mnist  the same with 2,000 mnist-5k digits
+  outliers       20 uniform-noise images planted among 4,125 mnist-5k images: found as outliers?
   temperature    an over-confident run (no label smoothing, 30 epochs on 1,000 digits): test ECE
                  before and after --calibrate
 
@@ -22,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cnnlab  # noqa: E402
 from cnnlab.config import make_config  # noqa: E402
 from cnnlab.data import load_data  # noqa: E402
+from cnnlab.data.registry import open_source  # noqa: E402
 from cnnlab.evaluation.audit import audit  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "datasets")
@@ -59,7 +62,7 @@ def near_copy(a, kind):
     if kind == "jpeg":
         buffer = io.BytesIO()
         img.save(buffer, "JPEG", quality=75)
-        return Image.open(buffer).convert("RGB")
+        return Image.open(buffer).convert(img.mode)
     if kind == "resized":
         return img.resize((64, 64), Image.BICUBIC)
     shifted = np.zeros_like(a)
@@ -67,8 +70,16 @@ def near_copy(a, kind):
     return Image.fromarray(shifted)
 
 
-def duplicates():
-    x, y = np.load(CIFAR)["x_train"][:2000], np.load(CIFAR)["y_train"][:2000]
+def source_images(name, n=2000):
+    """The first n training images of the CIFAR-10 npz (H, W, 3) or of mnist-5k (H, W), and labels."""
+    if name == "cifar":
+        return np.load(CIFAR)["x_train"][:n], np.load(CIFAR)["y_train"][:n]
+    src = open_source(make_config({"data": "mnist-5k"}).data_config())
+    return src.train_x[:n, 0].numpy(), src.train_y[:n].numpy()
+
+
+def duplicates(name):
+    x, y = source_images(name)
     with tempfile.TemporaryDirectory() as root:
         def save(img, split, label, name):
             folder = os.path.join(root, split, f"c{label}")
@@ -88,9 +99,33 @@ def duplicates():
     hits = [p for p in planted if p in found]
     false = [sorted(os.path.relpath(f, root) for f in p) for p in found if p not in planted]
     leaks = sum(found[p]["leak"] for p in hits)
-    print(f"duplicates: {len(hits)} of 40 planted pairs found ({sum(planted[p] == 'exact' for p in hits)} of 20 exact, "
-          f"{sum(planted[p] != 'exact' for p in hits)} of 20 near), {leaks} reported as leaks; {len(false)} pairs not "
-          f"planted among {len(originals)} source images ({time.time() - start:.0f} s): {false}")
+    print(f"duplicates ({name}): {len(hits)} of 40 planted pairs found ({sum(planted[p] == 'exact' for p in hits)} "
+          f"of 20 exact, {sum(planted[p] != 'exact' for p in hits)} of 20 near), {leaks} reported as leaks; "
+          f"{len(false)} pairs not planted among {len(originals)} source images ({time.time() - start:.0f} s): {false}")
+
+
+def outliers():
+    """20 uniform-noise images planted among 4,125 mnist-5k images; 2 folds of 3 epochs."""
+    from cnnlab.evaluation import audit as A
+
+    data = load_data(make_config({"data": "mnist-5k", "train_samples": 3000, "val_samples": 375,
+                                  "test_samples": 750}).data_config())
+    x, y = data.train
+    g = torch.Generator().manual_seed(1)
+    planted = set(torch.randperm(len(y), generator=g)[:20].tolist())
+    x = x.clone()
+    x[sorted(planted)] = torch.randint(0, 256, (20, *x.shape[1:]), generator=g, dtype=torch.uint8)
+    data.train = (x, y)
+    start = time.time()
+    with tempfile.TemporaryDirectory() as out:
+        report = audit(data, out=out, folds=2, epochs=3, quiet=True)
+    flagged = {r["index"] for r in report["outliers"] if r["split"] == "train"}
+    real = [r["distance"] for r in report["outliers"] if (r["split"], r["index"]) not in {("train", i) for i in planted}]
+    hit = len(flagged & planted)
+    print(f"outliers: 20 noise images among {report['images']}; {len(report['outliers'])} flagged, {hit} of them "
+          f"planted (recall {hit / 20:.2f}, precision {hit / max(1, len(report['outliers'])):.2f}); real images "
+          f"flagged at distances {real}; out-of-fold accuracy {report['label_recipe']['out_of_fold_accuracy']:.1%} "
+          f"({time.time() - start:.0f} s)")
 
 
 def temperature():
@@ -111,7 +146,8 @@ def temperature():
 
 
 PARTS = {"labels-mnist": lambda: labels("mnist-5k", 3), "labels-cifar": lambda: labels(f"npz:{CIFAR}", 4),
-         "duplicates": duplicates, "temperature": temperature}
+         "duplicates": lambda: duplicates("cifar"), "duplicates-mnist": lambda: duplicates("mnist"),
+         "outliers": outliers, "temperature": temperature}
 
 if __name__ == "__main__":
     torch.set_num_threads(2)

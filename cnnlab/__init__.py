@@ -13,13 +13,13 @@ Your own network and data plug in as they are (see `help(cnnlab.train)`):
     @cnnlab.register_model("tinynet")                      # in net.py: `cnnlab train --plugin net.py --model tinynet`
     class TinyNet(nn.Module): ...
 
-The API: train, launch (DDP), load, evaluate, predict, export, explain, lr_find, tune, register_model,
+The API: train, launch (DDP), load, evaluate, predict, export, explain, audit, lr_find, tune, register_model,
 register_dataset.
 """
 __version__ = "0.1.0"
 
-from .api import evaluate, explain, export, launch, load, lr_find, predict, train  # noqa: E402  (after __version__, which cli.py imports alone)
+from .api import audit, evaluate, explain, export, launch, load, lr_find, predict, train  # noqa: E402  (after __version__, which cli.py imports alone)
 from .plugins import register_dataset, register_model  # noqa: E402
 from .tuning import tune  # noqa: E402
 
-__all__ = ["train", "load", "evaluate", "predict", "export", "explain", "launch", "lr_find", "tune", "register_model", "register_dataset"]
+__all__ = ["train", "load", "evaluate", "predict", "export", "explain", "audit", "launch", "lr_find", "tune", "register_model", "register_dataset"]

@@ -234,3 +234,12 @@ def explain(run, images, target=None, layer=None, out=None):
     from .deploy.explain import explain as explain_files
 
     return explain_files(run, images, target=target, layer=layer, out=out)
+
+
+def audit(data, **options):
+    """Check a dataset (cnnlab audit): suspect labels, outliers, duplicates and leaks, odd images,
+    class balance; writes audit.json and audit.html and returns the findings. `data`: a --data name
+    or a loaded Data; options as evaluation/audit.py's audit() (out, folds, epochs, limit, fix_list, ...)."""
+    from .evaluation.audit import audit as audit_data
+
+    return audit_data(data, **options)

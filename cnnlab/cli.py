@@ -54,6 +54,8 @@ HELP = {
     "cache_dir": "where folder: and csv: images are cached once decoded (default: $CNNLAB_CACHE or ~/.cache/cnnlab)",
     "in_memory": "auto (splits in memory when they fit half the memory available, else streamed from the disk "
                  "cache), yes or no [default: auto]",
+    "fix_list": "a fix list CSV from `cnnlab audit --fix-list` (edited): images whose action is exclude are left "
+                "out of every split, relabel ones get the class in `suggested`",
 }
 
 
@@ -238,7 +240,7 @@ def cmd_audit(args):
 
     report = audit(args.data, data_dir=args.data_dir, out=args.out, folds=args.folds, epochs=args.epochs,
                    model=args.model, seed=args.seed, device=args.device, labels=not args.no_labels,
-                   fix_list=args.fix_list)
+                   fix_list=args.fix_list, limit=args.limit)
     print("\n".join(summary_lines(report)))
     print(f"wrote {os.path.join(report['out'], 'audit.html')} and audit.json"
           + (f"; fix list: {args.fix_list}" if args.fix_list else ""))
@@ -442,9 +444,11 @@ def build_parser():
                     "for colour)")
     au.add_argument("--seed", type=int, default=0)
     au.add_argument("--device", default="cpu", help="cpu or cuda for the folds' training")
-    au.add_argument("--no-labels", action="store_true", help="skip the label check (no training)")
+    au.add_argument("--no-labels", action="store_true", help="skip the label check and outliers (no training)")
     au.add_argument("--fix-list", metavar="CSV", help="write every finding as a CSV to edit (action: exclude, "
-                    "relabel, keep)")
+                    "relabel to the class in `suggested`, keep) and feed back with `cnnlab train --fix-list CSV`")
+    au.add_argument("--limit", type=int, default=0, help="audit a seeded sample of at most N images of each split "
+                    "(a quick look) [default: 0, all]")
     au.set_defaults(fn=cmd_audit)
     m = sub.add_parser("models", help="list the model zoo, or summarise one model layer by layer")
     m.add_argument("name", nargs="?")

@@ -40,6 +40,7 @@ class DataConfig:
     # they fit half the memory available) or streamed from it batch by batch
     cache_dir: str = ""
     in_memory: str = "auto"
+    fix_list: str = ""                             # a CSV from `cnnlab audit --fix-list`: its exclude rows left out, relabel rows relabelled
 
 
 @dataclass

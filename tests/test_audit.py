@@ -43,6 +43,22 @@ def test_planted_copies_are_found_and_distinct_images_are_not_paired():
     assert sorted(pairs) == [(0, 120, "exact"), (1, 121, "near"), (2, 122, "near"), (3, 123, "near")]
 
 
+def test_distinct_digits_are_not_paired_and_copies_are():
+    """Digits on black look alike on average (session 4's check paired 18,655 of 2,000 mnist-5k digits,
+    most of them 1s): 400 digits with a JPEG copy of one and a shifted copy of another give those two."""
+    from cnnlab.config import make_config
+    from cnnlab.data.registry import open_source
+
+    x = open_source(make_config({"data": "mnist-5k"}).data_config()).train_x[:400]
+    buffer = io.BytesIO()
+    Image.fromarray(x[0, 0].numpy()).save(buffer, "JPEG", quality=75)
+    copy = torch.from_numpy(np.asarray(Image.open(buffer)))[None]
+    shifted = torch.zeros_like(x[1])
+    shifted[:, 1:] = x[1][:, :-1]
+    pairs = A.duplicate_pairs(torch.cat([x, copy[None], shifted[None]]))
+    assert sorted(pairs) == [(0, 400, "near"), (1, 401, "near")]
+
+
 def test_odd_images():
     x = torch.randint(0, 256, (5, 1, 20, 20), dtype=torch.uint8)
     x[1] = 128                                              # uniform grey: blank
@@ -91,7 +107,7 @@ def test_no_fold_scores_an_image_it_trained_on(monkeypatch):
     from cnnlab.data.preprocess import Preprocess
 
     identity = Preprocess(channels=1, image_size=4, mean=[0.0], std=[1 / 255])   # normalise(x) == x
-    probs = A.out_of_fold_probs(x, y, 2, identity, A.fast_config(1, 1), folds=4, log=lambda *a: None)
+    probs, _ = A.out_of_fold_probs(x, y, 2, identity, A.fast_config(1, 1), folds=4, log=lambda *a: None)
     assert len(trained_on) == 4 and all(len(s) == 30 for s in trained_on)
     # a model that had seen a row would score it 1.0 for class 1; one that had not gives 0.5
     assert torch.allclose(probs[:, 1], torch.tensor(0.5))
@@ -127,7 +143,8 @@ def test_audit_command_writes_json_page_and_fix_list(folder, tmp_path):
     rows = list(csv.DictReader(open(fixes, encoding="utf-8")))
     assert {"leak", "odd"} <= {r["issue"] for r in rows} and all(r["action"] in ("exclude", "keep") for r in rows)
     page = (out / "audit.html").read_text()
-    shown = len(report["label_issues"]) + 2 * len(report["duplicates"]) + len(report["odd_images"])
+    shown = (len(report["label_issues"]) + len(report["outliers"]) + 2 * len(report["duplicates"])
+             + len(report["odd_images"]))
     assert page.count("data:image/png;base64,") == shown     # a thumbnail for every finding
 
 
@@ -140,19 +157,75 @@ def test_audit_refuses_bad_input_in_one_line(tmp_path):
 
 
 def test_audit_page_renders_in_chromium(folder, tmp_path, chromium):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    from tests.test_browser import FLAGS
+    from tests.browser import chromium_page
 
     out = tmp_path / "out"
     assert run_cli("audit", f"folder:{folder}", "--no-labels", "--out", out).returncode == 0
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=FLAGS)
-        page = browser.new_page()
-        errors = []
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
+    with chromium_page(chromium) as (page, errors):
         page.goto("file://" + str(out / "audit.html"))
         images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
-        browser.close()
     assert images and all(done and width > 0 for done, width in images), images
     assert not errors, errors
+
+
+# ---------- outliers in embedding space ----------
+
+def test_centre_distances_are_in_units_of_each_class_spread():
+    """By hand: class 0 sits at the origin with its images 1 away, class 1 at (10, 0) with its images
+    3 away. (0, 2) is 2 of class 0's spreads from its centre (class 1: sqrt(104) / 3 = 3.4); (10, 6)
+    is 2 of class 1's; (0, 0) is 0; (5, 40) is far from both (40.3 / 3 = 13.4 from class 1)."""
+    ring = torch.tensor([[1.0, 0], [-1, 0], [0, 1], [0, -1]])
+    fit = torch.cat([ring, ring * 3 + torch.tensor([10.0, 0])])
+    fit_y = torch.tensor([0] * 4 + [1] * 4)
+    held = torch.tensor([[0.0, 2], [10, 6], [0, 0], [5, 40]])
+    got = A.centre_distances(fit, fit_y, held, num_classes=3)   # class 2 has no images: ignored
+    assert torch.allclose(got, torch.tensor([2.0, 2.0, 0.0, (25 + 1600) ** 0.5 / 3]))
+    assert A.outliers(got) == [3]
+
+
+def test_planted_noise_images_in_mnist_are_the_outliers():
+    """20 uniform-noise images among 4,125 mnist-5k images (2 folds of 3 epochs, as OUTLIER_DISTANCE
+    was measured): at least 18 of them flagged, and they are at least 80% of the flagged."""
+    from cnnlab.config import make_config
+    from cnnlab.data import load_data
+
+    data = load_data(make_config({"data": "mnist-5k", "train_samples": 3000, "val_samples": 375,
+                                  "test_samples": 750}).data_config())
+    x, y = data.train
+    g = torch.Generator().manual_seed(1)
+    planted = torch.randperm(len(y), generator=g)[:20]
+    x = x.clone()
+    x[planted] = torch.randint(0, 256, (20, *x.shape[1:]), generator=g, dtype=torch.uint8)
+    data.train = (x, y)
+    xs, ys, _ = A.pooled(data)   # train first: the planted rows keep their numbers
+    _, scores = A.out_of_fold_probs(xs, ys, 10, data.preprocess, A.fast_config(1, 3), folds=2, log=lambda *a: None)
+    flagged = set(A.outliers(scores))
+    found = flagged & set(planted.tolist())
+    assert len(found) >= 18 and len(found) >= 0.8 * len(flagged), (len(found), len(flagged))
+
+
+# ---------- every entry point on every kind of source ----------
+
+@pytest.fixture(params=["mnist-5k", "cifar-npz", "folder"])
+def source(request):
+    if request.param == "mnist-5k":
+        return "mnist-5k"
+    if not os.path.exists(CIFAR):
+        pytest.skip("../shared/datasets/cifar10_5k.npz is absent")
+    return f"npz:{os.path.abspath(CIFAR)}" if request.param == "cifar-npz" else f"folder:{request.getfixturevalue('folder')}"
+
+
+def test_audit_runs_from_the_cli_and_the_python_api(source, tmp_path):
+    """The same audit (100 images a split, 2 folds of 1 epoch) from `cnnlab audit` and cnnlab.audit():
+    the same images, findings of every kind in both, and the page written."""
+    import cnnlab
+
+    result = run_cli("audit", source, "--limit", 100, "--folds", 2, "--epochs", 1, "--out", tmp_path / "cli")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "label issues:" in result.stdout and "outliers:" in result.stdout
+    cli = json.loads((tmp_path / "cli" / "audit.json").read_text())
+    api = cnnlab.audit(source, limit=100, folds=2, epochs=1, out=str(tmp_path / "api"), quiet=True)
+    for key in ("images", "classes", "imbalance", "duplicates", "odd_images"):
+        assert cli[key] == api[key], key
+    assert {"label_issues", "outliers"} <= cli.keys() & api.keys()
+    assert (tmp_path / "api" / "audit.html").read_text().count("<h2>") == 5

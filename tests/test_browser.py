@@ -9,8 +9,7 @@ from .conftest import FAULT_REPORT
 from .test_serve import free_port, start_server
 
 ARTIFACTS = os.path.join(os.path.dirname(__file__), "..", "runs", "test-artifacts")
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
+from .browser import FLAGS, capture_errors
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +24,7 @@ def browser(chromium):
 def test_report_renders_with_all_images(browser, demo_run):
     os.makedirs(ARTIFACTS, exist_ok=True)
     page = browser.new_page()
-    errors = []
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: errors.append(str(e)))
+    errors = capture_errors(page)
     page.goto("file://" + os.path.abspath(os.path.join(demo_run, "report.html")))
     images = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
     assert len(images) == 6 and all(done and width > 0 for done, width in images), images

@@ -154,19 +154,13 @@ def test_serve_explain_answers_a_heatmap_and_refuses_an_unknown_class(checkpoint
 
 def test_serve_page_shows_the_heatmap_when_toggled(checkpoint_file, chromium):
     """The page's Grad-CAM toggle: an uploaded image gets its overlay, with no console error."""
-    sync_api = pytest.importorskip("playwright.sync_api")
-    from tests.test_browser import FLAGS
+    from tests.browser import chromium_page
     from tests.test_serve import free_port, start_server
 
     port = free_port()
     server = start_server(str(checkpoint_file / "m.pt"), port)
     try:
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, headless=True, args=FLAGS)
-            page = browser.new_page()
-            errors = []
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
+        with chromium_page(chromium) as (page, errors):
             failed = []   # Chromium asks for /favicon.ico, which serve does not have: not an error of the page
             page.on("response", lambda r: failed.append(r.url) if r.status >= 400 and "favicon" not in r.url else None)
             page.goto(f"http://127.0.0.1:{port}/")
@@ -174,7 +168,6 @@ def test_serve_page_shows_the_heatmap_when_toggled(checkpoint_file, chromium):
             page.set_input_files("#file", str(checkpoint_file / "img1.png"))
             page.wait_for_selector('body[data-heatmaps="1"]', state="attached", timeout=60_000)
             size = page.eval_on_selector("#heatmap", "e => [e.hidden, e.complete, e.naturalWidth]")
-            browser.close()
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -12,6 +12,7 @@ from ..errors import UsageError, note
 from . import sources, folder, synthetic  # noqa: F401
 from . import arrays  # noqa: F401,E402  (memory:ID, data handed to cnnlab.train as arrays or a Dataset)
 from . import csvsource  # noqa: F401,E402  (csv:FILE, a labels file of image paths)
+from .fixes import apply_fix_list
 from .images import resize
 from .preprocess import Preprocess
 from .registry import Source, datasets, declared_shape, open_source, register_dataset, resolve_name  # noqa: F401
@@ -99,6 +100,8 @@ def load_data(cfg, splits=None):
         if len(cfg.class_names) != len(src.classes):
             raise UsageError(f"--class-names gives {len(cfg.class_names)} names for {len(src.classes)} classes.")
         src.classes = list(cfg.class_names)
+    if cfg.fix_list:   # before --classes: the list's pool rows index the whole source
+        src = apply_fix_list(src, cfg.fix_list)
     if cfg.classes:
         src = sources.select_classes(src, cfg.classes)
     if len(torch.unique(src.train_y)) < 2:

@@ -228,26 +228,44 @@ def select_classes(src, wanted):
             raise UsageError(f"unknown class '{w}'; the data's classes are {', '.join(src.classes)}.")
     remap = torch.full((len(src.classes),), -1, dtype=torch.int64)
     remap[index] = torch.arange(len(index))
-    masks = {pool: remap[y] >= 0 for pool, y in (("train", src.train_y), ("test", src.test_y)) if y is not None}
-    pixels = {pool: kept_pixels(src, pool, mask) for pool, mask in masks.items()}   # pool -> (x, Entry or None)
+    labels = {pool: None if y is None else remap[y] for pool, y in (("train", src.train_y), ("test", src.test_y))}
+    masks = {pool: y >= 0 for pool, y in labels.items() if y is not None}
+    return keep_rows(src, masks, labels, [src.classes[i] for i in index], "with --classes")
 
-    def keep(y, pool):
-        return (pixels[pool][0], remap[y[masks[pool]]]) if y is not None else (None, None)
 
-    def keep_rows(per_pool):   # files and ids: one entry per row of a pool, kept with their rows
+def keep_rows(src, masks, labels=None, classes=None, why=""):
+    """The Source with only the rows where masks[pool] holds (a pool without a mask whole), given
+    `labels` per pool (default: the source's) and `classes`. The files, ids and a CSV's named
+    validation rows follow their rows, and a pool in the disk cache stays on disk (an entry of its
+    own): --classes and a fix list both cut a source this way."""
+    labels = labels or {"train": src.train_y, "test": src.test_y}
+    x_of = {"train": src.train_x, "test": src.test_x}
+    kept, cache = {}, {}
+    for pool, y in labels.items():
+        if y is None or pool not in masks:
+            kept[pool] = (x_of[pool], y)
+            if pool in src.cache:
+                cache[pool] = src.cache[pool]
+            continue
+        x, entry = kept_pixels(src, pool, masks[pool], why)
+        kept[pool] = (x, y[masks[pool]])
+        if entry:
+            cache[pool] = entry
+
+    def rows_kept(per_pool):   # files and ids: one entry per row of a pool, kept with their rows
         return {pool: [r for r, m in zip(rows, masks[pool].tolist()) if m] if pool in masks else rows
                 for pool, rows in per_pool.items()}
 
-    kept = Source(*keep(src.train_y, "train"), *keep(src.test_y, "test"),
-                  classes=[src.classes[i] for i in index], flip_ok=src.flip_ok, files=keep_rows(src.files),
-                  ids=keep_rows(src.ids), cache={pool: entry for pool, (_, entry) in pixels.items() if entry})
+    out = Source(*kept["train"], *kept["test"], classes=list(classes or src.classes), flip_ok=src.flip_ok,
+                 files=rows_kept(src.files), ids=rows_kept(src.ids), cache=cache)
     if src.val_rows is not None:   # named validation rows (csv:), renumbered among the rows kept
-        new_row = masks["train"].cumsum(0) - 1
-        kept.val_rows = [int(new_row[r]) for r in src.val_rows if masks["train"][r]]
-    return kept
+        train = masks.get("train", torch.ones(len(src.train_y), dtype=torch.bool))
+        new_row = train.cumsum(0) - 1
+        out.val_rows = [int(new_row[r]) for r in src.val_rows if train[r]]
+    return out
 
 
-def kept_pixels(src, pool, mask):
+def kept_pixels(src, pool, mask, why=""):
     """(images of `pool` where `mask` holds, their cache Entry or None): gathered into memory, or for
     a pool in the disk cache into a memory-mapped entry of their own, so data larger than memory
     stays on disk with --classes too."""
@@ -256,4 +274,4 @@ def kept_pixels(src, pool, mask):
         return x[mask], None
     from .stream import split_on_disk
 
-    return split_on_disk(x, mask.nonzero().flatten(), src.cache[pool], f"{pool} pool with --classes")
+    return split_on_disk(x, mask.nonzero().flatten(), src.cache[pool], f"{pool} pool {why}".strip())

@@ -48,6 +48,17 @@ def label_section(report, x):
             + _table(["image", "where", "given", "p(given)", "suggested", "p(suggested)"], rows))
 
 
+def outlier_section(report, x):
+    if "outliers" not in report:
+        return "<h2>Outliers</h2><p>Not checked (--no-labels: the embedding is the fold models').</p>"
+    rows = [(_img(x, r["row"], f"outlier {r['split']} {r['index']}"), _where(r), html.escape(r["label"]),
+             f"{r['distance']:.2f}") for r in report["outliers"]]
+    return (f"<h2>Outliers ({len(rows)})</h2><p>Images far from every class centre in the penultimate-layer "
+            "embedding of the fold models (each image embedded by the model that never saw it); distance in "
+            "units of a typical image's distance to its own class centre, farthest first.</p>"
+            + _table(["image", "where", "label", "distance"], rows))
+
+
 def duplicate_section(report, x):
     rows = [(_img(x, d["a"]["row"], "first of pair"), _img(x, d["b"]["row"], "second of pair"),
              _where(d["a"]), _where(d["b"]), d["kind"], "<b>leak</b>" if d["leak"] else "same split")
@@ -80,6 +91,7 @@ img{{image-rendering:pixelated;display:block}}</style></head>
 <body><h1>cnnlab audit</h1><p>{html.escape(report['data'])}: {report['images']} images,
 {len(report['classes'])} classes, every split.</p>
 {label_section(report, x)}
+{outlier_section(report, x)}
 {duplicate_section(report, x)}
 {odd_section(report, x)}
 {imbalance_section(report)}
