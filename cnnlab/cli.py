@@ -51,6 +51,9 @@ HELP = {
     "init": "start from a cnnlab run's best.pt (RUN_DIR or file); the head is re-made when the classes differ",
     "freeze_epochs": "train only the head for this many epochs (backbone frozen, batch norm in eval mode), then all",
     "backbone_lr_mult": "the backbone's lr is --lr times this (e.g. 0.1), the head's is --lr",
+    "resize": "how images become --image-size squares: crop (photos: stored at ~1.15x, random-resized-crop to train, "
+              "resize + centre crop to evaluate), squash (stretched), pad (letterboxed in black), or auto: crop for "
+              "folders of images larger than --image-size, squash otherwise [default: auto]",
 }
 
 

@@ -35,6 +35,9 @@ class DataConfig:
     # dataset: the training split's own mean and std; none: pixels / 255 only (ToTensor, seeds 000 and
     # 003); "MEAN,STD" or one mean per channel then one std per channel (seed 004: 0.5,0.5)
     normalize: str = "dataset"
+    # how images of other sizes become image_size squares (data/images.py FIT): auto = crop for folders
+    # of images larger than --image-size (the photo pipeline), squash (stretched, as always) otherwise
+    resize: str = "auto"
 
 
 @dataclass
@@ -104,6 +107,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "sampler": ("shuffle", "balanced"),
     "on_bad_image": ("error", "skip"),
+    "resize": ("auto", "squash", "crop", "pad"),
 }
 POSITIVE = ("epochs", "batch_size", "lr", "eval_batch_size")
 NON_NEGATIVE = ("train_samples", "val_samples", "test_samples", "image_size", "weight_decay", "l2",

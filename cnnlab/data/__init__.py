@@ -11,7 +11,8 @@ from ..errors import UsageError, note
 # The builders register themselves on import, in the order `cnnlab datasets` lists them.
 from . import sources, folder, synthetic  # noqa: F401
 from . import arrays  # noqa: F401,E402  (memory:ID, data handed to cnnlab.train as arrays or a Dataset)
-from .images import resize
+from .images import center_crop, fit
+from .photos import stored_size
 from .preprocess import Preprocess
 from .registry import Source, datasets, declared_shape, open_source, register_dataset, resolve_name  # noqa: F401
 from .splits import make_splits, match_splits, read_splits  # noqa: F401
@@ -29,16 +30,22 @@ class Data:
     flip_ok: bool
     splits: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)
+    resize: str = "squash"    # how images of another size became squares (images.FIT)
+    input_size: int = 0       # crop: the network's input side; the training images are stored larger
 
     @property
     def shape(self):
-        return tuple(self.train[0].shape[1:])
+        """The network's input (C, H, W); crop's training images are stored larger (photos.py)."""
+        c, h, w = self.train[0].shape[1:]
+        return (c, self.input_size, self.input_size) if self.input_size else (c, h, w)
 
     @property
     def preprocess(self):
         """What a model trained on this data expects of its inputs (saved in its checkpoints)."""
         c, size = self.shape[0], self.shape[1]
-        return Preprocess(channels=c, image_size=size, mean=self.mean, std=self.std)
+        resize_size = self.train[0].shape[2] if self.input_size else 0
+        return Preprocess(channels=c, image_size=size, mean=self.mean, std=self.std, resize=self.resize,
+                          resize_size=resize_size)
 
     def nbytes(self):
         return sum(part[0].numel() + part[1].numel() * 8 for part in (self.train, self.val, self.test))
@@ -84,16 +91,32 @@ def load_data(cfg, splits=None):
         raise UsageError(f"'{cfg.data}' has fewer than 2 classes in its training data.")
     splits = match_splits(splits, src, cfg.data) if splits else make_splits(src, cfg)
     test_x, test_y = (src.test_x, src.test_y) if splits["test_pool"] == "test" else (src.train_x, src.train_y)
-    pick = lambda x, y, idx: (resize(x[idx], cfg.image_size), y[idx])
+    policy, size, stored = fitting(cfg, src)
+    pick = lambda x, y, idx: (fit(x[idx], stored, policy), y[idx])
+    # crop: training keeps the larger stored squares (a random-resized crop is cut from each at
+    # every step); validation and test keep their centres, cut once here
+    held_out = pick if stored == size else lambda x, y, idx: (center_crop(pick(x, y, idx)[0], size).contiguous(), y[idx])
     train = pick(src.train_x, src.train_y, splits["train"])
     mean, std = normalization(cfg.normalize, train[0])
     data = Data(name=cfg.data, classes=list(src.classes), train=train,
-                val=pick(src.train_x, src.train_y, splits["val"]),
-                test=pick(test_x, test_y, splits["test"]),
-                mean=mean, std=std, flip_ok=src.flip_ok, splits=splits, files=src.files)
+                val=held_out(src.train_x, src.train_y, splits["val"]),
+                test=held_out(test_x, test_y, splits["test"]),
+                mean=mean, std=std, flip_ok=src.flip_ok, splits=splits, files=src.files,
+                resize=policy, input_size=size if stored != size else 0)
     warn_missing_classes(data)
     warn_small_splits(data)
     return data
+
+
+def fitting(cfg, src):
+    """(resize policy, input side, stored side) of the data. A source of files fitted its images
+    when decoding them (src.resize); tensor sources are fitted here by --resize, whose `auto` keeps
+    them squashed as they always were (MNIST, CIFAR: small images, no photo pipeline)."""
+    if src.resize:
+        stored = src.train_x.shape[-1]
+        return src.resize, src.input_size or stored, stored
+    policy = "squash" if cfg.resize == "auto" else cfg.resize
+    return policy, cfg.image_size, stored_size(policy, cfg.image_size)
 
 
 def absent_classes(y, classes):

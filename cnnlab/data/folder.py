@@ -23,13 +23,15 @@ from tqdm import tqdm
 from ..errors import CnnlabError, UsageError, note, on_main_rank, printable
 from .cache import cached_arrays, files_key
 from .images import GRAY_MODES, IMAGE_SUFFIXES, load_array
+from .photos import file_policy, stored_size
 from .registry import Source, register_dataset
 from .sources import select_classes
 
 # In the decoded arrays' cache key: bumped when decoding changes (2: images.resize, torch's
-# kernel, replaced PIL's; 3: large JPEGs decoded at reduced scale, PIL's draft), so an old
-# entry is never mixed with new decodes or predictions.
-DECODER = 3
+# kernel, replaced PIL's; 3: large JPEGs decoded at reduced scale, PIL's draft; 4: EXIF orientation,
+# draft down to 2x, the resize policy in the key), so an old entry is never mixed with new decodes
+# or predictions.
+DECODER = 4
 
 # Suffixes of pictures that are not rasters cnnlab decodes (vector drawings, formats Pillow does not
 # read by default, layered editor files, camera raw): skipped, but counted in the skipped-files warning.
@@ -108,7 +110,8 @@ def parallel_map(fn, items, desc, workers):
 
 
 def choose_format(files, image_size):
-    """(channels, size): grayscale only if every image is; size from the data unless given."""
+    """(channels, size, typical shorter side): grayscale only if every image is; size from the
+    data unless given; the median of the images' shorter sides (for --resize auto)."""
     from PIL import Image
 
     def header(path):
@@ -119,11 +122,13 @@ def choose_format(files, image_size):
             return True, None  # unreadable: decided (and reported) when decoded
     heads = parallel_map(header, files, "reading headers", 8)
     channels = 1 if all(g for g, _ in heads) else 3
+    shorter = sorted(min(s) for _, s in heads if s)
+    typical = shorter[len(shorter) // 2] if shorter else 0
     if image_size:
-        return channels, image_size
+        return channels, image_size, typical
     sizes = Counter(s for _, s in heads if s)
     (w, h), _ = sizes.most_common(1)[0] if sizes else ((32, 32), 0)
-    return channels, min(max(min(w, h), 8), 128)
+    return channels, min(max(min(w, h), 8), 128), typical
 
 
 def image_format(files, image_size, root):
@@ -133,16 +138,17 @@ def image_format(files, image_size, root):
         note(f"first load of {len(files):,} images under {printable(root)}: reading headers, then decoding them once "
              "(cached for next time)")
         return {"format": np.array(choose_format(files, image_size))}
-    channels, size = cached_arrays(files_key(f"format-{image_size}", files), make, kind="formats")["format"]
-    return int(channels), int(size)
+    found = cached_arrays(files_key(f"format2-{image_size}", files), make, kind="formats")["format"]
+    return tuple(int(v) for v in found)
 
 
-def decode_all(files, channels, size, where=""):
-    """Decode every file in parallel -> (uint8 array (N, C, S, S), ok mask, bad messages). Bad files
-    are recorded, not raised, so the cache entry serves both --on-bad-image modes."""
+def decode_all(files, channels, size, where="", policy="squash"):
+    """Decode every file in parallel, fitted to size x size by `policy` -> (uint8 array (N, C, S, S),
+    ok mask, bad messages). Bad files are recorded, not raised, so the cache entry serves both
+    --on-bad-image modes."""
     def one(path):
         try:
-            return load_array(path, channels, size), None
+            return load_array(path, channels, size, policy=policy), None
         except CnnlabError as e:
             return None, str(e)
     note(f"decoding {len(files):,} images{where} at {channels}x{size}x{size}")
@@ -154,13 +160,13 @@ def decode_all(files, channels, size, where=""):
     return x, ok, bad
 
 
-def load_pool(class_files, classes, channels, size, on_bad_image, where=""):
+def load_pool(class_files, classes, channels, size, on_bad_image, where="", policy="squash"):
     files = [f for c in classes for f in class_files.get(c, [])]
     labels = np.array([i for i, c in enumerate(classes) for _ in class_files.get(c, [])], dtype=np.int64)
     def decode():
-        x, ok, bad = decode_all(files, channels, size, where)
+        x, ok, bad = decode_all(files, channels, size, where, policy)
         return {"x": x, "ok": ok, "bad": np.array(bad, dtype=str)}
-    arrays = cached_arrays(files_key(f"{channels}x{size}-decoder{DECODER}", files), decode, kind="folders")
+    arrays = cached_arrays(files_key(f"{channels}x{size}-{policy}-decoder{DECODER}", files), decode, kind="folders")
     # printable here, not when decoding: an entry cached before names were escaped is escaped too
     x, ok, bad = arrays["x"], arrays["ok"], [printable(b) for b in arrays["bad"]]
     if bad and on_bad_image == "error":
@@ -183,13 +189,15 @@ def folder(path, cfg):
     if extra:
         raise CnnlabError(f"{printable(test_root)} has class folders not in {printable(train_root)}: {', '.join(extra)}.")
     all_files = [f for fs in list(train_classes.values()) + list(test_classes.values()) for f in fs]
-    channels, size = image_format(all_files, cfg.image_size, path)
-    train_x, train_y, train_files, bad = load_pool(train_classes, classes, channels, size, cfg.on_bad_image,
-                                                   f" in {printable(train_root)}")
-    src = Source(train_x, train_y, classes=classes, files={"train": train_files})
+    channels, size, typical = image_format(all_files, cfg.image_size, path)
+    policy = file_policy(cfg.resize, size, typical)
+    stored = stored_size(policy, size)   # crop: decoded once at ~1.15x the input side (photos.py)
+    train_x, train_y, train_files, bad = load_pool(train_classes, classes, channels, stored, cfg.on_bad_image,
+                                                   f" in {printable(train_root)}", policy)
+    src = Source(train_x, train_y, classes=classes, files={"train": train_files}, resize=policy, input_size=size)
     if test_root:
         src.test_x, src.test_y, src.files["test"], bad_test = load_pool(
-            test_classes, classes, channels, size, cfg.on_bad_image, f" in {printable(test_root)}")
+            test_classes, classes, channels, stored, cfg.on_bad_image, f" in {printable(test_root)}", policy)
         bad += bad_test
     warn_skipped(bad, not_decoded + not_decoded_test)
     src.files["bad"] = bad

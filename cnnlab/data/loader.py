@@ -10,6 +10,9 @@ import math
 
 import torch
 
+from .images import center_crop
+from .photos import random_resized_crop
+
 
 def _generator(*keys):
     seed = 0
@@ -29,7 +32,9 @@ class BatchLoader:
         self.augment, self.rank, self.world = augment, rank, world
         self.channels_last = channels_last
         h = x.shape[2]
-        self.pad = (2 if h <= 28 else h // 8) if "crop" in augment else 0   # 2 px for digits, 4 for CIFAR
+        # photos (--resize crop) are stored larger than the input: random-resized crops, not shifts
+        self.size = preprocess.image_size if h > preprocess.image_size else 0
+        self.pad = (2 if h <= 28 else h // 8) if "crop" in augment and not self.size else 0   # 2 px for digits, 4 for CIFAR
         # Zero-padded once here, so a random crop is a plain gather with no per-batch padding.
         self.padded = torch.nn.functional.pad(self.x, (self.pad,) * 4) if self.pad else self.x
         self.preprocess, self.scale_shift = preprocess, preprocess.scale_shift(device)   # made once, used per batch
@@ -65,7 +70,7 @@ class BatchLoader:
             xb, yb = self.preprocess.normalise(images(mine), self.scale_shift), self.y[idx[mine]]
         else:
             normalise = lambda x: self.preprocess.normalise(x, self.scale_shift)
-            xb, yb = self.strong.batch(images, self.y[idx], mine, self.x.shape[2:],
+            xb, yb = self.strong.batch(images, self.y[idx], mine, (self.size,) * 2 if self.size else self.x.shape[2:],
                                        _generator(self.seed, epoch, step, 11), normalise)
         if self.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
@@ -74,10 +79,21 @@ class BatchLoader:
     def images(self, idx, positions, epoch, step):
         """uint8 images at `positions` (a slice or CPU index tensor) of global batch `idx`, cropped
         and flipped with the draws of their positions."""
+        if self.size:
+            return self.photos(idx, positions, epoch, step)
         if self.augment == "none":
             return self.x[idx[positions]]
         return augment_gather(self.padded, idx[positions], self.x.shape[2:], self.pad, "flip" in self.augment,
                               _generator(self.seed, epoch, step, 7), len(idx), positions)
+
+
+    def photos(self, idx, positions, epoch, step):
+        """Photos stored larger than the input: a random-resized crop (and flip) each when training
+        augments with crop, the centre otherwise (evaluation's resize + centre crop)."""
+        if "crop" not in self.augment:
+            return center_crop(self.x[idx[positions]], self.size)
+        return random_resized_crop(self.x, idx[positions], self.size, "flip" in self.augment,
+                                   _generator(self.seed, epoch, step, 7), len(idx), positions)
 
 
 def balanced_order(y, gen):

@@ -34,6 +34,11 @@ class Source:
     # pool -> one (path relative to the dataset folder, size in bytes) per row, for sources whose
     # rows are files: splits.json names its images by them, so a changed folder is noticed
     ids: dict = field(default_factory=dict)
+    # sources that decode files fit them to a square themselves (photos.file_policy): the policy
+    # used ("" for tensor sources: load_data applies --resize) and the input side when the images
+    # are stored larger (crop: about 1.15x it), else 0
+    resize: str = ""
+    input_size: int = 0
 
 
 @dataclass(frozen=True)

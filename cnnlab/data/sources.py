@@ -239,4 +239,4 @@ def select_classes(src, wanted):
 
     return Source(*keep(src.train_x, src.train_y, "train"), *keep(src.test_x, src.test_y, "test"),
                   classes=[src.classes[i] for i in index], flip_ok=src.flip_ok, files=keep_rows(src.files),
-                  ids=keep_rows(src.ids))
+                  ids=keep_rows(src.ids), resize=src.resize, input_size=src.input_size)
