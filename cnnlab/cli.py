@@ -54,6 +54,8 @@ HELP = {
     "resize": "how images become --image-size squares: crop (photos: stored at ~1.15x, random-resized-crop to train, "
               "resize + centre crop to evaluate), squash (stretched), pad (letterboxed in black), or auto: crop for "
               "folders of images larger than --image-size, squash otherwise [default: auto]",
+    "resize_size": "with --resize crop: images are stored at and resized (shorter side) to this before the centre crop "
+                   "of --image-size (default: about 1.15x --image-size, or the torchvision weights' own, 256 for 224)",
 }
 
 

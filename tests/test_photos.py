@@ -167,6 +167,8 @@ def test_auto_is_crop_for_photos_and_squash_for_small_images(tmp_path, monkeypat
     assert big.preprocess.resize == "crop" and big.preprocess.resize_size == 20 == photos.stored_side(16)
     assert big.train[0].shape[1:] == (3, 20, 20) and big.test[0].shape[1:] == (3, 16, 16) and big.shape == (3, 16, 16)
     assert small.preprocess.resize == "squash" and small.train[0].shape[1:] == (3, 16, 16)
+    given = load_data(DataConfig(data=f"folder:{tmp_path / 'big'}", image_size=16, resize_size=24, val_fraction=0.0))
+    assert given.preprocess.resize_size == 24 and given.train[0].shape[1:] == (3, 24, 24)
 
 
 def test_tensor_sources_stay_squashed_under_auto(tmp_path):
@@ -231,3 +233,22 @@ def test_the_done_when_command_at_toy_scale(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_torchvision_weights_bring_their_own_resize_and_crop_sizes(tmp_path):
+    """--weights naming torchvision weights, without --image-size: the weights' crop and resize
+    sizes (weights.transforms()) become image_size and resize_size; an --image-size given wins."""
+    from cnnlab.config import make_config
+    from cnnlab.errors import UsageError
+    from cnnlab.training.resume import resolve_config
+
+    published = tmp_path / "resnet50-11ad3fa6.pth"          # IMAGENET1K_V2's file name: 232 then 224
+    published.write_bytes(b"")
+    cfg = resolve_config(overrides={"model": "tv/resnet50", "weights": str(published), "data": "mnist-5k"})
+    assert (cfg.image_size, cfg.resize_size) == (224, 232)
+    cfg = resolve_config(overrides={"model": "tv/resnet18", "weights": "DEFAULT", "data": "mnist-5k"})
+    assert (cfg.image_size, cfg.resize_size) == (224, 256)
+    cfg = resolve_config(overrides={"model": "tv/resnet18", "weights": "DEFAULT", "image_size": 128, "data": "mnist-5k"})
+    assert (cfg.image_size, cfg.resize_size) == (128, 0)
+    with pytest.raises(UsageError, match="'resize_size' \\(100\\) is the side"):
+        make_config({"image_size": 128, "resize_size": 100})

@@ -116,7 +116,7 @@ def fitting(cfg, src):
         stored = src.train_x.shape[-1]
         return src.resize, src.input_size or stored, stored
     policy = "squash" if cfg.resize == "auto" else cfg.resize
-    return policy, cfg.image_size, stored_size(policy, cfg.image_size)
+    return policy, cfg.image_size, stored_size(policy, cfg.image_size, cfg.resize_size)
 
 
 def absent_classes(y, classes):

@@ -191,7 +191,7 @@ def folder(path, cfg):
     all_files = [f for fs in list(train_classes.values()) + list(test_classes.values()) for f in fs]
     channels, size, typical = image_format(all_files, cfg.image_size, path)
     policy = file_policy(cfg.resize, size, typical)
-    stored = stored_size(policy, size)   # crop: decoded once at ~1.15x the input side (photos.py)
+    stored = stored_size(policy, size, cfg.resize_size)   # crop: decoded once at ~1.15x the input side (photos.py)
     train_x, train_y, train_files, bad = load_pool(train_classes, classes, channels, stored, cfg.on_bad_image,
                                                    f" in {printable(train_root)}", policy)
     src = Source(train_x, train_y, classes=classes, files={"train": train_files}, resize=policy, input_size=size)
