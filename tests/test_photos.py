@@ -95,9 +95,9 @@ def fake_stored(n=8, side=24):
     return one.expand(n, -1, -1, -1).contiguous()
 
 
-def loader(x, **options):
+def loader(x, augment="crop+flip", **options):
     pre = Preprocess(channels=3, image_size=16, mean=[0.5] * 3, std=[0.25] * 3, resize="crop", resize_size=24)
-    return BatchLoader(x, torch.zeros(len(x), dtype=torch.long), len(x), pre, augment="crop+flip", seed=3,
+    return BatchLoader(x, torch.zeros(len(x), dtype=torch.long), len(x), pre, augment=augment, seed=3,
                        shuffle=True, **options)
 
 
@@ -252,3 +252,13 @@ def test_torchvision_weights_bring_their_own_resize_and_crop_sizes(tmp_path):
     assert (cfg.image_size, cfg.resize_size) == (128, 0)
     with pytest.raises(UsageError, match="'resize_size' \\(100\\) is the side"):
         make_config({"image_size": 128, "resize_size": 100})
+
+
+def test_flip_alone_flips_the_centre_crops():
+    """--augment flip on photos: centre crops, about half of them mirrored, the same on a rerun."""
+    x = fake_stored(16)
+    flipped = loader(x, augment="flip").make_batch(torch.arange(16), epoch=0, step=0)[0]
+    centre = loader(x, augment="none").make_batch(torch.arange(16), epoch=0, step=0)[0]
+    mirrored = [torch.equal(f, c.flip(-1)) for f, c in zip(flipped, centre)]
+    kept = [torch.equal(f, c) for f, c in zip(flipped, centre)]
+    assert all(m or k for m, k in zip(mirrored, kept)) and 0 < sum(mirrored) < 16

@@ -89,11 +89,16 @@ class BatchLoader:
 
     def photos(self, idx, positions, epoch, step):
         """Photos stored larger than the input: a random-resized crop (and flip) each when training
-        augments with crop, the centre otherwise (evaluation's resize + centre crop)."""
-        if "crop" not in self.augment:
-            return center_crop(self.x[idx[positions]], self.size)
-        return random_resized_crop(self.x, idx[positions], self.size, "flip" in self.augment,
-                                   _generator(self.seed, epoch, step, 7), len(idx), positions)
+        augments with crop, the centre otherwise (evaluation's resize + centre crop), flipped
+        at random under --augment flip."""
+        gen, flip = _generator(self.seed, epoch, step, 7), "flip" in self.augment
+        if "crop" in self.augment:
+            return random_resized_crop(self.x, idx[positions], self.size, flip, gen, len(idx), positions)
+        x = center_crop(self.x[idx[positions]], self.size)
+        if not flip:
+            return x
+        flipped = (torch.rand(len(idx), generator=gen) < 0.5)[positions].to(x.device)
+        return torch.where(flipped[:, None, None, None], x.flip(-1), x)
 
 
 def balanced_order(y, gen):
