@@ -35,10 +35,14 @@ class Preprocess:
         """From a checkpoint's dict; keys a newer or older cnnlab wrote and this one lacks are ignored."""
         names = {f.name for f in fields(cls)}
         pre = cls(**{k: v for k, v in d.items() if k in names})
-        pre.resize = LEGACY_POLICIES.get(pre.resize, pre.resize)
+        if isinstance(pre.resize, str):
+            pre.resize = LEGACY_POLICIES.get(pre.resize, pre.resize)
         if pre.resize not in RESIZE_POLICIES:  # resizing another way would give the model other pixels
             raise CnnlabError(f"the checkpoint resizes inputs by '{pre.resize}'; this cnnlab knows "
                               f"{', '.join(RESIZE_POLICIES)} only (a newer cnnlab wrote it?).")
+        if type(pre.resize_size) is not int or not 0 <= pre.resize_size <= 4096:
+            raise CnnlabError(f"the checkpoint's preprocess has resize_size {pre.resize_size!r}; a side in pixels "
+                              "(or 0) was expected: the file is damaged.")
         return pre
 
     def scale_shift(self, device="cpu"):
