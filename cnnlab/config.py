@@ -38,7 +38,7 @@ class DataConfig:
     # how images of other sizes become image_size squares (data/images.py FIT): auto = crop for folders
     # of images larger than --image-size (the photo pipeline), squash (stretched, as always) otherwise
     resize: str = "auto"
-    resize_size: int = 0                           # crop: images stored at (and resized to) this side; 0 = ~1.15 x image_size
+    resize_size: int = 0                           # crop: images stored at this side; 0 = ~1.15 x image_size
 
 
 @dataclass
@@ -120,7 +120,8 @@ NON_NEGATIVE = ("train_samples", "val_samples", "test_samples", "image_size", "w
 # side are beyond what cnnlab's in-memory datasets hold (one RGB image is 3 MiB at 1024; an
 # image_size of 10**6 asked for 10**12 bytes per image).
 MAX_INT = 2**31 - 1
-MAXIMUM = {"seed": 2**32 - 1, "image_size": 1024, "augment_magnitude": 30, "resize_size": 1024}   # RandAugment's 31 bins
+MAXIMUM = {"seed": 2**32 - 1, "image_size": 1024, "augment_magnitude": 30,   # RandAugment's 31 bins
+           "resize_size": 1024}
 FIELD_TYPES = {f.name: typing.get_type_hints(TrainConfig)[f.name] for f in dataclasses.fields(TrainConfig)}
 
 
@@ -199,7 +200,8 @@ def validate(cfg):
     validate_fine_tuning(cfg)
     if cfg.resize_size and not cfg.image_size <= cfg.resize_size:
         raise UsageError(f"'resize_size' ({cfg.resize_size}) is the side images are resized to before the centre "
-                         f"crop of 'image_size' ({cfg.image_size}): give an image_size, and a resize_size at least as large.")
+                         f"crop of 'image_size' ({cfg.image_size}): give an image_size, and a resize_size at least "
+                         "as large.")
     if cfg.amp == "fp16" and cfg.device == "cpu":
         raise UsageError("'amp: fp16' needs CUDA; use 'amp: bf16' or 'off' on the CPU.")
     return cfg

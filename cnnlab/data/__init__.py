@@ -95,7 +95,9 @@ def load_data(cfg, splits=None):
     pick = lambda x, y, idx: (fit(x[idx], stored, policy), y[idx])
     # crop: training keeps the larger stored squares (a random-resized crop is cut from each at
     # every step); validation and test keep their centres, cut once here
-    held_out = pick if stored == size else lambda x, y, idx: (center_crop(pick(x, y, idx)[0], size).contiguous(), y[idx])
+    held_out = lambda x, y, idx: (center_crop(fit(x[idx], stored, policy), size).contiguous(), y[idx])
+    if stored == size:
+        held_out = pick
     train = pick(src.train_x, src.train_y, splits["train"])
     mean, std = normalization(cfg.normalize, train[0])
     data = Data(name=cfg.data, classes=list(src.classes), train=train,

@@ -34,7 +34,8 @@ class BatchLoader:
         h = x.shape[2]
         # photos (--resize crop) are stored larger than the input: random-resized crops, not shifts
         self.size = preprocess.image_size if h > preprocess.image_size else 0
-        self.pad = (2 if h <= 28 else h // 8) if "crop" in augment and not self.size else 0   # 2 px for digits, 4 for CIFAR
+        shifts = "crop" in augment and not self.size
+        self.pad = (2 if h <= 28 else h // 8) if shifts else 0   # 2 px for digits, 4 for CIFAR
         # Zero-padded once here, so a random crop is a plain gather with no per-batch padding.
         self.padded = torch.nn.functional.pad(self.x, (self.pad,) * 4) if self.pad else self.x
         self.preprocess, self.scale_shift = preprocess, preprocess.scale_shift(device)   # made once, used per batch
@@ -85,7 +86,6 @@ class BatchLoader:
             return self.x[idx[positions]]
         return augment_gather(self.padded, idx[positions], self.x.shape[2:], self.pad, "flip" in self.augment,
                               _generator(self.seed, epoch, step, 7), len(idx), positions)
-
 
     def photos(self, idx, positions, epoch, step):
         """Photos stored larger than the input: a random-resized crop (and flip) each when training

@@ -13,7 +13,8 @@ from . import checkpoint
 from .callbacks import Callback
 from ..errors import UsageError
 from ..models.backbones import head_names
-from ..models.weights import WEIGHT_FILES, entry_for_file, fit_weights, resolve_weights, torchvision_entry, weights_preprocess
+from ..models.weights import (WEIGHT_FILES, entry_for_file, fit_weights, resolve_weights, torchvision_entry,
+                              weights_preprocess)
 
 
 def load_pretrained(cfg, model, data):
