@@ -202,6 +202,9 @@ def validate(cfg):
         raise UsageError(f"'resize_size' ({cfg.resize_size}) is the side images are resized to before the centre "
                          f"crop of 'image_size' ({cfg.image_size}): give an image_size, and a resize_size at least "
                          "as large.")
+    if cfg.resize_size and cfg.resize in ("squash", "pad"):
+        raise UsageError(f"'resize_size' is the stored side of --resize crop; with --resize {cfg.resize} images are "
+                         "resized to image_size directly: drop resize_size, or use --resize crop (or auto).")
     if cfg.amp == "fp16" and cfg.device == "cpu":
         raise UsageError("'amp: fp16' needs CUDA; use 'amp: bf16' or 'off' on the CPU.")
     return cfg

@@ -252,6 +252,8 @@ def test_torchvision_weights_bring_their_own_resize_and_crop_sizes(tmp_path):
     assert (cfg.image_size, cfg.resize_size) == (128, 0)
     with pytest.raises(UsageError, match="'resize_size' \\(100\\) is the side"):
         make_config({"image_size": 128, "resize_size": 100})
+    with pytest.raises(UsageError, match="with --resize pad images are resized to image_size directly"):
+        make_config({"image_size": 128, "resize_size": 148, "resize": "pad"})
 
 
 def test_flip_alone_flips_the_centre_crops():
