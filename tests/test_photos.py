@@ -219,6 +219,7 @@ def test_the_done_when_command_at_toy_scale(tmp_path):
     Image.fromarray(np.full((300, 500, 3), (200, 40, 40), np.uint8)).save(tmp_path / "big.jpg")
     predicted = run_cli("predict", run, tmp_path / "big.jpg", "--json", env=env)
     assert predicted.returncode == 0, predicted.stderr
+    assert "unlike" not in predicted.stderr        # a photo model takes photos of any size without a warning
     exported = run_cli("export", run, "--format", "onnx", env=env)
     assert exported.returncode == 0 and "parity check passed" in exported.stdout + exported.stderr
 

@@ -148,6 +148,14 @@ def readable(name):
         raise CnnlabError(f"{name}: cannot decode image ({str(e).splitlines()[0] or type(e).__name__}).") from None
 
 
+FILE_SIZE = "cnnlab_file_size"   # img.info key: (w, h) as stored in the file, before any draft
+
+
+def file_size(img):
+    """(w, h) of the image in its file: a JPEG opened with a draft decodes smaller."""
+    return img.info.get(FILE_SIZE, img.size)
+
+
 def open_header(path_or_file, name=None, size=0, max_pixels=MAX_PIXELS, limit_hint=LIMIT_HINT):
     """Open an image without decoding its pixels. A JPEG is set to decode at 1/2, 1/4 or 1/8 scale
     when that still leaves DRAFT_MARGIN times `size` per side (PIL's draft: the decoder skips the
@@ -158,6 +166,7 @@ def open_header(path_or_file, name=None, size=0, max_pixels=MAX_PIXELS, limit_hi
     name = name or str(path_or_file)
     with readable(name):
         img = Image.open(path_or_file)
+        img.info[FILE_SIZE] = img.size   # the draft below changes img.size; messages name the file's
         if size and img.format == "JPEG":
             img.draft(None, (DRAFT_MARGIN * size, DRAFT_MARGIN * size))
         w, h = img.size
