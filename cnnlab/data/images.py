@@ -1,7 +1,7 @@
 """From an image to a model's pixels, the one path both training and prediction take: decode
 safely (a pixel limit against decompression bombs, one clear CnnlabError naming the file for
-anything unreadable), turn it upright (EXIF orientation), convert every PIL mode to L or RGB, fit it to a square by the
-run's resize policy (squash, crop, pad), uint8 (C, S, S).
+anything unreadable), turn it upright (EXIF orientation), convert every PIL mode to L or RGB,
+fit it to a square by the run's resize policy (squash, crop, pad), uint8 (C, S, S).
 
 A folder dataset is decoded with `load_array` and `cnnlab predict`/`serve` read their images with
 it (through Preprocess.image), and tensor sources are resized by the same `resize`: an image gives
@@ -24,9 +24,10 @@ from ..errors import CnnlabError
 
 MAX_PIXELS = 64_000_000  # 8000x8000: far beyond a classifier's input, far below a bomb's claim
 LIMIT_HINT = "decompression-bomb guard"
-# A JPEG decodes at reduced scale (1/2, 1/4, 1/8) only down to 2x the side it is resized to. Measured on
-# 2048x1536 photos into 148 px: full decode 47 ms, 1/4 scale 24 ms (mean difference 0.34 of 255
-# after the antialiased resize), 1/8 scale 23 ms (1.4 of 255): 2x keeps the speed, not the error.
+# A JPEG decodes at reduced scale (1/2, 1/4, 1/8) only down to 2x the side it is resized to.
+# Measured on 2048x1536 photos into 148 px: full decode 47 ms, 1/4 scale 24 ms (mean difference
+# 0.34 of 255 after the antialiased resize), 1/8 scale 23 ms (1.4 of 255): 2x keeps the speed,
+# not the error. (It was 8x: a 128 px model then decoded a 12-megapixel photo at full size.)
 DRAFT_MARGIN = 2
 # Peak memory of one load_array per decoded pixel, measured on 8000x8000 PNGs: RGBA 15 bytes
 # (decode, white background, composite, grey or RGB copy, resize), RGB to RGB 10, L to L 5.
