@@ -27,7 +27,7 @@ LIMIT_HINT = "decompression-bomb guard"
 # A JPEG decodes at reduced scale (1/2, 1/4, 1/8) only down to 2x the side it is resized to.
 # Measured on 2048x1536 photos into 148 px: full decode 47 ms, 1/4 scale 24 ms (mean difference
 # 0.34 of 255 after the antialiased resize), 1/8 scale 23 ms (1.4 of 255): 2x keeps the speed,
-# not the error. (It was 8x: a 128 px model then decoded a 12-megapixel photo at full size.)
+# not the error. (It was 8x: a 128 px model then decoded a 2592x1944 photo at full size.)
 DRAFT_MARGIN = 2
 # Peak memory of one load_array per decoded pixel, measured on 8000x8000 PNGs: RGBA 15 bytes
 # (decode, white background, composite, grey or RGB copy, resize), RGB to RGB 10, L to L 5.
