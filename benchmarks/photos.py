@@ -19,6 +19,11 @@ CIFAR-10 JPEG folder is extracted from ../shared/datasets/cifar10_jpg.tar when a
 Timed: the first epoch from the start (data loading and decoding included, to the last training
 step), and training images/s of the epochs after it (steps only: no validation in either arm).
 Target (issue 16): cnnlab >= 2x the tutorial's images/s, first epoch not slower.
+
+`--pipeline-only` times the two input pipelines alone, without the network: the images/s each can
+deliver to a training step (an epoch of augmented, normalised batches; cnnlab's decoded photos
+come from its cache, decoding them first if needed). On a 2-core CPU the network's own step
+bounds both arms; this says how much headroom each pipeline leaves for a faster device.
 """
 import argparse
 import os
@@ -95,16 +100,13 @@ def run_tutorial(photos, epochs, threads):
     """The tutorial's pipeline: (first epoch seconds, [images/s of each later epoch], images)."""
     import torch
     from torch import nn
-    from torchvision import datasets, models, transforms
+    from torchvision import models
 
     torch.manual_seed(0)
     if threads:
         torch.set_num_threads(threads)
     start = time.perf_counter()
-    tf = transforms.Compose([transforms.RandomResizedCrop(SIZE), transforms.RandomHorizontalFlip(),
-                             transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
-    data = datasets.ImageFolder(os.path.join(photos, "train"), tf)
-    loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=True, num_workers=2)
+    data, loader = tutorial_loader(photos)
     net = models.resnet18()
     net.fc = nn.Linear(net.fc.in_features, len(data.classes))
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9)
@@ -121,6 +123,35 @@ def run_tutorial(photos, epochs, threads):
     return times[0][1] - start, [len(data) / (end - begin) for begin, end in times[1:]], len(data)
 
 
+def tutorial_loader(photos):
+    """The tutorial's dataset and DataLoader over PHOTOS/train."""
+    import torch
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.RandomResizedCrop(SIZE), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    data = datasets.ImageFolder(os.path.join(photos, "train"), tf)
+    return data, torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=True, num_workers=2)
+
+
+def pipelines_alone(photos):
+    """Images/s of one epoch of batches from each pipeline, no network: (tutorial, cnnlab)."""
+    from cnnlab.config import DataConfig
+    from cnnlab.data import load_data
+    from cnnlab.data.loader import BatchLoader
+
+    _, loader = tutorial_loader(photos)
+    start = time.perf_counter()
+    n = sum(len(y) for _, y in loader)
+    tutorial = n / (time.perf_counter() - start)
+    os.environ.setdefault("CNNLAB_CACHE", tempfile.mkdtemp(prefix="photos-cache-"))   # decoded here, untimed
+    data = load_data(DataConfig(data=f"folder:{photos}", image_size=SIZE, val_fraction=0.0))
+    ours = BatchLoader(*data.train, BATCH, data.preprocess, shuffle=True, augment="crop+flip")
+    start = time.perf_counter()
+    n = sum(len(y) for _, y in ours.batches(epoch=1))
+    return tutorial, n / (time.perf_counter() - start)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", default="/tmp/cifar10_jpg")
@@ -128,6 +159,7 @@ def main():
     p.add_argument("--photos", type=int, default=2000, help="training photos (the test split gets a tenth more)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: each pipeline's default)")
+    p.add_argument("--pipeline-only", action="store_true", help="time the input pipelines alone, no network")
     args = p.parse_args()
     if not os.path.isdir(args.source):
         with tarfile.open(TAR) as tar:
@@ -135,6 +167,11 @@ def main():
     t = time.perf_counter()
     photos = build_photos(args.source, os.path.join(args.out, f"photos{args.photos}"), args.photos)
     print(f"photo folder {photos} ready ({time.perf_counter() - t:.0f}s)", flush=True)
+    if args.pipeline_only:
+        tutorial, ours = pipelines_alone(photos)
+        print(f"input pipelines alone, images/s of batches: tutorial {tutorial:.0f}, cnnlab {ours:.0f} "
+              f"({ours / tutorial:.1f}x)")
+        return 0
     rows = {}
     for arm, run in (("tutorial (ImageFolder + DataLoader, 2 workers)", run_tutorial),
                      ("cnnlab (--resize crop, decoded once)", run_cnnlab)):
