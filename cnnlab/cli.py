@@ -56,6 +56,11 @@ HELP = {
                  "cache), yes or no [default: auto]",
     "fix_list": "a fix list CSV from `cnnlab audit --fix-list` (edited): images whose action is exclude are left "
                 "out of every split, relabel ones get the class in `suggested`",
+    "resize": "how images become --image-size squares: crop (photos: stored at ~1.15x, random-resized-crop to train, "
+              "resize + centre crop to evaluate), squash (stretched), pad (letterboxed in black), or auto: crop for "
+              "folders of images larger than --image-size, squash otherwise [default: auto]",
+    "resize_size": "with --resize crop: images are stored at and resized (shorter side) to this before the centre crop "
+                   "of --image-size (default: about 1.15x --image-size, or the torchvision weights' own, 256 for 224)",
 }
 
 

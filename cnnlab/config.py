@@ -41,6 +41,10 @@ class DataConfig:
     cache_dir: str = ""
     in_memory: str = "auto"
     fix_list: str = ""                             # a CSV from `cnnlab audit --fix-list`: its exclude rows left out, relabel rows relabelled
+    # how images of other sizes become image_size squares (data/images.py FIT): auto = crop for folders
+    # of images larger than --image-size (the photo pipeline), squash (stretched, as always) otherwise
+    resize: str = "auto"
+    resize_size: int = 0                           # crop: images stored at this side; 0 = ~1.15 x image_size
 
 
 @dataclass
@@ -111,18 +115,20 @@ CHOICES = {
     "sampler": ("shuffle", "balanced"),
     "on_bad_image": ("error", "skip"),
     "in_memory": ("auto", "yes", "no"),
+    "resize": ("auto", "squash", "crop", "pad"),
 }
 POSITIVE = ("epochs", "batch_size", "lr", "eval_batch_size")
 NON_NEGATIVE = ("train_samples", "val_samples", "test_samples", "image_size", "weight_decay", "l2",
                 "step_epochs", "warmup_epochs", "label_smoothing", "grad_clip", "patience",
                 "threads", "save_every_steps", "log_every", "seed", "augment_magnitude",
-                "freeze_epochs")
+                "freeze_epochs", "resize_size")
 # Upper bounds of whole numbers. Every count fits 32 bits (torch and numpy take larger ones badly:
 # seed 10**20 overflowed torch.manual_seed); seeds are numpy's range. Images larger than 1024 px a
 # side are beyond what cnnlab's in-memory datasets hold (one RGB image is 3 MiB at 1024; an
 # image_size of 10**6 asked for 10**12 bytes per image).
 MAX_INT = 2**31 - 1
-MAXIMUM = {"seed": 2**32 - 1, "image_size": 1024, "augment_magnitude": 30}   # RandAugment's 31 bins
+MAXIMUM = {"seed": 2**32 - 1, "image_size": 1024, "augment_magnitude": 30,   # RandAugment's 31 bins
+           "resize_size": 1024}
 FIELD_TYPES = {f.name: typing.get_type_hints(TrainConfig)[f.name] for f in dataclasses.fields(TrainConfig)}
 
 
@@ -199,6 +205,13 @@ def validate(cfg):
         raise UsageError("'split_ranges' gives every split's images itself: drop train_samples, val_samples and "
                          "test_samples.")
     validate_fine_tuning(cfg)
+    if cfg.resize_size and not cfg.image_size <= cfg.resize_size:
+        raise UsageError(f"'resize_size' ({cfg.resize_size}) is the side images are resized to before the centre "
+                         f"crop of 'image_size' ({cfg.image_size}): give an image_size, and a resize_size at least "
+                         "as large.")
+    if cfg.resize_size and cfg.resize in ("squash", "pad"):
+        raise UsageError(f"'resize_size' is the stored side of --resize crop; with --resize {cfg.resize} images are "
+                         "resized to image_size directly: drop resize_size, or use --resize crop (or auto).")
     if cfg.amp == "fp16" and cfg.device == "cpu":
         raise UsageError("'amp: fp16' needs CUDA; use 'amp: bf16' or 'off' on the CPU.")
     return cfg

@@ -66,9 +66,9 @@ def test_round_trip_old_dicts_and_inversion():
     pre = Preprocess(channels=1, image_size=4, mean=[0.5], std=[0.25], invert=True)
     assert Preprocess.from_dict(pre.to_dict()) == pre
     old = Preprocess.from_dict({"channels": 1, "image_size": 4, "mean": [0.5], "std": [0.25], "newer_key": 1})
-    assert old.invert is False and old.resize == "stretch"                   # an older checkpoint's dict
+    assert old.invert is False and old.resize == "squash"                   # an older checkpoint's dict
     img = np.full((4, 4), 10, np.uint8)
     assert pre.image(img).tolist() == [[[245] * 4] * 4] and old.image(img, invert=True).equal(pre.image(img))
     assert torch.allclose(old.normalise(torch.full((1, 1, 2, 2), 255, dtype=torch.uint8)), torch.full((1, 1, 2, 2), 2.0))
-    with pytest.raises(CnnlabError, match="resizes inputs by 'crop'"):
-        Preprocess.from_dict({**pre.to_dict(), "resize": "crop"})
+    with pytest.raises(CnnlabError, match="resizes inputs by 'letterbox'"):
+        Preprocess.from_dict({**pre.to_dict(), "resize": "letterbox"})

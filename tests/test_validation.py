@@ -177,7 +177,8 @@ PLACES = [(), ("model",), ("preprocess",)]
 
 @settings(max_examples=150, deadline=None)
 @given(st.sampled_from(["model", "classes", "preprocess", "config", "metrics", "version", "name", "args", "in_shape",
-                        "num_classes", "channels", "image_size", "mean", "std", "invert", "resize"]),
+                        "num_classes", "channels", "image_size", "mean", "std", "invert", "resize",
+                        "resize_size"]),
        st.sampled_from(PLACES), JUNK)
 def test_any_damaged_field_loads_or_is_one_clear_error(tmp_path_factory, key, place, value):
     """Random values anywhere in a checkpoint: it loads and predicts, or one CnnlabError; never

@@ -13,7 +13,8 @@ from . import sources, folder, synthetic  # noqa: F401
 from . import arrays  # noqa: F401,E402  (memory:ID, data handed to cnnlab.train as arrays or a Dataset)
 from . import csvsource  # noqa: F401,E402  (csv:FILE, a labels file of image paths)
 from .fixes import apply_fix_list
-from .images import resize
+from .images import center_crop, fit
+from .photos import stored_size
 from .preprocess import Preprocess
 from .registry import Source, datasets, declared_shape, open_source, register_dataset, resolve_name  # noqa: F401
 from .splits import make_splits, match_splits, read_splits  # noqa: F401
@@ -33,16 +34,22 @@ class Data:
     files: dict = field(default_factory=dict)
     streamed: bool = False    # the splits stay memory-mapped from the disk cache (data/stream.py)
     disk_bytes: int = 0       # the disk cache's entries behind this data (0: not from the disk cache)
+    resize: str = "squash"    # how images of another size became squares (images.FIT)
+    input_size: int = 0       # crop: the network's input side; the training images are stored larger
 
     @property
     def shape(self):
-        return tuple(self.train[0].shape[1:])
+        """The network's input (C, H, W); crop's training images are stored larger (photos.py)."""
+        c, h, w = self.train[0].shape[1:]
+        return (c, self.input_size, self.input_size) if self.input_size else (c, h, w)
 
     @property
     def preprocess(self):
         """What a model trained on this data expects of its inputs (saved in its checkpoints)."""
         c, size = self.shape[0], self.shape[1]
-        return Preprocess(channels=c, image_size=size, mean=self.mean, std=self.std)
+        resize_size = self.train[0].shape[2] if self.input_size else 0
+        return Preprocess(channels=c, image_size=size, mean=self.mean, std=self.std, resize=self.resize,
+                          resize_size=resize_size)
 
     def nbytes(self):
         return sum(part[0].numel() + part[1].numel() * 8 for part in (self.train, self.val, self.test))
@@ -110,37 +117,54 @@ def load_data(cfg, splits=None):
         splits = match_splits(splits, src, cfg.data)
     else:
         splits = csvsource.named_val_splits(src, cfg) if src.val_rows is not None else make_splits(src, cfg)
-    parts, streamed, disk_bytes = pick_splits(src, splits, cfg)
+    policy, size, stored = fitting(cfg, src)
+    parts, streamed, disk_bytes = pick_splits(src, splits, cfg, policy, size, stored)
     mean, std = normalization(cfg.normalize, parts["train"][0])
     data = Data(name=cfg.data, classes=list(src.classes), **parts, mean=mean, std=std, flip_ok=src.flip_ok,
-                splits=splits, files=src.files, streamed=streamed, disk_bytes=disk_bytes)
+                splits=splits, files=src.files, streamed=streamed, disk_bytes=disk_bytes,
+                resize=policy, input_size=size if stored != size else 0)
     warn_missing_classes(data)
     warn_small_splits(data)
     return data
 
 
-def pick_splits(src, splits, cfg):
-    """({split: (x, y)}, streamed, bytes on disk): each split's rows of its pool, gathered into
-    memory (resized to --image-size), or, for a pool in the disk cache streamed per --in-memory,
-    gathered once into a memory-mapped cache entry of its own."""
+def pick_splits(src, splits, cfg, policy, size, stored):
+    """({split: (x, y)}, streamed, bytes on disk): each split's rows of its pool, fitted by `policy`
+    to the `stored` side, gathered into memory or, for a pool in the disk cache streamed per
+    --in-memory, once into a memory-mapped cache entry of its own. With crop, training keeps the
+    larger stored squares (a random-resized crop is cut from each at every step); validation and
+    test keep their centres at the input side `size`, cut once here."""
     from .stream import split_on_disk, stream_splits
 
     pools = {"train": (src.train_x, src.train_y), "test": (src.test_x, src.test_y)}
     where = {"train": "train", "val": "train", "test": splits["test_pool"]}
     rows = {split: torch.as_tensor(splits[split], dtype=torch.int64) for split in where}
     shape = pools["train"][0].shape[1:]
-    image_bytes = shape[0] * (cfg.image_size ** 2 if cfg.image_size else shape[1] * shape[2])
+    image_bytes = shape[0] * (stored ** 2 if stored else shape[1] * shape[2])
     streamed = stream_splits(cfg.in_memory, sum(map(len, rows.values())) * image_bytes, cfg.data, bool(src.cache))
     parts, disk_bytes = {}, sum(entry.nbytes for entry in src.cache.values())
     for split, pool in where.items():
         x, y = pools[pool]
-        if streamed:   # decoded at --image-size already: nothing to resize
-            x, entry = split_on_disk(x, rows[split], src.cache[pool], f"{split} split")
+        crop = size if split != "train" and stored != size else 0
+        if streamed:   # decoded at the stored side already: nothing to resize
+            x, entry = split_on_disk(x, rows[split], src.cache[pool], f"{split} split", crop=crop)
             disk_bytes += entry.nbytes
-            parts[split] = (x, y[rows[split]])
         else:
-            parts[split] = (resize(x[rows[split]], cfg.image_size), y[rows[split]])
+            x = fit(x[rows[split]], stored, policy)
+            x = center_crop(x, crop).contiguous() if crop else x
+        parts[split] = (x, y[rows[split]])
     return parts, streamed, disk_bytes
+
+
+def fitting(cfg, src):
+    """(resize policy, input side, stored side) of the data. A source of files fitted its images
+    when decoding them (src.resize); tensor sources are fitted here by --resize, whose `auto` keeps
+    them squashed as they always were (MNIST, CIFAR: small images, no photo pipeline)."""
+    if src.resize:
+        stored = src.train_x.shape[-1]
+        return src.resize, src.input_size or stored, stored
+    policy = "squash" if cfg.resize == "auto" else cfg.resize
+    return policy, cfg.image_size, stored_size(policy, cfg.image_size, cfg.resize_size)
 
 
 def absent_classes(y, classes):

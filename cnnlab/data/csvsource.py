@@ -15,6 +15,7 @@ import torch
 
 from ..errors import CnnlabError, UsageError, printable
 from .folder import decode_files, drop_unlearnable, file_ids, image_format, warn_skipped
+from .photos import file_policy, stored_size
 from .images import IMAGE_SUFFIXES
 from .registry import Source, register_dataset
 from .splits import FORMAT, cut, file_table, take
@@ -38,14 +39,16 @@ def csv_labels(path, cfg):
     if not pools["train"]:
         raise CnnlabError(f"{printable(path)}: every row is in the test split; mark some train (or leave split empty).")
     all_files = [r[1] for r in rows]
-    channels, size = image_format(all_files, cfg.image_size, path, cfg.cache_dir)
-    src = Source(None, None, classes=classes)
+    channels, size, typical = image_format(all_files, cfg.image_size, path, cfg.cache_dir)
+    policy = file_policy(cfg.resize, size, typical)   # photos: stored at ~1.15x the input side (photos.py)
+    stored = stored_size(policy, size, cfg.resize_size)
+    src = Source(None, None, classes=classes, resize=policy, input_size=size)
     bad = []
     for pool, members in pools.items():
         if not members:
             continue
         x, y, kept, bad_here, entry = decode_files([r[1] for r in members], [classes.index(r[2]) for r in members],
-                                                   channels, size, cfg, f" listed in {printable(path)}")
+                                                   channels, stored, cfg, f" listed in {printable(path)}", policy)
         setattr(src, f"{pool}_x", x)
         setattr(src, f"{pool}_y", y)
         src.files[pool], src.cache[pool], bad = kept, entry, bad + bad_here

@@ -24,13 +24,15 @@ from tqdm import tqdm
 from ..errors import CnnlabError, UsageError, note, on_main_rank, printable
 from .cache import PageDropper, cached_arrays, disk_array, files_key, new_pixels
 from .images import GRAY_MODES, IMAGE_SUFFIXES, load_array
+from .photos import file_policy, stored_size
 from .registry import Source, register_dataset
 from .sources import select_classes
 
 # In the decoded arrays' cache key: bumped when decoding changes (2: images.resize, torch's
-# kernel, replaced PIL's; 3: large JPEGs decoded at reduced scale, PIL's draft), so an old
-# entry is never mixed with new decodes or predictions.
-DECODER = 3
+# kernel, replaced PIL's; 3: large JPEGs decoded at reduced scale, PIL's draft; 4: EXIF orientation,
+# draft down to 2x, the resize policy in the key), so an old entry is never mixed with new decodes
+# or predictions.
+DECODER = 4
 
 # Suffixes of pictures that are not rasters cnnlab decodes (vector drawings, formats Pillow does not
 # read by default, layered editor files, camera raw): skipped, but counted in the skipped-files warning.
@@ -109,7 +111,8 @@ def parallel_map(fn, items, desc, workers):
 
 
 def choose_format(files, image_size):
-    """(channels, size): grayscale only if every image is; size from the data unless given."""
+    """(channels, size, typical shorter side): grayscale only if every image is; size from the
+    data unless given; the median of the images' shorter sides (for --resize auto)."""
     from PIL import Image
 
     def header(path):
@@ -120,11 +123,13 @@ def choose_format(files, image_size):
             return True, None  # unreadable: decided (and reported) when decoded
     heads = parallel_map(header, files, "reading headers", 8)
     channels = 1 if all(g for g, _ in heads) else 3
+    shorter = sorted(min(s) for _, s in heads if s)
+    typical = shorter[len(shorter) // 2] if shorter else 0
     if image_size:
-        return channels, image_size
+        return channels, image_size, typical
     sizes = Counter(s for _, s in heads if s)
     (w, h), _ = sizes.most_common(1)[0] if sizes else ((32, 32), 0)
-    return channels, min(max(min(w, h), 8), 128)
+    return channels, min(max(min(w, h), 8), 128), typical
 
 
 def image_format(files, image_size, root, cache_dir=""):
@@ -134,20 +139,21 @@ def image_format(files, image_size, root, cache_dir=""):
         note(f"first load of {len(files):,} images under {printable(root)}: reading headers, then decoding them once "
              "(cached for next time)")
         return {"format": np.array(choose_format(files, image_size))}
-    channels, size = cached_arrays(files_key(f"format-{image_size}", files), make, "formats", cache_dir)["format"]
-    return int(channels), int(size)
+    found = cached_arrays(files_key(f"format2-{image_size}", files), make, "formats", cache_dir)["format"]
+    return tuple(int(v) for v in found)
 
 
-def decode_all(files, channels, size, where="", out=None):
+def decode_all(files, channels, size, where="", out=None, policy="squash"):
     """Decode every file in parallel processes (decoding and resizing hold the GIL for part of
     their time; on this shared 2-core machine 2 processes and 8 threads measured within its noise,
-    154-171 vs 164-236 photos/s at 224) into `out`, a uint8 (N, C, S, S) array (the disk
-    cache's memmap; a new array when None) -> (x, ok mask, bad messages). The good rows come
-    first in x, in file order; bad files are recorded, not raised, so the cache entry serves
-    both --on-bad-image modes."""
+    154-171 vs 164-236 photos/s at 224), fitted to size x size by `policy`, into `out`, a uint8
+    (N, C, S, S) array (the disk cache's memmap; a new array when None) -> (x, ok mask, bad
+    messages). The good rows come first in x, in file order; bad files are recorded, not raised,
+    so the cache entry serves both --on-bad-image modes."""
     out = np.empty((len(files), channels, size, size), np.uint8) if out is None else out
     note(f"decoding {len(files):,} images{where} at {channels}x{size}x{size}")
-    chunks = [(start, files[start:start + DECODE_CHUNK], channels, size) for start in range(0, len(files), DECODE_CHUNK)]
+    chunks = [(start, files[start:start + DECODE_CHUNK], channels, size, policy)
+              for start in range(0, len(files), DECODE_CHUNK)]
     errors = {}
     bar = tqdm(total=len(files), desc="decoding", unit="img", disable=None if on_main_rank() else True,
                leave=False, dynamic_ncols=True)
@@ -200,11 +206,11 @@ class _SerialPool:
 
 def decode_chunk(task):
     """(start, [(uint8 (C, S, S) or None, error message or None)]) for one chunk of files."""
-    start, files, channels, size = task
+    start, files, channels, size, policy = task
     decoded = []
     for path in files:
         try:
-            decoded.append((load_array(path, channels, size), None))
+            decoded.append((load_array(path, channels, size, policy=policy), None))
         except CnnlabError as e:
             decoded.append((None, str(e)))
     return start, decoded
@@ -221,25 +227,25 @@ def compact(x, ok):
     return x[:len(good)]
 
 
-def decode_label(channels, size):
+def decode_label(channels, size, policy="squash"):
     """What, besides the file list, decides the decoded pixels: the cache key's label. A new
-    decoding setting (a resize policy) belongs here."""
-    return f"{channels}x{size}-decoder{DECODER}"
+    decoding setting belongs here."""
+    return f"{channels}x{size}-{policy}-decoder{DECODER}"
 
 
-def decode_files(files, labels, channels, size, cfg, where=""):
+def decode_files(files, labels, channels, size, cfg, where="", policy="squash"):
     """The pool of (path, label) rows as tensors: (uint8 (N, C, S, S) memory-mapped from the disk
     cache, int64 labels, kept files, bad messages, the cache Entry). Decoded once, in parallel, into
     the cache (cfg.cache_dir); --on-bad-image error raises on the first bad file, skip leaves it out.
     Shared by folder: and csv: sources."""
     def fill(folder):
-        x, ok, bad = decode_all(files, channels, size, where, out=new_pixels(folder, (len(files), channels, size, size)))
+        x, ok, bad = decode_all(files, channels, size, where, new_pixels(folder, (len(files), channels, size, size)), policy)
         if isinstance(x, np.memmap):
             PageDropper(x).drop()   # flushed, and its pages out of this process
             os.truncate(os.path.join(folder, "pixels.u8"), x.nbytes)   # the bad files' rows, cut off
         return {"shape": list(x.shape), "ok": ok.tolist(), "bad": bad, "source": "images" + where,
                 "files": len(files)}
-    entry = disk_array("folders", files_key(decode_label(channels, size), files), fill, cfg.cache_dir)
+    entry = disk_array("folders", files_key(decode_label(channels, size, policy), files), fill, cfg.cache_dir)
     ok, bad = np.array(entry.meta["ok"], dtype=bool), [printable(b) for b in entry.meta["bad"]]
     if bad and cfg.on_bad_image == "error":
         more = f" (and {len(bad) - 1} more bad files)" if len(bad) > 1 else ""
@@ -249,11 +255,11 @@ def decode_files(files, labels, channels, size, cfg, where=""):
     return torch.from_numpy(entry.array()), torch.from_numpy(labels), kept, bad, entry
 
 
-def load_pool(class_files, classes, channels, size, cfg, where=""):
+def load_pool(class_files, classes, channels, size, cfg, where="", policy="squash"):
     """A folder's pool: its class subfolders' files, labelled by class, decoded (decode_files)."""
     files = [f for c in classes for f in class_files.get(c, [])]
     labels = [i for i, c in enumerate(classes) for _ in class_files.get(c, [])]
-    return decode_files(files, labels, channels, size, cfg, where)
+    return decode_files(files, labels, channels, size, cfg, where, policy)
 
 
 @register_dataset("folder", arg="PATH", claims=os.path.isdir, shape="--image-size", classes="folders",
@@ -269,13 +275,16 @@ def folder(path, cfg):
     if extra:
         raise CnnlabError(f"{printable(test_root)} has class folders not in {printable(train_root)}: {', '.join(extra)}.")
     all_files = [f for fs in list(train_classes.values()) + list(test_classes.values()) for f in fs]
-    channels, size = image_format(all_files, cfg.image_size, path, cfg.cache_dir)
-    train_x, train_y, train_files, bad, entry = load_pool(train_classes, classes, channels, size, cfg,
-                                                          f" in {printable(train_root)}")
-    src = Source(train_x, train_y, classes=classes, files={"train": train_files}, cache={"train": entry})
+    channels, size, typical = image_format(all_files, cfg.image_size, path, cfg.cache_dir)
+    policy = file_policy(cfg.resize, size, typical)
+    stored = stored_size(policy, size, cfg.resize_size)   # crop: decoded once at ~1.15x the input side (photos.py)
+    train_x, train_y, train_files, bad, entry = load_pool(train_classes, classes, channels, stored, cfg,
+                                                          f" in {printable(train_root)}", policy)
+    src = Source(train_x, train_y, classes=classes, files={"train": train_files}, cache={"train": entry},
+                 resize=policy, input_size=size)
     if test_root:
         src.test_x, src.test_y, src.files["test"], bad_test, src.cache["test"] = load_pool(
-            test_classes, classes, channels, size, cfg, f" in {printable(test_root)}")
+            test_classes, classes, channels, stored, cfg, f" in {printable(test_root)}", policy)
         bad += bad_test
     warn_skipped(bad, not_decoded + not_decoded_test)
     src.files["bad"] = bad

@@ -10,6 +10,9 @@ import math
 
 import torch
 
+from .images import center_crop
+from .photos import random_resized_crop
+
 
 def _generator(*keys):
     seed = 0
@@ -29,7 +32,10 @@ class BatchLoader:
         self.augment, self.rank, self.world = augment, rank, world
         self.channels_last = channels_last
         h = x.shape[2]
-        self.pad = (2 if h <= 28 else h // 8) if "crop" in augment else 0   # 2 px for digits, 4 for CIFAR
+        # photos (--resize crop) are stored larger than the input: random-resized crops, not shifts
+        self.size = preprocess.image_size if h > preprocess.image_size else 0
+        shifts = "crop" in augment and not self.size
+        self.pad = (2 if h <= 28 else h // 8) if shifts else 0   # 2 px for digits, 4 for CIFAR
         # Zero-padded once here, so a random crop is a plain gather with no per-batch padding.
         self.padded = torch.nn.functional.pad(self.x, (self.pad,) * 4) if self.pad else self.x
         self.preprocess, self.scale_shift = preprocess, preprocess.scale_shift(device)   # made once, used per batch
@@ -65,7 +71,7 @@ class BatchLoader:
             xb, yb = self.preprocess.normalise(images(mine), self.scale_shift), self.y[idx[mine]]
         else:
             normalise = lambda x: self.preprocess.normalise(x, self.scale_shift)
-            xb, yb = self.strong.batch(images, self.y[idx], mine, self.x.shape[2:],
+            xb, yb = self.strong.batch(images, self.y[idx], mine, (self.size,) * 2 if self.size else self.x.shape[2:],
                                        _generator(self.seed, epoch, step, 11), normalise)
         if self.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
@@ -74,10 +80,25 @@ class BatchLoader:
     def images(self, idx, positions, epoch, step):
         """uint8 images at `positions` (a slice or CPU index tensor) of global batch `idx`, cropped
         and flipped with the draws of their positions."""
+        if self.size:
+            return self.photos(self.x, idx[positions], len(idx), positions, epoch, step)
         if self.augment == "none":
             return self.x[idx[positions]]
         return augment_gather(self.padded, idx[positions], self.x.shape[2:], self.pad, "flip" in self.augment,
                               _generator(self.seed, epoch, step, 7), len(idx), positions)
+
+    def photos(self, x, rows, n, positions, epoch, step):
+        """Photos stored larger than the input (`rows` of `x`, at `positions` of a global batch of
+        `n`): a random-resized crop (and flip) each when training augments with crop, the centre
+        otherwise (evaluation's resize + centre crop), flipped at random under --augment flip."""
+        gen, flip = _generator(self.seed, epoch, step, 7), "flip" in self.augment
+        if "crop" in self.augment:
+            return random_resized_crop(x, rows, self.size, flip, gen, n, positions)
+        x = center_crop(x[rows], self.size)
+        if not flip:
+            return x
+        flipped = (torch.rand(n, generator=gen) < 0.5)[positions].to(x.device)
+        return torch.where(flipped[:, None, None, None], x.flip(-1), x)
 
 
 def balanced_order(y, gen):

@@ -40,6 +40,11 @@ class Source:
     # rows of the training pool that the data itself names as the validation split (a CSV's split
     # column); None: cnnlab cuts the validation split
     val_rows: list = None
+    # sources that decode files fit them to a square themselves (photos.file_policy): the policy
+    # used ("" for tensor sources: load_data applies --resize) and the input side when the images
+    # are stored larger (crop: about 1.15x it), else 0
+    resize: str = ""
+    input_size: int = 0
 
 
 @dataclass(frozen=True)

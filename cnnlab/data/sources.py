@@ -257,7 +257,8 @@ def keep_rows(src, masks, labels=None, classes=None, why=""):
                 for pool, rows in per_pool.items()}
 
     out = Source(*kept["train"], *kept["test"], classes=list(classes or src.classes), flip_ok=src.flip_ok,
-                 files=rows_kept(src.files), ids=rows_kept(src.ids), cache=cache)
+                 files=rows_kept(src.files), ids=rows_kept(src.ids), cache=cache,
+                 resize=src.resize, input_size=src.input_size)
     if src.val_rows is not None:   # named validation rows (csv:), renumbered among the rows kept
         train = masks.get("train", torch.ones(len(src.train_y), dtype=torch.bool))
         new_row = train.cumsum(0) - 1

@@ -47,17 +47,22 @@ def stream_splits(mode, nbytes, data_name, disk_backed):
     return mode == "no" or (mode == "auto" and nbytes > budget)
 
 
-def split_on_disk(x, rows, pool_entry, name="a split"):
+def split_on_disk(x, rows, pool_entry, name="a split", crop=0):
     """The rows `rows` of a memory-mapped pool `x` (split `name`), gathered once into their own entry
-    in the pool's cache (keyed by the pool's entry and the rows) -> (memory-mapped uint8 tensor, its Entry)."""
+    in the pool's cache (keyed by the pool's entry, the rows and `crop`) -> (memory-mapped uint8
+    tensor, its Entry). `crop`: keep each image's central crop x crop (held-out splits of photos)."""
+    from .images import center_crop
+
     rows = torch.as_tensor(rows, dtype=torch.int64)
-    key = hashlib.sha256(pool_entry.path.encode() + rows.numpy().tobytes()).hexdigest()[:24]
+    key = hashlib.sha256(pool_entry.path.encode() + rows.numpy().tobytes() + str(crop).encode()).hexdigest()[:24]
+    side = (crop, crop) if crop else tuple(x.shape[2:])
 
     def fill(folder):
-        out = new_pixels(folder, (len(rows),) + tuple(x.shape[1:]))
+        out = new_pixels(folder, (len(rows), x.shape[1]) + side)
         dropper = PageDropper(x, out)
         for start in range(0, len(rows), 256):   # sorted rows within a chunk: a forward read of the pool
-            out[start:start + 256] = x[rows[start:start + 256]].numpy()
+            part = x[rows[start:start + 256]]
+            out[start:start + 256] = (center_crop(part, crop) if crop else part).numpy()
             dropper.read(out[start:start + 256].nbytes)
         dropper.drop()
         origin = pool_entry.meta.get("origin") or pool_entry.meta.get("source", "images")   # the decoded files
@@ -122,10 +127,12 @@ class StreamLoader(BatchLoader):
         rows = idx[positions].cpu()
         ahead = self.ahead
         got = ahead[1] if ahead is not None and torch.equal(ahead[0], rows) else self.read(rows)
+        local = torch.arange(len(got), device=got.device)
+        if self.size:   # photos stored larger than the input: cut as the in-memory loader cuts them
+            return self.photos(got, local, len(idx), positions, epoch, step)
         if self.augment == "none":
             return got
         padded = torch.nn.functional.pad(got, (self.pad,) * 4) if self.pad else got
-        local = torch.arange(len(got), device=got.device)
         return augment_gather(padded, local, self.x.shape[2:], self.pad, "flip" in self.augment,
                               _generator(self.seed, epoch, step, 7), len(idx), positions)
 

@@ -16,7 +16,7 @@ def read_images(model, paths, invert=False):
     images, read = [], []
     for path in expand(paths):
         try:
-            images.append(model.preprocess.image(open_image(path, size=model.preprocess.image_size),
+            images.append(model.preprocess.image(open_image(path, size=model.preprocess.decode_size),
                                                  invert=invert or None))
             read.append(path)
         except CnnlabError as e:

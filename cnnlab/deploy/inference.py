@@ -42,14 +42,17 @@ class Classifier:
         """'500x375 colour' when a PIL image differs greatly from the training images: its short
         side over 8x the model's input (the downscale throws away what the model would need), or
         colour into a grayscale model (or grayscale into a colour one); '' when it does not."""
-        from ..data.images import GRAY_MODES, has_colour
+        from ..data.images import GRAY_MODES, file_size, has_colour
 
         c, size = self.preprocess.channels, self.preprocess.image_size
         colour = has_colour(img)
         wrong_kind = (c == 1 and colour) or (c == 3 and img.mode in GRAY_MODES)
-        if min(img.size) <= 8 * size and not wrong_kind:
+        w, h = file_size(img)
+        # a photo model (--resize crop) was trained on photos of any size: only the kind can differ
+        too_large = min(w, h) > 8 * size and self.preprocess.resize != "crop"
+        if not too_large and not wrong_kind:
             return ""
-        return f"{img.size[0]}x{img.size[1]} {'colour' if colour else 'grayscale'}"
+        return f"{w}x{h} {'colour' if colour else 'grayscale'}"
 
     def training_images(self):
         """'1x28x28 grayscale': what the model was trained on, for messages."""

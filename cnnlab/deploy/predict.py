@@ -35,7 +35,7 @@ def predict_files(checkpoint_path, paths, top_k=3, as_json=False, invert=False, 
     results, ok_items, unlike = [], [], []
     for path in expand(paths):
         try:
-            img = open_image(path, size=model.preprocess.image_size)
+            img = open_image(path, size=model.preprocess.decode_size)
             if what := model.unlike_training(img):
                 unlike.append((path, what))
             ok_items.append((len(results), model.preprocess.image(img, invert=invert or None)))

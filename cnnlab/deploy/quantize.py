@@ -125,7 +125,9 @@ def quantize_checked(model, fp32_path, out, raw_input, max_drop):
     data = run_data_of(model)
     if len(data.test[1]) == 0:
         raise CnnlabError("the run has no test split to check the int8 model on: --quantize needs one.")
-    quantize(model, fp32_path, out, raw_input, data.train[0])
+    from ..data.images import center_crop   # photos (--resize crop) are stored larger than the input
+
+    quantize(model, fp32_path, out, raw_input, center_crop(data.train[0], model.preprocess.image_size))
     fp32, int8 = measure(fp32_path, model, data, raw_input), measure(out, model, data, raw_input)
     drop = 100 * (fp32.accuracy - int8.accuracy)
     if drop > max_drop:

@@ -62,7 +62,7 @@ def decode(model, raw, name, max_pixels):
     """One uploaded file as the model's uint8 (C, S, S) input, or the error message (str) when it
     is not a readable image or decodes to more than `max_pixels` (checked from its header)."""
     try:
-        img = open_header(io.BytesIO(raw), name, model.preprocess.image_size, max_pixels, "--max-pixels")
+        img = open_header(io.BytesIO(raw), name, model.preprocess.decode_size, max_pixels, "--max-pixels")
         return model.preprocess.image(img, name=name)
     except CnnlabError as e:
         return str(e)

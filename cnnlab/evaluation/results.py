@@ -70,7 +70,8 @@ def run_data(model, run_dir=None, data=None, data_dir=None):
     cfg = make_config({"data_dir": data_dir} if data_dir else {}, base=make_config(model.config))
     splits = None
     if data:
-        cfg = make_config({"data": data, "classes": [], "image_size": model.preprocess.image_size}, base=cfg)
+        cfg = make_config({"data": data, "classes": [], "image_size": model.preprocess.image_size,
+                           "resize": model.preprocess.resize}, base=cfg)
     elif run_dir and os.path.exists(os.path.join(run_dir, "config.yaml")):   # a run folder keeps its splits.json
         checkpoint.check_run_config(model.config, run_dir, fix="put back the run's own best.pt, or give --data")
         splits = read_splits(run_dir)

@@ -32,6 +32,15 @@ def banner_title(resumed):
     return "===== cnnlab train" + (" (resumed)" if resumed else "") + " ====="
 
 
+def photo_note(data):
+    """How photos become inputs, when not squashed (--resize crop: the photo pipeline; pad)."""
+    pre = data.preprocess
+    if pre.resize == "crop" and pre.resize_size:
+        return (f"; photos stored at {pre.resize_size} px, random-resized crops to train, "
+                f"resize + centre crop to evaluate (--resize crop)")
+    return "" if pre.resize == "squash" else f"; --resize {pre.resize}"
+
+
 def settings_lines(state):
     """The resolved settings before training, like seed 004's HYPERPARAMETERS block (its title
     line, `banner_title`, is printed before the data is loaded)."""
@@ -39,7 +48,7 @@ def settings_lines(state):
     sizes = " / ".join(f"{len(data.splits[k])}" for k in ("train", "val", "test"))
     return [
         f"data       {cfg.data}: {'x'.join(map(str, data.shape))}, {len(data.classes)} classes, "
-        f"train/val/test {sizes} ({data.residence()}), augment {meta['augment']}",
+        f"train/val/test {sizes} ({data.residence()}), augment {meta['augment']}" + photo_note(data),
         f"model      {cfg.model} {meta['model_args'] or ''}({meta['num_params']:,} parameters)",
         f"optimizer  {cfg.optimizer} lr {cfg.lr:g}, batch {cfg.batch_size} (global), {cfg.epochs} epochs, "
         f"schedule {cfg.schedule}" + (f", weight decay {cfg.weight_decay:g}" if cfg.weight_decay else "")

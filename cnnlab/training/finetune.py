@@ -5,13 +5,16 @@ backbone's lr scaled by --backbone-lr-mult (optim.param_groups, set_lr).
 The frozen phase is set at every epoch's start from the epoch number alone, so a run resumed
 inside or after it is in the same phase as the uninterrupted run: nothing to save.
 """
+import os
+
 import torch
 
 from . import checkpoint
 from .callbacks import Callback
 from ..errors import UsageError
 from ..models.backbones import head_names
-from ..models.weights import fit_weights, resolve_weights, weights_preprocess
+from ..models.weights import (WEIGHT_FILES, entry_for_file, fit_weights, resolve_weights, torchvision_entry,
+                              weights_preprocess)
 
 
 def load_pretrained(cfg, model, data):
@@ -32,6 +35,23 @@ def load_pretrained(cfg, model, data):
     if normalisation:
         text += use_normalisation(data, normalisation)
     return text
+
+
+def weights_sizes(cfg):
+    """--weights naming torchvision weights (DEFAULT, a weights name, or a file named as torchvision
+    publishes it) with no --image-size: the weights' own crop and resize sizes become the run's
+    image_size and resize_size (224 cut from 256 for most ImageNet weights), as their mean and std
+    become its normalisation. Read from torchvision's tables: nothing is downloaded here."""
+    if not cfg.weights or cfg.image_size or not cfg.model.startswith("tv/"):
+        return cfg
+    from ..config import make_config
+
+    is_file = os.path.exists(cfg.weights) or cfg.weights.endswith(WEIGHT_FILES)
+    sizes = weights_preprocess(entry_for_file(cfg.model, cfg.weights) if is_file
+                               else torchvision_entry(cfg.model, cfg.weights))
+    if sizes is None:
+        return cfg
+    return make_config({"image_size": sizes["crop"], "resize_size": sizes["resize"]}, base=cfg)
 
 
 def use_normalisation(data, pre):

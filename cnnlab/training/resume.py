@@ -5,6 +5,7 @@ import os
 from ..config import load_yaml, make_config
 from ..errors import UsageError
 from .checkpoint import DEFINING
+from .finetune import weights_sizes
 
 # Settings that define what a run IS; changing them on --resume would silently mix two runs: its
 # data and network (checkpoint.DEFINING) and how it trains.
@@ -19,7 +20,7 @@ def resolve_config(config=None, resume=None, overrides=None):
     if resume:
         return resume_config(resume, overrides)
     cfg = make_config(overrides, base=config) if config is None or overrides else config
-    return with_data_name(cfg)
+    return weights_sizes(with_data_name(cfg))
 
 
 def with_data_name(cfg):
