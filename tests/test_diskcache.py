@@ -88,10 +88,9 @@ def test_compaction_keeps_the_good_rows_in_order(ok):
 
 
 def folder_run(tmp_path, **settings):
-    settings = {"epochs": 2, **settings}
+    settings = {"epochs": 2, "augment": "crop+flip", **settings}
     return cnnlab.train(data=str(tmp_path / "photos"), model="lenet5", image_size=16, batch_size=8,
-                        augment="crop+flip", out=str(tmp_path / settings.pop("name")), report=False, quiet=True,
-                        **settings)
+                        out=str(tmp_path / settings.pop("name")), report=False, quiet=True, **settings)
 
 
 @pytest.fixture
@@ -141,7 +140,7 @@ def test_in_memory_yes_that_cannot_fit_is_one_line_before_loading(photos, monkey
     import cnnlab.data as data_module
 
     monkeypatch.setattr(stream, "memory_budget", lambda: 1000)
-    monkeypatch.setattr(data_module, "resize", lambda *a: pytest.fail("a split was loaded"))
+    monkeypatch.setattr(data_module, "fit", lambda *a: pytest.fail("a split was loaded"))
     with pytest.raises(UsageError, match=r"^--in-memory yes: the splits of folder:.* take 0\.00 GiB, over the 0\.00 GiB "
                                          r"budget \(half the memory available\); use --in-memory auto or no"):
         load_data(DataConfig(data=f"folder:{photos / 'photos'}", image_size=16, in_memory="yes"))
@@ -274,3 +273,15 @@ def worker_budget(_):
     from cnnlab.data import images
 
     return images.DECODING.total
+
+
+@pytest.mark.parametrize("augment", ["crop+flip", "flip"])
+def test_streamed_photos_are_cut_as_in_memory_ones(photos, augment):
+    """--resize crop stores photos larger than the input: streamed, the training batches get the same
+    random-resized crops and the held-out splits the same centre crops as in memory."""
+    runs = [folder_run(photos, name=f"{mode}-{augment}", in_memory=mode, resize="crop", augment=augment, epochs=1)
+            for mode in ("yes", "no")]
+    assert runs[1].summary["train_seconds"] >= 0 and runs[0].history[0]["train_loss"] == runs[1].history[0]["train_loss"]
+    assert runs[0].summary["test_loss"] == runs[1].summary["test_loss"]
+    data = load_data(DataConfig(data=f"folder:{photos / 'photos'}", image_size=16, resize="crop", in_memory="no"))
+    assert data.streamed and data.train[0].shape[-1] > 16 and data.test[0].shape[-1] == data.val[0].shape[-1] == 16
