@@ -229,3 +229,32 @@ def test_audit_runs_from_the_cli_and_the_python_api(source, tmp_path):
         assert cli[key] == api[key], key
     assert {"label_issues", "outliers"} <= cli.keys() & api.keys()
     assert (tmp_path / "api" / "audit.html").read_text().count("<h2>") == 5
+
+
+def test_explain_and_calibrate_run_from_the_cli_and_the_python_api(source, tmp_path):
+    """The other two questions on every kind of source: `--calibrate` fits and stores a temperature,
+    and `explain` writes Grad-CAM overlays of the data's own images, from the CLI and from Python."""
+    import cnnlab
+    from cnnlab.config import DataConfig
+    from cnnlab.data import load_data
+
+    sizes = {"train_samples": 200, "val_samples": 100, "test_samples": 100, "epochs": 1}
+    flags = [part for key, value in sizes.items() for part in (f"--{key.replace('_', '-')}", value)]
+    result = run_cli("train", "--data", source, *flags, "--calibrate", "--report", "false", "--out", tmp_path / "cli")
+    assert result.returncode == 0, result.stderr[-2000:]
+    api = cnnlab.train(data=source, **sizes, calibrate=True, report=False, out=str(tmp_path / "api"), quiet=True)
+    cli_temperature = json.loads((tmp_path / "cli" / "summary.json").read_text())["temperature"]
+    assert cli_temperature > 0 and api.summary["temperature"] > 0
+    assert cnnlab.load(str(tmp_path / "cli")).temperature == pytest.approx(cli_temperature)
+
+    x = load_data(DataConfig(data=source, test_samples=100)).test[0][:3]
+    paths = []
+    for i, image in enumerate(x.numpy()):
+        paths.append(str(tmp_path / f"image{i}.png"))
+        Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(paths[-1])
+    shown = run_cli("explain", tmp_path / "cli", *paths)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "contact sheet" in shown.stdout and (tmp_path / "cli" / "explain" / "contact_sheet.png").exists()
+    maps = cnnlab.explain(str(tmp_path / "api"), paths)
+    assert [os.path.basename(m["path"]) for m in maps] == [f"image{i}.png" for i in range(3)]
+    assert all(os.path.exists(m["png"]) and 0 <= m["target_probability"] <= 1 for m in maps)
