@@ -63,18 +63,18 @@ def amp_dtype(requested, device):
 
 def thread_count(requested, world, device):
     """Torch's CPU threads and why (for the settings block): --threads at most the CPUs here
-    (torch.set_num_threads(100000) crashed the process with a segfault); a user's OMP_NUM_THREADS;
-    under DDP on the CPU a fair share of the CPUs; else threads.auto_threads. 0: leave torch's own."""
+    (torch.set_num_threads(100000) crashed the process with a segfault); under DDP on the CPU a fair
+    share of the CPUs; a user's OMP_NUM_THREADS; else threads.auto_threads. 0: leave torch's own."""
     cpus = cpu_count()
     if requested > cpus:
         note(f"note: --threads {requested} is more than the {cpus} CPUs this process may use; using {cpus}.")
         return cpus, f"--threads {requested}, {cpus} CPUs"
     if requested:
         return requested, "--threads"
+    if world > 1 and device.type == "cpu":   # before OMP_NUM_THREADS: torchrun sets it to 1 for every rank
+        return max(1, cpus // world), f"{cpus} CPUs shared by {world} processes"
     if "OMP_NUM_THREADS" in os.environ:
         return 0, "OMP_NUM_THREADS"
-    if world > 1 and device.type == "cpu":
-        return max(1, cpus // world), f"{cpus} CPUs shared by {world} processes"
     return auto_threads(cpus)
 
 

@@ -92,6 +92,8 @@ def test_explicit_threads_and_omp_num_threads_win(monkeypatch):
     assert thread_count(0, 1, cpu)[0] == 1            # spinning waits on a loaded machine: one thread
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert thread_count(0, 1, cpu) == (0, "OMP_NUM_THREADS")   # 0: torch keeps what it read from it
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")                 # as torchrun sets it for each rank
+    assert thread_count(0, 2, cpu)[0] == max(1, T.cpu_count() // 2)
 
 
 def test_the_settings_block_names_the_threads(tmp_path):
