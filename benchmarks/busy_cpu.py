@@ -3,6 +3,7 @@ beside competing CPU-bound processes (issue 21, item 3b).
 
     python benchmarks/busy_cpu.py                      # every setting, 0 / 1 / 2 competitors, 3 repeats
     python benchmarks/busy_cpu.py --busy 2 --repeats 5 --settings "old default" "new default"
+    python benchmarks/busy_cpu.py --cli 3000 --busy 1   # whole `cnnlab train` commands instead
 
 Each measurement is a fresh process (OpenMP reads its environment once, when torch loads it) that
 times `--seconds` of training steps of `net` (SGD, batch 64, random 3x32x32 images: CIFAR-2's shape,
@@ -16,6 +17,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,13 +73,32 @@ def busy_loops(n):
     return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(n)]
 
 
-def measure(name, seconds):
-    extra, threads = SETTINGS[name]
+def setting_env(name):
     env = {k: v for k, v in os.environ.items() if k not in WAIT_VARS}
-    env.update(extra)
-    out = subprocess.run([sys.executable, __file__, "--worker", str(threads), "--seconds", str(seconds)],
-                         env=env, capture_output=True, text=True, check=True).stdout
+    return {**env, **SETTINGS[name][0], "PYTHONPATH": ROOT}
+
+
+def measure(name, args):
+    threads = SETTINGS[name][1]
+    if args.cli:
+        return measure_cli(name, threads, args)
+    out = subprocess.run([sys.executable, __file__, "--worker", str(threads), "--seconds", str(args.seconds)],
+                         env=setting_env(name), capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def measure_cli(name, threads, args):
+    """The whole `cnnlab train` command: one epoch of `net` on --cli N synthetic CIFAR-2-shaped images."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "cnnlab", "train", "--model", "net", "--data", f"synthetic:3x32x32:2:{args.cli}",
+               "--epochs", "1", "--batch-size", "64", "--val-fraction", "0", "--test-samples", "64",
+               "--report", "false", "--out", os.path.join(tmp, "run"), *(["--threads", str(threads)] if threads else [])]
+        out = subprocess.run(cmd, env=setting_env(name), cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        with open(os.path.join(tmp, "run", "summary.json")) as f:
+            img_s = json.load(f)["samples_per_second"]
+    device = next(line for line in out.splitlines() if line.startswith("device"))
+    return {"img_s": img_s, "threads": device.split("threads ")[-1] if "threads" in device else "?",
+            "wait": " ".join(f"{k}={v}" for k, v in SETTINGS[name][0].items()) or "cnnlab's choice"}
 
 
 def scenario(busy, names, args):
@@ -88,7 +109,7 @@ def scenario(busy, names, args):
         runs = {name: [] for name in names}
         for _ in range(args.repeats):
             for name in names:
-                runs[name].append(measure(name, args.seconds))
+                runs[name].append(measure(name, args))
     finally:
         for p in loops:
             p.kill()
@@ -102,6 +123,8 @@ def main():
     p.add_argument("--seconds", type=float, default=2.0, help="timed per measurement, after 3 warm-up steps")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--busy", type=int, nargs="+", default=[0, 1, 2], help="competing busy loops per scenario")
+    p.add_argument("--cli", type=int, default=0, metavar="N",
+                   help="time whole `cnnlab train` runs (one epoch of N images, summary.json's img/s) instead of steps")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     args = p.parse_args()
     if args.worker is not None:
@@ -112,13 +135,14 @@ def main():
     for busy in args.busy:
         result = scenario(busy, args.settings, args)
         best = max(v for v, _ in result.values())
-        print(f"\n{busy} competing busy loop(s), median of {args.repeats}, {args.seconds:g} s of batch-64 steps each, "
+        what = f"`cnnlab train` on {args.cli} images" if args.cli else f"{args.seconds:g} s of batch-64 steps"
+        print(f"\n{busy} competing busy loop(s), median of {args.repeats}, {what} each, "
               f"load average {os.getloadavg()[0]:.1f}:")
         for name, (img_s, last) in result.items():
             alone.setdefault(name, img_s if busy == 0 else None)
             vs_alone = f", {alone[name] / img_s:.1f}x slower than alone" if alone.get(name) and busy else ""
             print(f"  {name:<18} {img_s:6.0f} img/s  {best / img_s:4.1f}x the best{vs_alone}  "
-                  f"({last['threads']} threads, {last['wait'] or 'libgomp default'})", flush=True)
+                  f"(threads {last['threads']}, {last['wait'] or 'libgomp default'})", flush=True)
 
 
 if __name__ == "__main__":
