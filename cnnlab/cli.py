@@ -51,6 +51,8 @@ HELP = {
     "init": "start from a cnnlab run's best.pt (RUN_DIR or file); the head is re-made when the classes differ",
     "freeze_epochs": "train only the head for this many epochs (backbone frozen, batch norm in eval mode), then all",
     "backbone_lr_mult": "the backbone's lr is --lr times this (e.g. 0.1), the head's is --lr",
+    "threads": "torch's CPU threads; 0 = automatic: every CPU, with OpenMP's idle threads sleeping instead of spinning "
+               "(robust when other processes load the machine); OMP_NUM_THREADS and OMP_WAIT_POLICY are honoured [default: 0]",
 }
 
 
