@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError, note
-from .threads import auto_threads, cpu_count  # noqa: F401  (cpu_count: runtime's name for it)
+from .threads import auto_threads, cpu_count
 
 
 @dataclass

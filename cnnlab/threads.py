@@ -7,9 +7,9 @@ import os
 import sys
 
 # Between parallel regions libgomp's idle threads spin 300,000 times before sleeping (its default).
-# On a 2-core machine with one competing busy loop, the spinning thread burns the core its peer
-# needs: seed 002's `net` fell from 5,200 to 151 img/s with 2 threads, against 1,500 with 1.
-# Sleeping at once (PASSIVE, GOMP_SPINCOUNT 0) kept 1,700 img/s with 2 threads.
+# On a 2-core machine beside one competing busy loop, the spinning thread burns the core its peer
+# needs: seed 002's `net` fell to 68 img/s with 2 threads, against 990 with 1; sleeping at once
+# (PASSIVE: GOMP_SPINCOUNT 0) kept 1,800-3,200 img/s with 2 threads (benchmarks/README.md).
 PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
 USER_CHOICES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
@@ -26,8 +26,9 @@ def quiet_waits(environ=None):
 
 
 def waits_passive(environ=None):
-    """Whether OpenMP's idle threads sleep rather than spin, as the environment says (libgomp: a
-    PASSIVE policy, or a spin count under 1,000, which its own throttled mode uses)."""
+    """Whether OpenMP's idle threads sleep rather than spin, as the environment says: a PASSIVE
+    policy, or a GOMP_SPINCOUNT under 1,000 (when set, libgomp takes it over the policy; 1,000
+    spins still lost up to 3x beside a busy loop)."""
     environ = os.environ if environ is None else environ
     if environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE" and "GOMP_SPINCOUNT" not in environ:
         return True
