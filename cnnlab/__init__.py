@@ -18,6 +18,10 @@ register_dataset.
 """
 __version__ = "0.1.0"
 
+from .threads import quiet_waits  # noqa: E402
+
+quiet_waits()   # first, before anything imports torch: OpenMP reads its wait policy once (threads.py)
+
 from .api import audit, evaluate, explain, export, launch, load, lr_find, predict, train  # noqa: E402  (after __version__, which cli.py imports alone)
 from .plugins import register_dataset, register_model  # noqa: E402
 from .tuning import tune  # noqa: E402

@@ -61,6 +61,8 @@ HELP = {
               "folders of images larger than --image-size, squash otherwise [default: auto]",
     "resize_size": "with --resize crop: images are stored at and resized (shorter side) to this before the centre crop "
                    "of --image-size (default: about 1.15x --image-size, or the torchvision weights' own, 256 for 224)",
+    "threads": "torch's CPU threads; 0 = automatic: every CPU, with OpenMP's idle threads sleeping instead of spinning "
+               "(robust when other processes load the machine); OMP_NUM_THREADS and OMP_WAIT_POLICY are honoured [default: 0]",
 }
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError, note
+from .threads import auto_threads, cpu_count
 
 
 @dataclass
@@ -20,6 +21,7 @@ class Context:
     amp_dtype: torch.dtype = None   # None: full fp32
     rank: int = 0
     world: int = 1
+    threads: str = ""               # torch's CPU threads and why, for the settings block
 
     @property
     def is_main(self):
@@ -59,21 +61,21 @@ def amp_dtype(requested, device):
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
 
 
-def cpu_count():
-    """The CPUs this process may run on (its affinity mask, e.g. a container's share), not the machine's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def thread_count(requested, world, device):
-    """Torch's CPU threads: --threads at most the CPUs here (torch.set_num_threads(100000) crashed
-    the process with a segfault), or under DDP on the CPU a fair share of them; 0 leaves torch's own."""
+    """Torch's CPU threads and why (for the settings block): --threads at most the CPUs here
+    (torch.set_num_threads(100000) crashed the process with a segfault); under DDP on the CPU a fair
+    share of the CPUs; a user's OMP_NUM_THREADS; else threads.auto_threads. 0: leave torch's own."""
     cpus = cpu_count()
     if requested > cpus:
         note(f"note: --threads {requested} is more than the {cpus} CPUs this process may use; using {cpus}.")
-        return cpus
-    if not requested and world > 1 and device.type == "cpu":
-        return max(1, cpus // world)
-    return requested
+        return cpus, f"--threads {requested}, {cpus} CPUs"
+    if requested:
+        return requested, "--threads"
+    if world > 1 and device.type == "cpu":   # before OMP_NUM_THREADS: torchrun sets it to 1 for every rank
+        return max(1, cpus // world), f"{cpus} CPUs shared by {world} processes"
+    if "OMP_NUM_THREADS" in os.environ:
+        return 0, "OMP_NUM_THREADS"
+    return auto_threads(cpus)
 
 
 def available_memory(device=None):
@@ -120,7 +122,7 @@ def setup(cfg):
             backend = "nccl" if device.type == "cuda" else "gloo"
             # A bounded timeout: if a rank dies, the others fail within it instead of hanging.
             dist.init_process_group(backend, timeout=timedelta(seconds=int(os.environ.get("CNNLAB_DIST_TIMEOUT", 120))))
-    threads = thread_count(cfg.threads, world, device)
+    threads, why = thread_count(cfg.threads, world, device)
     if threads:
         torch.set_num_threads(threads)
     seed_everything(cfg.seed)
@@ -132,7 +134,8 @@ def setup(cfg):
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Context(device=device, amp_dtype=amp_dtype(cfg.amp, device), rank=rank, world=world)
+    return Context(device=device, amp_dtype=amp_dtype(cfg.amp, device), rank=rank, world=world,
+                   threads=f"{torch.get_num_threads()} ({why})")
 
 
 def teardown(ctx, together=True):

@@ -1,0 +1,103 @@
+"""Torch's CPU threads on a busy machine (issue 21, item 3b): the wait policy set before torch loads,
+the automatic thread count, and who wins. Nothing here depends on the machine's speed."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cnnlab import threads as T
+from cnnlab.runtime import thread_count
+
+from .conftest import ROOT
+
+TORCH_OMP = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
+
+
+def cnnlab_cli(*args, env=None):
+    """`python -m cnnlab ARGS` from this checkout, with none of the caller's OpenMP settings but `env`."""
+    clean = {k: v for k, v in os.environ.items() if k not in TORCH_OMP}
+    result = subprocess.run([sys.executable, "-m", "cnnlab", *map(str, args)], capture_output=True, text=True,
+                            cwd=ROOT, timeout=600, env={**clean, "PYTHONPATH": ROOT, **(env or {})})
+    assert result.returncode == 0, result.stderr[-500:]
+    return result
+
+
+def openmp_spincount(env):
+    """The spin count torch's OpenMP runs with in a fresh `python -m cnnlab models` (a command that
+    loads torch), as libgomp itself reports it (OMP_DISPLAY_ENV=verbose, printed when torch loads)."""
+    result = cnnlab_cli("models", env={"OMP_DISPLAY_ENV": "verbose", **env})
+    lines = [line for line in result.stderr.splitlines() if "GOMP_SPINCOUNT" in line]
+    if not lines:
+        pytest.skip("torch's OpenMP is not libgomp (no GOMP_SPINCOUNT in OMP_DISPLAY_ENV's report)")
+    return lines[0].split("=")[1].strip().strip("'")
+
+
+def test_the_cli_makes_openmp_threads_sleep_before_torch_loads():
+    """libgomp spins 300,000 times by default; cnnlab's entry sets the passive policy early enough
+    that the OpenMP inside torch runs with a spin count of 0 (the old code: '300000')."""
+    assert openmp_spincount({}) == "0"
+
+
+@pytest.mark.parametrize("env, spins", [({"OMP_WAIT_POLICY": "ACTIVE"}, "30000000000"),
+                                        ({"GOMP_SPINCOUNT": "5000"}, "5000")])
+def test_a_users_openmp_wait_setting_wins(env, spins):
+    assert openmp_spincount(env) == spins
+
+
+def test_quiet_waits_sets_passive_unless_the_user_chose_or_torch_is_loaded(monkeypatch):
+    monkeypatch.delitem(sys.modules, "torch")   # as when the CLI starts
+    env = {}
+    assert T.quiet_waits(env) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    for user in ({"OMP_WAIT_POLICY": "active"}, {"GOMP_SPINCOUNT": "100"}):
+        assert not T.quiet_waits(user) and len(user) == 1
+    monkeypatch.undo()   # torch loaded (runtime imports it): OpenMP has read its environment already
+    env = {}
+    assert not T.quiet_waits(env) and env == {}
+
+
+@pytest.mark.parametrize("env, passive", [({"OMP_WAIT_POLICY": "PASSIVE"}, True), ({"OMP_WAIT_POLICY": " passive "}, True),
+                                          ({}, False), ({"OMP_WAIT_POLICY": "ACTIVE"}, False),
+                                          ({"GOMP_SPINCOUNT": "0"}, True), ({"GOMP_SPINCOUNT": "999"}, True),
+                                          ({"GOMP_SPINCOUNT": "300000"}, False), ({"GOMP_SPINCOUNT": "lots"}, False),
+                                          ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "300000"}, False)])
+def test_waits_passive_reads_the_environment_as_libgomp_does(env, passive):
+    """GOMP_SPINCOUNT overrides the policy's spin count in libgomp (env.c), so it decides when set."""
+    assert T.waits_passive(env) is passive
+
+
+@pytest.mark.parametrize("cpus, load, threads", [(2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 1.0, 1), (2, 2.3, 1),
+                                                 (2, 40.0, 1), (1, 0.0, 1), (8, 0.0, 8), (8, 3.0, 5), (8, 2.5, 6),
+                                                 (8, 7.6, 1), (16, 7.4, 9)])
+def test_free_threads_counts_the_cpus_others_leave_idle(cpus, load, threads):
+    assert T.free_threads(cpus, load) == threads
+
+
+def test_auto_threads_use_every_cpu_with_passive_waits_and_the_free_ones_with_spinning_ones(monkeypatch):
+    monkeypatch.setattr(T, "load_average", lambda: 1.3)
+    assert T.auto_threads(2, {"OMP_WAIT_POLICY": "PASSIVE"}) == (2, "OpenMP waits passive")
+    threads, why = T.auto_threads(2, {})
+    assert threads == 1 and why.startswith("load 1.3 on 2 CPUs; OpenMP threads spin")
+
+
+def test_explicit_threads_and_omp_num_threads_win(monkeypatch):
+    import torch
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(T, "load_average", lambda: 50.0)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")
+    assert thread_count(1, 1, cpu) == (1, "--threads")
+    assert thread_count(0, 1, cpu)[0] == 1            # spinning waits on a loaded machine: one thread
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert thread_count(0, 1, cpu) == (0, "OMP_NUM_THREADS")   # 0: torch keeps what it read from it
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")                 # as torchrun sets it for each rank
+    assert thread_count(0, 2, cpu)[0] == max(1, T.cpu_count() // 2)
+
+
+def test_the_settings_block_names_the_threads(tmp_path):
+    result = cnnlab_cli("train", "--model", "lenet5", "--epochs", 1, "--train-samples", 200, "--test-samples", 100,
+                        "--report", "false", "--out", tmp_path / "run")
+    device = next(line for line in result.stdout.splitlines() if line.startswith("device"))
+    assert device.endswith(f", threads {T.cpu_count()} (OpenMP waits passive)"), device
