@@ -31,6 +31,8 @@ SETTINGS = {
     "threads 2 passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, 2),
     "threads 1 passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, 1),
     "threads 2 spin 1k": ({"GOMP_SPINCOUNT": "1000"}, 2),
+    "threads 2 spin 10k": ({"GOMP_SPINCOUNT": "10000"}, 2),
+    "threads 2 spin 50k": ({"GOMP_SPINCOUNT": "50000"}, 2),
     "auto, spinning": (SPIN, 0),   # torch imported before cnnlab: threads from the load average
     "new default": ({}, 0),        # `cnnlab train` as it starts now
 }
