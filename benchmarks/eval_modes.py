@@ -10,12 +10,14 @@ import argparse
 import concurrent.futures
 import multiprocessing
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-JPG = "/tmp/cifar10_jpg"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tune import cifar_folder  # noqa: E402  (the CIFAR-10 JPEG folder, extracted once)
+
+JPG = "/tmp/cifar10_jpg"   # where cifar_folder() extracts it
 
 
 def both_ways(name, epochs=0):
@@ -56,9 +58,7 @@ def main():
     ap.add_argument("--jobs", type=int, default=1, help="recipes trained at once, each in its own process")
     ap.add_argument("--epochs", type=int, default=0, help="instead of the recipe's")
     args = ap.parse_args()
-    if not os.path.isdir(JPG):
-        subprocess.run(["tar", "xf", os.path.join(ROOT, "..", "shared", "datasets", "cifar10_jpg.tar"), "-C", "/tmp"],
-                       check=True)
+    cifar_folder()
     print("| recipe | epochs | cnnlab final_test_acc | eval mode, mixed batches of 64 | train mode (the book's "
           "validate), same batches |\n|---|---|---|---|---|", flush=True)
     spawn = multiprocessing.get_context("spawn")   # each process its own CUDA context

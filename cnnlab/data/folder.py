@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import CnnlabError, UsageError, note, on_main_rank, printable
+from ..threads import cpu_count
 from .cache import PageDropper, cached_arrays, disk_array, files_key, new_pixels
 from .images import GRAY_MODES, IMAGE_SUFFIXES, load_array
 from .photos import file_policy, stored_size
@@ -183,7 +184,7 @@ def decoding_pool(tasks):
     from concurrent.futures import ProcessPoolExecutor
     from contextlib import nullcontext
 
-    workers = min(os.cpu_count() or 1, tasks)
+    workers = min(cpu_count(), tasks)   # this process's share of the CPUs (a container's), not the machine's
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         return nullcontext(_SerialPool())
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=start_worker,

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import UsageError, note
 from .cache import PageDropper, disk_array, new_pixels
-from .images import available_memory
+from .images import available_memory, center_crop
 from .loader import BatchLoader, _generator, augment_gather
 
 MODES = ("auto", "yes", "no")
@@ -51,8 +51,6 @@ def split_on_disk(x, rows, pool_entry, name="a split", crop=0):
     """The rows `rows` of a memory-mapped pool `x` (split `name`), gathered once into their own entry
     in the pool's cache (keyed by the pool's entry, the rows and `crop`) -> (memory-mapped uint8
     tensor, its Entry). `crop`: keep each image's central crop x crop (held-out splits of photos)."""
-    from .images import center_crop
-
     rows = torch.as_tensor(rows, dtype=torch.int64)
     key = hashlib.sha256(pool_entry.path.encode() + rows.numpy().tobytes() + str(crop).encode()).hexdigest()[:24]
     side = (crop, crop) if crop else tuple(x.shape[2:])
