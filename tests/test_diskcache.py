@@ -115,6 +115,22 @@ def test_in_memory_yes_and_no_train_identically(photos):
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in streamed.history]
 
 
+def test_evaluate_and_calibrate_read_a_streamed_split_batch_by_batch(photos, monkeypatch):
+    """A split beyond memory must not be gathered whole (onto the GPU, on CUDA) to be scored:
+    evaluate and --calibrate go through the StreamLoader, with the in-memory numbers."""
+    memory = folder_run(photos, name="cal-memory", in_memory="yes", epochs=1, calibrate=True)
+    streamed_batches = []
+    original = StreamLoader.batches
+    monkeypatch.setattr(StreamLoader, "batches", lambda self, *a, **k: streamed_batches.append(1) or original(self, *a, **k))
+    streamed = folder_run(photos, name="cal-streamed", in_memory="no", epochs=1, calibrate=True)
+    trained_batches = len(streamed_batches)
+    assert streamed.summary["temperature"] == memory.summary["temperature"]
+    assert streamed.summary["test_loss"] == memory.summary["test_loss"]
+    metrics = cnnlab.evaluate(streamed.run_dir)
+    assert len(streamed_batches) > trained_batches                  # the test split was streamed too
+    assert metrics["accuracy"] == cnnlab.evaluate(memory.run_dir)["accuracy"]
+
+
 def test_auto_streams_only_over_the_budget(photos, monkeypatch):
     import cnnlab.data.stream as stream
 

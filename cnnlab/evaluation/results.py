@@ -13,7 +13,7 @@ import torch
 from ..config import make_config
 from ..data import load_data, read_splits
 from ..data.augment import TTA
-from ..data.loader import BatchLoader
+from ..data.stream import make_loader
 from ..data.preprocess import Preprocess
 from ..errors import UsageError, note
 from ..runtime import Context
@@ -95,7 +95,8 @@ def evaluate_model(model, data, split="test", collect=False, tta="none"):
         raise UsageError(f"the {split} split is empty.")
     if data.classes != model.classes and len(data.classes) != len(model.classes):
         raise UsageError(f"data has {len(data.classes)} classes, the model {len(model.classes)}.")
-    loader = BatchLoader(x, y, 256, model.preprocess, model.device, channels_last=True)
+    # a streamed split stays on disk (read batch by batch), never copied whole to the device
+    loader = make_loader(x, y, 256, model.preprocess, model.device, streamed=data.streamed, channels_last=True)
     net = tempered(model.net, model.temperature)
     if tta != "none":
         net = TTA(net, tta, model.preprocess.scale_shift(model.device)[1])

@@ -199,7 +199,8 @@ def test_once(state):
 def calibrate(state):
     """--calibrate: the temperature of the best weights fitted on the whole validation split (the
     same on every rank), written into best.pt; the test results are then the calibrated ones."""
-    logits, labels = split_logits(state.model, state.data.val, state.data.preprocess, state.ctx.device)
+    logits, labels = split_logits(state.model, state.data.val, state.data.preprocess, state.ctx.device,
+                                  streamed=state.data.streamed)
     temperature = fit_temperature(logits, labels)
     if state.ctx.is_main:
         checkpoint.set_temperature(state.run.file("best.pt"), temperature)

@@ -7,7 +7,7 @@ user of a checkpoint (evaluate, predict, serve, export) divides the logits by it
 import torch
 from torch.nn import functional as F
 
-from ..data.loader import BatchLoader
+from ..data.stream import make_loader
 
 
 class Tempered(torch.nn.Module):
@@ -46,11 +46,12 @@ def fit_temperature(logits, labels, steps=50):
 
 
 @torch.no_grad()   # not inference_mode: the logits feed fit_temperature's autograd
-def split_logits(net, split, preprocess, device, batch_size=256):
-    """(N, K) float logits and (N,) labels of a whole split (uint8 images, labels), in order."""
+def split_logits(net, split, preprocess, device, batch_size=256, streamed=False):
+    """(N, K) float logits and (N,) labels of a whole split (uint8 images, labels), in order;
+    `streamed`: the split is memory-mapped from the disk cache and read batch by batch."""
     was_training = net.training
     net.eval()
-    loader = BatchLoader(*split, batch_size, preprocess, device)
+    loader = make_loader(*split, batch_size, preprocess, device, streamed=streamed)
     logits, labels = zip(*[(net(xb).float().cpu(), yb.cpu()) for xb, yb in loader.batches()])
     net.train(was_training)
     return torch.cat(logits), torch.cat(labels)
