@@ -28,7 +28,8 @@ HELP = {
     "mixup": "mixup's Beta alpha, e.g. 0.2 (soft targets); 0 = off [default: 0]",
     "cutmix": "cutmix's Beta alpha, e.g. 1.0; with --mixup each batch takes one of the two [default: 0]",
     "class_weights": "loss weight per class: none, auto (inverse class frequency) or w1,w2,... [default: none]",
-    "sampler": "shuffle, or balanced: every class drawn equally often (seeded; with replacement) [default: shuffle]",
+    "sampler": "shuffle (a new order each epoch); fixed: one seeded order reused every epoch (seed 002's book runs); "
+               "balanced: every class drawn equally often (seeded; with replacement) [default: shuffle]",
     "lr": "peak learning rate",
     "l2": "seed 002's explicit L2 penalty l2*sum(w^2) added to the loss (differs from --weight-decay for Adam)",
     "weight_decay": "the optimizer's weight decay (decoupled for adamw)",

@@ -57,7 +57,7 @@ class TrainConfig(DataConfig):
     mixup: float = 0.0                             # Beta(alpha, alpha) of mixup; 0 = off
     cutmix: float = 0.0                            # Beta(alpha, alpha) of cutmix; 0 = off (with mixup: one or the other per batch)
     class_weights: str = "none"                    # loss weights: none, auto (inverse frequency) or w1,w2,...
-    sampler: str = "shuffle"                       # shuffle, or balanced: classes drawn equally often (with replacement)
+    sampler: str = "shuffle"                       # shuffle; fixed: one order reused every epoch; balanced: classes equally often
     # model
     model: str = "mnist_cnn"
     model_args: dict = field(default_factory=dict)
@@ -112,7 +112,7 @@ CHOICES = {
     "schedule": ("constant", "step", "cosine", "onecycle"),
     "amp": ("auto", "off", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
-    "sampler": ("shuffle", "balanced"),
+    "sampler": ("shuffle", "fixed", "balanced"),
     "on_bad_image": ("error", "skip"),
     "in_memory": ("auto", "yes", "no"),
     "resize": ("auto", "squash", "crop", "pad"),

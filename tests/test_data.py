@@ -163,6 +163,19 @@ def test_loader_batches_cover_epoch_once_and_resume_exactly():
     assert not torch.equal(torch.cat([b[1] for b in loader.batches(epoch=3)]), seen)
 
 
+def test_fixed_sampler_reuses_one_seeded_order_every_epoch():
+    """--sampler fixed: seed 002's book runs train on a shuffle=False loader over mixed data."""
+    y = torch.arange(64) % 2
+    loader = lambda sampler, seed=3: BatchLoader(torch.zeros(64, 1, 2, 2, dtype=torch.uint8), y, 8, gray(),
+                                                shuffle=True, seed=seed, sampler=sampler)
+    fixed, shuffled = loader("fixed"), loader("shuffle")
+    first = fixed.order(0)
+    assert sorted(first.tolist()) == list(range(64)) and not torch.equal(first, torch.arange(64))
+    assert all(torch.equal(fixed.order(epoch), first) for epoch in range(1, 5))
+    assert not torch.equal(shuffled.order(1), shuffled.order(2))
+    assert not torch.equal(loader("fixed", seed=4).order(0), first)
+
+
 def test_ddp_shards_are_disjoint_and_complete():
     x, y = torch.zeros(40, 1, 2, 2, dtype=torch.uint8), torch.arange(40)
     shards = [BatchLoader(x, y, 8, gray(), shuffle=True, seed=0, rank=r, world=2) for r in range(2)]

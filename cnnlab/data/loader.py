@@ -50,6 +50,8 @@ class BatchLoader:
             return torch.arange(len(self.y), device=self.x.device)
         if self.sampler == "balanced":
             return balanced_order(self.y, _generator(self.seed, epoch))
+        if self.sampler == "fixed":   # the book's runs after its first: a shuffle=False loader over mixed data
+            epoch = 0
         return torch.randperm(len(self.y), generator=_generator(self.seed, epoch)).to(self.x.device)
 
     def batches(self, epoch=0, start=0):
