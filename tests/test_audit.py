@@ -258,3 +258,15 @@ def test_explain_and_calibrate_run_from_the_cli_and_the_python_api(source, tmp_p
     maps = cnnlab.explain(str(tmp_path / "api"), paths)
     assert [os.path.basename(m["path"]) for m in maps] == [f"image{i}.png" for i in range(3)]
     assert all(os.path.exists(m["png"]) and 0 <= m["target_probability"] <= 1 for m in maps)
+
+
+@pytest.mark.parametrize("accuracy,weak", [(0.133, True), (0.29, True), (0.31, False), (0.95, False)])
+def test_weak_fold_models_are_flagged_on_the_page_as_in_the_terminal(accuracy, weak):
+    """10 classes: under 3x chance (30%) the suspects mean little, and audit.html says so too."""
+    from cnnlab.evaluation.audit import weak_folds
+    from cnnlab.evaluation.audit_page import label_section
+
+    report = {"classes": [f"c{i}" for i in range(10)], "label_issues": [],
+              "label_recipe": {"folds": 2, "model": "net", "epochs": 1, "out_of_fold_accuracy": accuracy}}
+    assert bool(weak_folds(report)) == weak
+    assert ("the fold models are weak" in label_section(report, None)) == weak

@@ -386,6 +386,16 @@ def write_fix_list(path, report):
     return path
 
 
+def weak_folds(report):
+    """The warning, for the terminal and the page, when the fold models are too weak for their
+    suspects to mean much (out-of-fold accuracy under 3x chance, or 90%); None otherwise."""
+    k, accuracy = len(report["classes"]), report["label_recipe"]["out_of_fold_accuracy"]
+    if accuracy >= min(0.9, 3 / k):
+        return None
+    return (f"warning: the fold models are weak ({accuracy:.1%} out-of-fold accuracy, chance {1 / k:.1%}): "
+            "the suspects mean little; try more --epochs or more images")
+
+
 def summary_lines(report):
     """What the terminal shows."""
     imb = report["imbalance"]
@@ -394,10 +404,8 @@ def summary_lines(report):
         rec = report["label_recipe"]
         lines.append(f"label issues: {len(report['label_issues'])} suspect labels ({rec['folds']}-fold {rec['model']}, "
                      f"out-of-fold accuracy {rec['out_of_fold_accuracy']:.1%})")
-        k = len(report["classes"])
-        if rec["out_of_fold_accuracy"] < min(0.9, 3 / k):
-            lines.append(f"  warning: the fold models are weak ({rec['out_of_fold_accuracy']:.1%} out-of-fold accuracy, "
-                         f"chance {1 / k:.1%}): the suspects mean little; try more --epochs or more images")
+        if weak_folds(report):
+            lines.append("  " + weak_folds(report))
         for r in report["label_issues"][:5]:
             name = f" {r['file']}" if r["file"] else ""
             lines.append(f"  {r['split']}[{r['index']}]{name}: given {r['label']}, suggested {r['suggested']} "

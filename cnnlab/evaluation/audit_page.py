@@ -6,6 +6,7 @@ import io
 import numpy as np
 
 from ..atomic import write_text
+from .audit import weak_folds
 
 
 def thumbnail(img, side=64):
@@ -45,6 +46,7 @@ def label_section(report, x):
     return (f"<h2>Label issues ({len(rows)})</h2><p>Out-of-sample probabilities from {rec['folds']}-fold "
             f"cross-training of {html.escape(rec['model'])} ({rec['epochs']} epochs; out-of-fold accuracy "
             f"{rec['out_of_fold_accuracy']:.1%}), ranked by cleanlab's find_label_issues, most suspect first.</p>"
+            + (f"<p class='warn'><b>{html.escape(weak_folds(report))}</b></p>" if weak_folds(report) else "")
             + _table(["image", "where", "given", "p(given)", "suggested", "p(suggested)"], rows))
 
 
@@ -85,7 +87,7 @@ def imbalance_section(report):
 def write_page(path, report, x):
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>cnnlab audit: {html.escape(report['data'])}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
+<style>.warn{{color:#a33}}body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}
 img{{image-rendering:pixelated;display:block}}</style></head>
 <body><h1>cnnlab audit</h1><p>{html.escape(report['data'])}: {report['images']} images,
