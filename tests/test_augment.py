@@ -275,6 +275,8 @@ def test_tta_is_recorded_in_cli_outputs(tiny_run, tmp_path):
 
     evaluated = run_cli("evaluate", tiny_run, "--tta", "flip", "--json")
     assert evaluated.returncode == 0 and json.loads(evaluated.stdout)["tta"] == "flip"
+    assert "mirrored" in evaluated.stderr and "--tta none" in evaluated.stderr   # digits: a flip is no valid view
+    assert "mirrored" not in run_cli("evaluate", tiny_run, "--json").stderr
     Image.new("L", (28, 28), 0).save(tmp_path / "a.png")
     predicted = run_cli("predict", tiny_run, tmp_path / "a.png", "--tta", "flip+crop", "--json")
     assert predicted.returncode == 0 and json.loads(predicted.stdout)[0]["tta"] == "flip+crop"

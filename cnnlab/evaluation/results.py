@@ -98,6 +98,9 @@ def evaluate_model(model, data, split="test", collect=False, tta="none"):
     # a streamed split stays on disk (read batch by batch), never copied whole to the device
     loader = make_loader(x, y, 256, model.preprocess, model.device, streamed=data.streamed, channels_last=True)
     net = tempered(model.net, model.temperature)
+    if "flip" in tta and not data.flip_ok:
+        note(f"note: --tta {tta} averages in mirrored {data.name} images, which are not valid examples "
+             "(a mirrored digit is another shape): it usually lowers accuracy here; --tta none avoids it.")
     if tta != "none":
         net = TTA(net, tta, model.preprocess.scale_shift(model.device)[1])
     raw = evaluate(net, loader, Context(device=model.device), len(model.classes), collect=True)
