@@ -72,22 +72,23 @@ def check_data_name(name):
     resolve_name(name)
 
 
-def channel_stats(x):
+def channel_stats(x, mapped=False):
     """Per-channel mean and std of uint8 images, as fractions of 255 (from the training split only),
-    from exact integer sums read in chunks (a streamed split is never held as floats)."""
+    from exact integer sums read in chunks (a streamed split is never held as floats; `mapped`: x is
+    memory-mapped from the disk cache, whose pages are let go as they are read)."""
     from .stream import channel_sums
 
-    total, squares, n = (v.double() if torch.is_tensor(v) else v for v in channel_sums(x))
+    total, squares, n = (v.double() if torch.is_tensor(v) else v for v in channel_sums(x, mapped))
     mean = total / n
     var = (squares - total * mean) / max(n - 1, 1)          # unbiased, as torch.std
     return (mean / 255).tolist(), (var.clamp_min(0).sqrt() / 255).clamp_min(1e-3).tolist()
 
 
-def normalization(setting, train_x):
+def normalization(setting, train_x, mapped=False):
     """(mean, std) per channel: the training split's own (`dataset`), or the fixed values asked for."""
     fixed = fixed_normalization(setting)
     if fixed is None:
-        return channel_stats(train_x)
+        return channel_stats(train_x, mapped)
     channels = train_x.shape[1]
     mean, std = fixed
     if len(mean) == 1:
@@ -119,7 +120,7 @@ def load_data(cfg, splits=None):
         splits = csvsource.named_val_splits(src, cfg) if src.val_rows is not None else make_splits(src, cfg)
     policy, size, stored = fitting(cfg, src)
     parts, streamed, disk_bytes = pick_splits(src, splits, cfg, policy, size, stored)
-    mean, std = normalization(cfg.normalize, parts["train"][0])
+    mean, std = normalization(cfg.normalize, parts["train"][0], streamed)
     data = Data(name=cfg.data, classes=list(src.classes), **parts, mean=mean, std=std, flip_ok=src.flip_ok,
                 splits=splits, files=src.files, streamed=streamed, disk_bytes=disk_bytes,
                 resize=policy, input_size=size if stored != size else 0)

@@ -170,7 +170,7 @@ def new_pixels(folder, shape):
     return np.memmap(path, np.uint8, "r+", shape=tuple(shape))
 
 
-DROP_EVERY = 256 * 2**20
+DROP_EVERY = 128 * 2**20
 
 
 class PageDropper:
