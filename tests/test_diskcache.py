@@ -302,6 +302,24 @@ def test_decoding_workers_share_one_memory_budget(tmp_path):
     assert budgets == {images.DECODING.total // workers}   # two workers: half of the process's budget each
 
 
+def test_workers_write_their_rows_into_the_cache_as_one_process_would(tmp_path, monkeypatch):
+    """Decoding workers write pixels straight into the shared memory map (no copy back through a
+    pipe): every row must be the file's own decode, bad files left out in order, in both modes."""
+    import cnnlab.data.folder as folder
+    from cnnlab.data.images import load_array
+
+    made = make_photos(tmp_path / "photos", n=10)
+    files = [str(tmp_path / "photos" / f) for fs in made.values() for f in fs]
+    for bad in (3, 14):
+        (tmp_path / "photos" / os.path.relpath(files[bad], tmp_path / "photos")).write_bytes(b"not an image")
+    monkeypatch.setattr(folder, "DECODE_CHUNK", 4)            # 5 chunks: the forked pool on 2 CPUs
+    x, y, kept, bad, _ = folder.decode_files(files, list(range(len(files))), 3, 12,
+                                             DataConfig(cache_dir=str(tmp_path / "cache"), on_bad_image="skip"))
+    good = [f for i, f in enumerate(files) if i not in (3, 14)]
+    assert kept == good and len(bad) == 2 and y.tolist() == [i for i in range(len(files)) if i not in (3, 14)]
+    assert torch.equal(x, torch.from_numpy(np.stack([load_array(f, 3, 12) for f in good])))
+
+
 def worker_budget(_):
     from cnnlab.data import images
 
