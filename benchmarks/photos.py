@@ -18,7 +18,9 @@ CIFAR-10 JPEG folder is extracted from ../shared/datasets/cifar10_jpg.tar when a
 
 Timed: the first epoch from the start (data loading and decoding included, to the last training
 step), and training images/s of the epochs after it (steps only: no validation in either arm).
-Target (issue 16): cnnlab >= 2x the tutorial's images/s, first epoch not slower.
+Target (issue 16): cnnlab >= 2x the tutorial's images/s, first epoch not slower. Then the training
+step alone is timed on one batch held in memory (no pipeline, both memory layouts): the ceiling that
+no input pipeline can pass on this machine.
 
 `--pipeline-only` times the two input pipelines alone, without the network: the images/s each can
 deliver to a training step (an epoch of augmented, normalised batches; cnnlab's decoded photos
@@ -123,6 +125,31 @@ def run_tutorial(photos, epochs, threads):
     return times[0][1] - start, [len(data) / (end - begin) for begin, end in times[1:]], len(data)
 
 
+def network_alone(images, threads, channels_last):
+    """Images/s of the training step alone (tv/resnet18, one fixed batch already in memory, no input
+    pipeline at all): the most any input pipeline can give on this machine."""
+    import torch
+    from torch import nn
+    from torchvision import models
+
+    torch.manual_seed(0)
+    if threads:
+        torch.set_num_threads(threads)
+    net = models.resnet18(num_classes=10)
+    x, y = torch.randn(BATCH, 3, SIZE, SIZE), torch.randint(0, 10, (BATCH,))
+    if channels_last:
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9)
+    steps = max(3, images // BATCH)
+    for step in range(steps + 2):   # two warm-up steps
+        if step == 2:
+            start = time.perf_counter()
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    return steps * BATCH / (time.perf_counter() - start)
+
+
 def tutorial_loader(photos):
     """The tutorial's dataset and DataLoader over PHOTOS/train."""
     import torch
@@ -183,6 +210,11 @@ def main():
     for arm, (first, rate, n) in rows.items():
         print(f"| {arm} | {first:.0f} ({n} photos) | {rate:.1f} |")
     (tut_first, tut_rate, _), (our_first, our_rate, _) = rows.values()
+    alone = {layout: network_alone(min(n, 640), args.threads, layout == "channels_last")
+             for layout in ("contiguous", "channels_last")}
+    print(f"\nthe training step alone (no input pipeline): {alone['contiguous']:.1f} img/s contiguous (the tutorial's "
+          f"layout), {alone['channels_last']:.1f} channels_last (cnnlab's); so no pipeline can give more than "
+          f"{max(alone.values()) / tut_rate:.2f}x the tutorial's {tut_rate:.1f} img/s here")
     print(f"\ncnnlab / tutorial: {our_rate / tut_rate:.2f}x images/s (target >= 2x); first epoch "
           f"{our_first:.0f}s vs {tut_first:.0f}s (target: not slower)")
     return 0 if our_rate >= 2 * tut_rate and our_first <= tut_first else 1

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..errors import UsageError, note
-from .cache import PageDropper, disk_array, new_pixels
+from .cache import PageDropper, disk_array, drop_pages, new_pixels
 from .images import available_memory, center_crop
 from .loader import BatchLoader, _generator, augment_gather
 
@@ -57,9 +57,10 @@ def split_on_disk(x, rows, pool_entry, name="a split", crop=0):
 
     def fill(folder):
         out = new_pixels(folder, (len(rows), x.shape[1]) + side)
-        dropper = PageDropper(x, out)
+        dropper = PageDropper(out)
         for start in range(0, len(rows), 256):   # sorted rows within a chunk: a forward read of the pool
             part = x[rows[start:start + 256]]
+            drop_pages(x)                        # scattered rows of the pool: see PageDropper
             out[start:start + 256] = (center_crop(part, crop) if crop else part).numpy()
             dropper.read(out[start:start + 256].nbytes)
         dropper.drop()
@@ -99,7 +100,6 @@ class StreamLoader(BatchLoader):
         self.source = x                     # (N, C, H, W) uint8, memory-mapped
         self.pinned = torch.device(device).type == "cuda"
         self.ahead = None                   # (rows, images) read ahead for the coming step
-        self.dropper = PageDropper(x)
 
     def batches(self, epoch=0, start=0):
         """As BatchLoader.batches; while a batch trains, the next one's rows are read in a thread."""
@@ -121,7 +121,7 @@ class StreamLoader(BatchLoader):
         """uint8 images of `rows` on the device: a gather from the memory map, through pinned memory
         and a non-blocking copy on CUDA."""
         images = self.source[rows]                   # (B, C, H, W): only these rows are read
-        self.dropper.read(images.numel())
+        drop_pages(self.source)                      # scattered rows: see PageDropper
         if self.pinned:
             return images.pin_memory().to(self.x.device, non_blocking=True)
         return images.to(self.x.device)
