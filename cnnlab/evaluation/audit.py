@@ -404,8 +404,9 @@ def summary_lines(report):
         rec = report["label_recipe"]
         lines.append(f"label issues: {len(report['label_issues'])} suspect labels ({rec['folds']}-fold {rec['model']}, "
                      f"out-of-fold accuracy {rec['out_of_fold_accuracy']:.1%})")
-        if weak_folds(report):
-            lines.append("  " + weak_folds(report))
+        warning = weak_folds(report)
+        if warning:
+            lines.append("  " + warning)
         for r in report["label_issues"][:5]:
             name = f" {r['file']}" if r["file"] else ""
             lines.append(f"  {r['split']}[{r['index']}]{name}: given {r['label']}, suggested {r['suggested']} "

@@ -46,7 +46,7 @@ def label_section(report, x):
     return (f"<h2>Label issues ({len(rows)})</h2><p>Out-of-sample probabilities from {rec['folds']}-fold "
             f"cross-training of {html.escape(rec['model'])} ({rec['epochs']} epochs; out-of-fold accuracy "
             f"{rec['out_of_fold_accuracy']:.1%}), ranked by cleanlab's find_label_issues, most suspect first.</p>"
-            + (f"<p class='warn'><b>{html.escape(weak_folds(report))}</b></p>" if weak_folds(report) else "")
+            + (f"<p class='warn'><b>{html.escape(warning)}</b></p>" if (warning := weak_folds(report)) else "")
             + _table(["image", "where", "given", "p(given)", "suggested", "p(suggested)"], rows))
 
 
