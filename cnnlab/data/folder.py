@@ -207,29 +207,34 @@ class _SerialPool:
     map = staticmethod(map)
 
 
-# decode_all's output while it runs, when it is the disk cache's memory map (shared with the forked
-# workers): each worker writes its rows straight into it, with no copy of the pixels back through
-# a pipe to this process (that copy cost a quarter of the decoding time).
+# decode_all's output while it runs, when it is the disk cache's memory map (its file is shared with
+# the forked workers): each worker writes its rows straight into the file, with no copy of the
+# pixels back through a pipe to this process (that copy cost a quarter of the decoding time), and
+# with pwrite rather than through the map (page faults and madvise: 10% of the decoding time).
 _SHARED = None
 
 
 def decode_chunk(task):
     """(start, [(uint8 (C, S, S) or None, error message or None)]) for one chunk of files; the
-    pixels are None when they were written into their rows of the shared output instead."""
+    pixels are None when they were written into their rows of the shared output instead, with
+    pwrite: no page of the output is mapped into the worker, so none to fault in or let go again."""
     start, files, channels, size, policy = task
     decoded = []
-    for i, path in enumerate(files):
-        try:
-            pixels = load_array(path, channels, size, policy=policy)
-        except CnnlabError as e:
-            decoded.append((None, str(e)))
-            continue
-        if _SHARED is not None:
-            _SHARED[start + i] = pixels
-            pixels = None
-        decoded.append((pixels, None))
-    if _SHARED is not None:   # the rows leave this process's memory; the page cache keeps them (shared map)
-        drop_pages(_SHARED[start:start + len(files)])
+    fd = os.open(_SHARED.filename, os.O_WRONLY) if _SHARED is not None else None
+    try:
+        for i, path in enumerate(files):
+            try:
+                pixels = load_array(path, channels, size, policy=policy)
+            except CnnlabError as e:
+                decoded.append((None, str(e)))
+                continue
+            if fd is not None:
+                os.pwrite(fd, pixels.data, _SHARED.offset + (start + i) * pixels.nbytes)
+                pixels = None
+            decoded.append((pixels, None))
+    finally:
+        if fd is not None:
+            os.close(fd)
     return start, decoded
 
 
