@@ -263,7 +263,7 @@ def decode_files(files, labels, channels, size, cfg, where="", policy="squash"):
     def fill(folder):
         x, ok, bad = decode_all(files, channels, size, where, new_pixels(folder, (len(files), channels, size, size)), policy)
         if isinstance(x, np.memmap):
-            PageDropper(x).drop()   # flushed, and its pages out of this process
+            PageDropper(x).drop()   # its pages out of this process (compact() may have written some)
             os.truncate(os.path.join(folder, "pixels.u8"), x.nbytes)   # the bad files' rows, cut off
         return {"shape": list(x.shape), "ok": ok.tolist(), "bad": bad, "source": "images" + where,
                 "files": len(files)}

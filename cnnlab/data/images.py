@@ -122,12 +122,15 @@ def to_mode(img, channels):
     white, CMYK and palettes go through RGB."""
     from PIL import Image
 
+    target = "L" if channels == 1 else "RGB"
+    if img.mode == target:
+        return img   # convert() would copy it
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         img = _to_8bit(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img if img.mode == "RGBA" else img.convert("RGBA")   # no copy: 4 bytes a pixel
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return img.convert("L" if channels == 1 else "RGB")
+    return img.convert(target)
 
 
 @contextmanager
@@ -283,6 +286,8 @@ def upright(img):
     without the tag (or with 'as stored') are returned as they are, not copied."""
     from PIL import ImageOps
 
+    if img.format == "JPEG" and "exif" not in img.info:   # PIL keeps a JPEG's EXIF there: none, no tag
+        return img
     if img.getexif().get(EXIF_ORIENTATION, 1) == 1:
         return img
     return ImageOps.exif_transpose(img)
