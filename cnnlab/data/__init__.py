@@ -65,7 +65,7 @@ class Data:
             return f"{self.nbytes() / 2**20:.1f} MiB in memory, budget {memory_budget() / 2**30:.1f} GiB; {disk}"
         labels = sum(part[1].numel() * 8 for part in (self.train, self.val, self.test))
         return (f"streamed from disk: {labels / 2**20:.1f} MiB of labels and two batches in memory, "
-                f"{self.nbytes() / 2**30:.2f} GiB of images over a {memory_budget() / 2**30:.1f} GiB budget; {disk}")
+                f"{self.nbytes() / 2**30:.2f} GiB of images, budget {memory_budget() / 2**30:.1f} GiB; {disk}")
 
 
 def check_data_name(name):
