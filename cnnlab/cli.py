@@ -36,7 +36,7 @@ HELP = {
     "schedule": "constant, step (x gamma every --step-epochs), cosine, onecycle",
     "calibrate": "after training, fit a temperature on the validation split (calibrated probabilities; stored in best.pt, applied by evaluate, predict, serve and export)",
     "ema": "keep an exponential moving average of the weights with this decay (e.g. 0.999); it is what is evaluated and saved",
-    "amp": "auto (bf16 on CUDA, off on CPU), off, bf16, fp16",
+    "amp": "auto (bf16 on CUDA, off on CPU), off, bf16 (also fast on CPUs with AMX), fp16",
     "patience": "early stopping: stop after this many epochs without a better val accuracy (0 = off)",
     "save_every_steps": "also write last.pt every N steps inside epochs",
     "log_every": "print loss and elapsed time every fraction of an epoch (e.g. 0.25)",

@@ -170,7 +170,7 @@ def test_auto_streams_only_over_the_budget(photos, monkeypatch):
     assert not load_data(cfg).streamed
     monkeypatch.setattr(stream, "memory_budget", lambda: 1000)       # 32 images of 768 bytes do not fit
     data = load_data(cfg)
-    assert data.streamed and "streamed from disk" in data.residence() and "over a 0.0 GiB budget" in data.residence()
+    assert data.streamed and "streamed from disk" in data.residence() and "budget 0.0 GiB" in data.residence()
 
 
 def test_classes_of_cached_data_stay_on_disk_and_match_memory(photos):

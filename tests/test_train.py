@@ -231,3 +231,22 @@ def test_a_training_wrapper_is_never_truth_tested():
                      forward=NoTruth(net))
     loss, correct = step(torch.randn(5, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1]), 0.1)
     assert loss.item() > 0 and 0 <= correct.item() <= 5
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_amp_auto_is_fp32_on_any_cpu_and_names_bf16_where_amx_has_it(monkeypatch, amx):
+    """amp auto on the CPU stays fp32 (exact DDP and evaluate); on a CPU with AMX, where bf16 trains
+    1.1-2.6x faster (benchmarks/cpu_bf16.py), the settings block says so; bf16 on request anywhere."""
+    import torch
+
+    from cnnlab import runtime
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu = torch.device("cpu")
+    ctx = runtime.Context(device=cpu, amp_dtype=runtime.amp_dtype("auto", cpu))
+    assert ctx.amp_dtype is None and runtime.amp_dtype("bf16", cpu) == torch.bfloat16
+    label = runtime.amp_label("auto", ctx)
+    assert ("--amp bf16" in label) == amx and label.startswith("auto (fp32")
+    assert runtime.amp_label("bf16", runtime.Context(device=cpu, amp_dtype=torch.bfloat16)) == "bf16"
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")   # a torch without the private probe
+    assert not runtime.cpu_has_amx()

@@ -2,6 +2,7 @@
 progress bar or --log-every lines, one line per epoch and the test line. Callbacks (callbacks.py)."""
 import sys
 
+from ..runtime import amp_label
 from .callbacks import Callback
 
 
@@ -55,7 +56,7 @@ def settings_lines(state):
         + (f", l2 {cfg.l2:g}" if cfg.l2 else ""),
         *([f"fine-tune  {state.fine_tune}"] if state.fine_tune else []),
         f"device     {meta['device']}" + (f" x {meta['world_size']} processes" if meta["world_size"] > 1 else "")
-        + f", seed {cfg.seed}, amp {cfg.amp}"
+        + f", seed {cfg.seed}, amp {amp_label(cfg.amp, state.ctx)}"
         + (f", threads {state.ctx.threads}" if state.ctx.device.type == "cpu" and state.ctx.threads else ""),
         f"run folder {state.run_dir}",
         "=" * 36,
