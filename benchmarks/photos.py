@@ -86,14 +86,14 @@ class EpochTimes(Callback):
         self.ends[-1] = time.perf_counter()
 
 
-def run_cnnlab(photos, epochs, threads):
+def run_cnnlab(photos, epochs, threads, amp="auto"):
     """(first epoch seconds from the start, [images/s of each later epoch], training images)."""
     timer = EpochTimes()
     os.environ["CNNLAB_CACHE"] = tempfile.mkdtemp(prefix="photos-cache-")   # decoding is part of epoch 1
     start = time.perf_counter()
     result = cnnlab.train(data=f"folder:{photos}", model="tv/resnet18", image_size=SIZE, epochs=epochs,
                           batch_size=BATCH, lr=LR, optimizer="sgd", momentum=0.9, val_fraction=0.0,
-                          threads=threads, out=os.path.join(photos, "..", "cnnlab-run"),
+                          threads=threads, amp=amp, out=os.path.join(photos, "..", "cnnlab-run"),
                           overwrite=True, report=False, callbacks=[timer])
     n = result.summary["splits"]["train"]
     later = [n / (end - begin) for begin, end in zip(timer.starts[1:], timer.ends[1:])]
@@ -205,8 +205,11 @@ def main():
               f"({ours / tutorial:.1f}x)")
         return 0
     rows = {}
-    for arm, run in (("tutorial (ImageFolder + DataLoader, 2 workers)", run_tutorial),
-                     ("cnnlab (--resize crop, decoded once)", run_cnnlab)):
+    arms = [("tutorial (ImageFolder + DataLoader, 2 workers)", run_tutorial),
+            ("cnnlab (--resize crop, decoded once)", run_cnnlab)]
+    if cpu_has_amx():   # what the settings block suggests on such a CPU
+        arms.append(("cnnlab --amp bf16", lambda *a: run_cnnlab(*a, amp="bf16")))
+    for arm, run in arms:
         first, later, n = run(photos, args.epochs, args.threads)
         rows[arm] = (first, statistics.mean(later) if later else float("nan"), n)
         print(f"{arm}: first epoch {first:.0f}s ({n} images), later epochs "
@@ -214,7 +217,7 @@ def main():
     print(f"\n| pipeline | first epoch, s (decoding included) | images/s, epochs 2-{args.epochs} |\n| --- | --- | --- |")
     for arm, (first, rate, n) in rows.items():
         print(f"| {arm} | {first:.0f} ({n} photos) | {rate:.1f} |")
-    (tut_first, tut_rate, _), (our_first, our_rate, _) = rows.values()
+    (tut_first, tut_rate, _), (our_first, our_rate, _), *bf16 = rows.values()
     alone = {layout: network_alone(min(n, 640), args.threads, layout != "contiguous", layout == "channels_last bf16")
              for layout in ("contiguous", "channels_last", "channels_last bf16")}
     print(f"\nthe training step alone (no input pipeline): {alone['contiguous']:.1f} img/s contiguous fp32 (the "
@@ -224,6 +227,8 @@ def main():
           f"the tutorial's {tut_rate:.1f} img/s here")
     print(f"\ncnnlab / tutorial: {our_rate / tut_rate:.2f}x images/s (target >= 2x); first epoch "
           f"{our_first:.0f}s vs {tut_first:.0f}s (target: not slower)")
+    for first, rate, _ in bf16:
+        print(f"cnnlab --amp bf16 / tutorial: {rate / tut_rate:.2f}x images/s; first epoch {first:.0f}s")
     return 0 if our_rate >= 2 * tut_rate and our_first <= tut_first else 1
 
 
