@@ -57,7 +57,7 @@ def pick_device(requested, local_rank=0):
 def amp_dtype(requested, device):
     """auto: bf16 on CUDA (no loss scaling needed), fp32 on the CPU, as Lightning and Keras do: CPU
     results stay exact (DDP matches one process to 1e-4, evaluate matches training). On a CPU with
-    AMX, `--amp bf16` trains 1.1-2.6x faster (benchmarks/cpu_bf16.py): the settings block says so."""
+    AMX, `--amp bf16` trains 1.1-2.8x faster (benchmarks/cpu_bf16.py): the settings block says so."""
     if requested == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]

@@ -236,7 +236,7 @@ def test_a_training_wrapper_is_never_truth_tested():
 @pytest.mark.parametrize("amx", [True, False])
 def test_amp_auto_is_fp32_on_any_cpu_and_names_bf16_where_amx_has_it(monkeypatch, amx):
     """amp auto on the CPU stays fp32 (exact DDP and evaluate); on a CPU with AMX, where bf16 trains
-    1.1-2.6x faster (benchmarks/cpu_bf16.py), the settings block says so; bf16 on request anywhere."""
+    1.1-2.8x faster (benchmarks/cpu_bf16.py), the settings block says so; bf16 on request anywhere."""
     import torch
 
     from cnnlab import runtime

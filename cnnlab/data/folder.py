@@ -229,7 +229,8 @@ def decode_chunk(task):
                 decoded.append((None, str(e)))
                 continue
             if fd is not None:
-                os.pwrite(fd, pixels.data, _SHARED.offset + (start + i) * pixels.nbytes)
+                if os.pwrite(fd, pixels.data, _SHARED.offset + (start + i) * pixels.nbytes) != pixels.nbytes:
+                    raise OSError(f"short write into {_SHARED.filename}")   # the space was reserved: not expected
                 pixels = None
             decoded.append((pixels, None))
     finally:
