@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
 import cnnlab
@@ -55,9 +55,23 @@ def test_ece_matches_the_hand_formula(pred):
 @given(predictions())
 def test_ece_matches_torchmetrics(pred):
     tm = pytest.importorskip("torchmetrics.classification")
-    probs, labels = pred[0].float(), pred[1]   # the same float32 to both: a confidence of 1/3 sits on a bin edge
+    probs, labels = pred[0].float(), pred[1]   # the same float32 to both
+    # A confidence on a bin edge (1/3, 0.2 of 15 bins) is binned by precision: torchmetrics compares
+    # it with float32 edges (equal: the lower bin), cnnlab its exact value with exact edges (float32
+    # 0.2 is 0.2000000030 > 0.2: the upper bin). Both are (lo, hi]; the edge case has its own test.
+    edges = torch.arange(1, 15, dtype=torch.float64) / 15
+    assume(bool(((probs.max(1).values.double()[:, None] - edges).abs() > 1e-6).all()))
     metric = tm.MulticlassCalibrationError(num_classes=probs.shape[1], n_bins=15, norm="l1")
     assert ece(probs, labels) == pytest.approx(float(metric(probs, labels)), abs=1e-5)
+
+
+def test_a_confidence_on_a_bin_edge_falls_in_the_lower_bin():
+    """Bins are (lo, hi]: a confidence of exactly 1/5 (float64) joins the bin that ends at 1/5, not
+    0.2289's; by hand: two bins, |1 - 0.2| / 2 + |0 - 0.2289| / 2 (the tie predicts class 0)."""
+    probs = torch.tensor([[0.0844, 0.2289, 0.2289, 0.2289, 0.2289], [0.2, 0.2, 0.2, 0.2, 0.2]], dtype=torch.float64)
+    count, _, _ = reliability(probs, torch.tensor([0, 0]), 15)
+    assert count[2] == 1 and count[3] == 1
+    assert ece(probs, torch.tensor([0, 0])) == pytest.approx((0.8 + 0.2289) / 2)
 
 
 def test_ece_of_a_known_case():
