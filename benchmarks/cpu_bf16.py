@@ -1,6 +1,7 @@
 """bf16 autocast against fp32 on this CPU: training-step images/s of the zoo's networks
 (channels_last, one fixed batch in memory, SGD), fp32 and bf16 alternating, median of 3 rounds.
-`amp auto` picks bf16 on CPUs with AMX (runtime.amp_dtype); this is the measurement behind it.
+The measurement behind the settings block's hint on CPUs with AMX (runtime.amp_label): `amp auto`
+stays fp32 on the CPU, `--amp bf16` is the flag it names.
 
     python benchmarks/cpu_bf16.py [MODEL ...]
 """

@@ -19,8 +19,8 @@ CIFAR-10 JPEG folder is extracted from ../shared/datasets/cifar10_jpg.tar when a
 Timed: the first epoch from the start (data loading and decoding included, to the last training
 step), and training images/s of the epochs after it (steps only: no validation in either arm).
 Target (issue 16): cnnlab >= 2x the tutorial's images/s, first epoch not slower. cnnlab runs as a
-user gets it: `amp auto`, which is bf16 autocast on a CPU with AMX (fp32 elsewhere); the tutorial
-is fp32 as written. Then the training step alone is timed on one batch held in memory (no
+user gets it (`amp auto`: fp32 on the CPU) and, on a CPU with AMX, with the `--amp bf16` its
+settings block suggests there; the tutorial is fp32 as written. Then the training step alone is timed on one batch held in memory (no
 pipeline; fp32 in both memory layouts, and bf16): the ceiling that no input pipeline can pass here.
 
 `--pipeline-only` times the two input pipelines alone, without the network: the images/s each can
@@ -130,7 +130,7 @@ def run_tutorial(photos, epochs, threads):
 def network_alone(images, threads, channels_last, bf16=False):
     """Images/s of the training step alone (tv/resnet18, one fixed batch already in memory, no input
     pipeline at all): the most any input pipeline can give on this machine. bf16: under bf16
-    autocast, what cnnlab's `amp auto` does on a CPU with AMX."""
+    autocast, what `--amp bf16` does."""
     import torch
     from torch import nn
     from torchvision import models
@@ -222,7 +222,7 @@ def main():
              for layout in ("contiguous", "channels_last", "channels_last bf16")}
     print(f"\nthe training step alone (no input pipeline): {alone['contiguous']:.1f} img/s contiguous fp32 (the "
           f"tutorial's), {alone['channels_last']:.1f} channels_last fp32, {alone['channels_last bf16']:.1f} "
-          f"channels_last bf16 (cnnlab's `amp auto` on a CPU with AMX: {'yes' if cpu_has_amx() else 'not this one'}); "
+          f"channels_last bf16 (cnnlab's `--amp bf16`; AMX here: {'yes' if cpu_has_amx() else 'no'}); "
           f"so no fp32 pipeline can give more than {max(alone['contiguous'], alone['channels_last']) / tut_rate:.2f}x "
           f"the tutorial's {tut_rate:.1f} img/s here")
     print(f"\ncnnlab / tutorial: {our_rate / tut_rate:.2f}x images/s (target >= 2x); first epoch "
