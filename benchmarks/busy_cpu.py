@@ -33,7 +33,7 @@ SETTINGS = {
     "threads 2 spin 1k": ({"GOMP_SPINCOUNT": "1000"}, 2),
     "threads 2 spin 10k": ({"GOMP_SPINCOUNT": "10000"}, 2),
     "threads 2 spin 50k": ({"GOMP_SPINCOUNT": "50000"}, 2),
-    "auto, spinning": (SPIN, 0),   # torch imported before cnnlab: threads from the load average
+    "auto, spinning": (SPIN, 0),   # torch imported before cnnlab: threads from the others' CPU use
     "new default": ({}, 0),        # `cnnlab train` as it starts now
 }
 

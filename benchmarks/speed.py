@@ -34,9 +34,10 @@ def fastest_recipe(data_dir, seed):
     """Two wall times of `cnnlab train --config mnist_fast` in a fresh process: the
     whole command (interpreter start and every import included), and the span the tutorial's own
     timer covers, i.e. from after `import torch` to the end (data loading, cnnlab's imports and
-    the test evaluation included)."""
+    the test evaluation included). `import cnnlab` (0.03 s, no torch) comes first, as in the
+    `cnnlab` command: it sets OpenMP's wait policy before torch loads (cnnlab/threads.py)."""
     out_dir = os.path.join(ROOT, "runs", f"bench-mnist-fast-{seed}")
-    code = ("import time, torch; t = time.perf_counter(); from cnnlab.cli import main; "
+    code = ("import time, cnnlab, torch; t = time.perf_counter(); from cnnlab.cli import main; "
             f"rc = main(['train', '--config', 'mnist_fast', '--data-dir', {data_dir!r}, "
             f"'--seed', '{seed}', '--out', {out_dir!r}, '--overwrite', '--report', 'false']); "
             "print('SPAN', time.perf_counter() - t); raise SystemExit(rc)")
@@ -147,13 +148,14 @@ def main():
     args = ap.parse_args()
     if not os.path.isdir(os.path.join(ROOT, args.data_dir, "MNIST")):
         sys.exit(f"full MNIST not found under {args.data_dir}")
+    import cnnlab   # before torch, as the `cnnlab` command does: OpenMP's wait policy (cnnlab/threads.py)
     import torch
 
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     a = tutorial(args.data_dir, args.tutorial_epochs)
     print(f"(a) tutorial: {a['train_images_per_second']:.0f} train img/s, {a['wall_seconds']:.1f} s for "
           f"{args.tutorial_epochs} epochs, test acc {a['test_acc']:.2%}", flush=True)
-    import cnnlab
     from cnnlab.config import load_yaml, make_config
 
     b = cnnlab.train(make_config({**load_yaml(os.path.join(ROOT, "cnnlab", "recipes", "seed003_mnist.yaml")), "data_dir": args.data_dir,
@@ -179,9 +181,9 @@ def main():
     print("ratios:")
     print(f"time(a) / time(c) = {a['wall_seconds'] / statistics.median(spans):.1f} with both timed after `import torch` "
           f"({a['wall_seconds'] / statistics.median(walls):.1f} against cnnlab's whole command)  "
-          f"(target >= 15, stretch 20; min acc {min(accs):.2%}, target >= 99.0%)")
+          f"(targets >= 20 timed alike, >= 15 whole command; min acc {min(accs):.2%}, target >= 99.0%)")
     print(f"(b) / (a) images/s = {b_rate / a['train_images_per_second']:.2f}  (target >= 1.5)")
-    print(f"(d) / matmul = {gflops / mm:.0%}  (target >= 35%)")
+    print(f"(d) / matmul = {gflops / mm:.0%}  (target >= 60%)")
     print(f"cnnlab --help = {help_s:.2f} s  (target < 1 s)")
     print(f"loader / tutorial loader = {our_loader / tut_loader:.1f}  (target >= 20)")
 

@@ -5,6 +5,7 @@ because torch's OpenMP (libgomp) reads its environment once, when torch loads it
 """
 import os
 import sys
+import time
 
 # Between parallel regions libgomp's idle threads spin 300,000 times before sleeping (its default).
 # On a 2-core machine beside one competing busy loop, the spinning thread burns the core its peer
@@ -43,11 +44,12 @@ def cpu_count():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def free_threads(cpus, load):
-    """Threads for spinning OpenMP waits (pure: CPUs, 1-minute load average -> threads): one per CPU
-    the other processes leave idle, at least 1. Spinning threads that outnumber the free cores
-    collapse (above); sleeping ones don't, so with passive waits every CPU is used."""
-    return max(1, min(cpus, int(cpus - load + 0.5)))
+def free_threads(cpus, busy):
+    """Threads for spinning OpenMP waits (pure: CPUs, CPUs' worth of other processes' work ->
+    threads): one per CPU the other processes leave idle, at least 1. Spinning threads that
+    outnumber the free cores collapse (above); sleeping ones don't, so with passive waits every
+    CPU is used."""
+    return max(1, min(cpus, int(cpus - busy + 0.5)))
 
 
 def load_average():
@@ -58,10 +60,45 @@ def load_average():
         return 0.0
 
 
+def cpu_ticks(niced=False):
+    """(clock ticks the CPUs spent busy since boot, clock ticks of this process), from /proc (Linux).
+    Niced processes' time is left out unless `niced` (this process is niced itself): they yield
+    their core to a thread of ours that wakes up, so they cannot make spinning waits collapse."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()   # after the command name, which may hold spaces
+    own = int(fields[11]) + int(fields[12])            # utime, stime: stat fields 14 and 15
+    return user + system + irq + softirq + steal + (nice if niced else 0), own
+
+
+def cpu_use(seconds=0.1):
+    """(CPUs' worth of work every process did over the next `seconds`, this process's share of it)."""
+    niced = os.nice(0) > 0
+    busy, own = cpu_ticks(niced)
+    start = time.monotonic()
+    time.sleep(seconds)
+    busy_after, own_after = cpu_ticks(niced)
+    cpus_worth = os.sysconf("SC_CLK_TCK") * (time.monotonic() - start)
+    return (busy_after - busy) / cpus_worth, (own_after - own) / cpus_worth
+
+
+def others_busy(seconds=0.1):
+    """CPUs' worth of work that OTHER processes are doing now, sampled over `seconds`. Not the load
+    average: that counts this process's own recent work, so a notebook's second run (or a benchmark
+    right after another) saw its own first run as competition and halved its threads. The load
+    average stands in where /proc is missing."""
+    try:
+        everyone, mine = cpu_use(seconds)
+    except (OSError, ValueError, IndexError, AttributeError):   # no /proc (macOS), no os.nice (Windows)
+        return load_average()
+    return max(0.0, everyone - mine)
+
+
 def auto_threads(cpus, environ=None):
     """--threads 0 on one process: (threads, why) for the settings block."""
     if waits_passive(environ):
         return cpus, "OpenMP waits passive"
-    load = load_average()
-    return free_threads(cpus, load), (f"load {load:.1f} on {cpus} CPUs; OpenMP threads spin (torch was imported "
-                                      "before cnnlab, or OMP_WAIT_POLICY set)")
+    busy = others_busy()
+    return free_threads(cpus, busy), (f"other processes busy on {busy:.1f} of {cpus} CPUs; OpenMP threads spin "
+                                      "(torch was imported before cnnlab, or OMP_WAIT_POLICY set)")

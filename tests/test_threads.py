@@ -3,6 +3,7 @@ the automatic thread count, and who wins. Nothing here depends on the machine's 
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -74,17 +75,67 @@ def test_free_threads_counts_the_cpus_others_leave_idle(cpus, load, threads):
 
 
 def test_auto_threads_use_every_cpu_with_passive_waits_and_the_free_ones_with_spinning_ones(monkeypatch):
-    monkeypatch.setattr(T, "load_average", lambda: 1.3)
+    monkeypatch.setattr(T, "others_busy", lambda: 1.3)
     assert T.auto_threads(2, {"OMP_WAIT_POLICY": "PASSIVE"}) == (2, "OpenMP waits passive")
     threads, why = T.auto_threads(2, {})
-    assert threads == 1 and why.startswith("load 1.3 on 2 CPUs; OpenMP threads spin")
+    assert threads == 1 and why.startswith("other processes busy on 1.3 of 2 CPUs; OpenMP threads spin")
+
+
+@pytest.mark.parametrize("everyone, mine, others", [(2.0, 2.0, 0.0), (2.0, 0.5, 1.5), (0.0, 0.0, 0.0),
+                                                     (1.9, 2.0, 0.0), (1.0, 0.0, 1.0)])
+def test_others_busy_leaves_out_this_process_own_work(monkeypatch, everyone, mine, others):
+    """The load average counted a process's own last run as competition: speed.py's in-process
+    runs after the tutorial's got 1 thread instead of 2, at half the speed."""
+    monkeypatch.setattr(T, "cpu_use", lambda seconds=0.1: (everyone, mine))
+    assert T.others_busy() == pytest.approx(others)
+
+
+def test_others_busy_falls_back_to_the_load_average_without_proc(monkeypatch):
+    def no_proc(seconds=0.1):
+        raise FileNotFoundError("/proc/stat")
+    monkeypatch.setattr(T, "cpu_use", no_proc)
+    monkeypatch.setattr(T, "load_average", lambda: 0.7)
+    assert T.others_busy() == 0.7
+
+
+LINUX = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads Linux's /proc")
+
+
+@LINUX
+def test_cpu_use_sees_a_busy_thread_of_this_process_as_its_own():
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        everyone, mine = T.cpu_use(0.5)
+    finally:
+        stop.set()
+        spinner.join()
+    assert mine > 0.2                  # the spinning thread ran, and counts as this process's
+    assert everyone >= mine - 0.1      # every process's busy time includes it (0.1: clock-tick rounding)
+
+
+@LINUX
+def test_others_busy_sees_another_process_busy_loop():
+    loop = subprocess.Popen([sys.executable, "-c", "print('spinning', flush=True)\nwhile True: pass"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert loop.stdout.readline().strip() == "spinning"
+        assert T.others_busy(0.5) > 0.2
+    finally:
+        loop.kill()
+        loop.wait()
 
 
 def test_explicit_threads_and_omp_num_threads_win(monkeypatch):
     import torch
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(T, "load_average", lambda: 50.0)
+    monkeypatch.setattr(T, "others_busy", lambda: 50.0)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("GOMP_SPINCOUNT", "300000")
