@@ -1,13 +1,14 @@
-"""Seed 002's `net` training on a busy CPU: torch's thread count and OpenMP wait policy, alone and
-beside competing CPU-bound processes (issue 21, item 3b).
+"""Seed 002's `net` (or mnist_fast's `digits_fast`) training on a busy CPU: torch's thread count and
+OpenMP wait policy, alone and beside competing CPU-bound processes (issue 21, item 3b).
 
     python benchmarks/busy_cpu.py                      # every setting, 0 / 1 / 2 competitors, 3 repeats
     python benchmarks/busy_cpu.py --busy 2 --repeats 5 --settings "old default" "new default"
+    python benchmarks/busy_cpu.py --model digits_fast --busy 0 1   # mnist_fast's net, batch 128
     python benchmarks/busy_cpu.py --cli 3000 --busy 1   # whole `cnnlab train` commands instead
 
 Each measurement is a fresh process (OpenMP reads its environment once, when torch loads it) that
 times `--seconds` of training steps of `net` (SGD, batch 64, random 3x32x32 images: CIFAR-2's shape,
-channels_last as cnnlab trains) after a warm-up. The competitors are pure-Python busy loops, one
+channels_last as cnnlab trains; `--model digits_fast`: batch 128 of 1x28x28) after a warm-up. The competitors are pure-Python busy loops, one
 per `--busy`. Settings are measured in interleaved rounds, and the median of each is printed with
 its slowdown against the same setting alone and against the best setting in the same scenario.
 """
@@ -31,14 +32,21 @@ SETTINGS = {
     "threads 2 passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, 2),
     "threads 1 passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, 1),
     "threads 2 spin 1k": ({"GOMP_SPINCOUNT": "1000"}, 2),
+    "threads 2 spin 3k": ({"GOMP_SPINCOUNT": "3000"}, 2),
+    "threads 2 spin 5k": ({"GOMP_SPINCOUNT": "5000"}, 2),
     "threads 2 spin 10k": ({"GOMP_SPINCOUNT": "10000"}, 2),
+    "threads 2 spin 30k": ({"GOMP_SPINCOUNT": "30000"}, 2),
     "threads 2 spin 50k": ({"GOMP_SPINCOUNT": "50000"}, 2),
     "auto, spinning": (SPIN, 0),   # torch imported before cnnlab: threads from the others' CPU use
     "new default": ({}, 0),        # `cnnlab train` as it starts now
 }
 
 
-def worker(threads, seconds):
+# --model -> (input shape, classes, batch): seed 002's net on CIFAR-2, mnist_fast's net and batch
+MODELS = {"net": ((3, 32, 32), 2, 64), "digits_fast": ((1, 28, 28), 10, 128)}
+
+
+def worker(threads, seconds, model):
     """In the child: cnnlab's start-up policy, then the timed steps; prints one JSON line."""
     sys.path.insert(0, ROOT)
     from cnnlab import runtime   # noqa: E402  (`import cnnlab` sets the wait policy before torch loads)
@@ -50,10 +58,11 @@ def worker(threads, seconds):
     if chosen:
         torch.set_num_threads(chosen)
     torch.manual_seed(0)
-    net = create_model("net", (3, 32, 32), 2).to(memory_format=torch.channels_last)
+    shape, classes, batch = MODELS[model]
+    net = create_model(model, shape, classes).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=1e-2)
-    x = torch.randn(64, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 2, (64,))
+    x = torch.randn(batch, *shape).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (batch,))
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -66,7 +75,7 @@ def worker(threads, seconds):
     while done < 5 or time.perf_counter() - start < seconds:   # collapsed setting takes as long as a fast one
         step()
         done += 1
-    print(json.dumps({"img_s": 64 * done / (time.perf_counter() - start), "threads": torch.get_num_threads(),
+    print(json.dumps({"img_s": batch * done / (time.perf_counter() - start), "threads": torch.get_num_threads(),
                       "wait": " ".join(f"{k}={os.environ[k]}" for k in WAIT_VARS[:2] if k in os.environ)}))
 
 
@@ -84,7 +93,8 @@ def measure(name, args):
     threads = SETTINGS[name][1]
     if args.cli:
         return measure_cli(name, threads, args)
-    out = subprocess.run([sys.executable, __file__, "--worker", str(threads), "--seconds", str(args.seconds)],
+    out = subprocess.run([sys.executable, __file__, "--worker", str(threads), "--seconds", str(args.seconds),
+                          "--model", args.model],
                          env=setting_env(name), capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -127,17 +137,19 @@ def main():
     p.add_argument("--busy", type=int, nargs="+", default=[0, 1, 2], help="competing busy loops per scenario")
     p.add_argument("--cli", type=int, default=0, metavar="N",
                    help="time whole `cnnlab train` runs (one epoch of N images, summary.json's img/s) instead of steps")
+    p.add_argument("--model", default="net", choices=list(MODELS), help="the network stepped (not with --cli)")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     args = p.parse_args()
     if args.worker is not None:
-        return worker(args.worker, args.seconds)
+        return worker(args.worker, args.seconds, args.model)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start "
           f"(shared with other users: compare ratios within one scenario)", flush=True)
     alone = {}
     for busy in args.busy:
         result = scenario(busy, args.settings, args)
         best = max(v for v, _ in result.values())
-        what = f"`cnnlab train` on {args.cli} images" if args.cli else f"{args.seconds:g} s of batch-64 steps"
+        what = (f"`cnnlab train` on {args.cli} images" if args.cli
+                else f"{args.seconds:g} s of batch-{MODELS[args.model][2]} steps of {args.model}")
         print(f"\n{busy} competing busy loop(s), median of {args.repeats}, {what} each, "
               f"load average {os.getloadavg()[0]:.1f}:")
         for name, (img_s, last) in result.items():

@@ -9,32 +9,36 @@ import time
 
 # Between parallel regions libgomp's idle threads spin 300,000 times before sleeping (its default).
 # On a 2-core machine beside one competing busy loop, the spinning thread burns the core its peer
-# needs: seed 002's `net` fell to 68 img/s with 2 threads, against 990 with 1; sleeping at once
-# (PASSIVE: GOMP_SPINCOUNT 0) kept 1,800-3,200 img/s with 2 threads (benchmarks/README.md).
-PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
+# needs: seed 002's `net` fell to 68 img/s with 2 threads, against 990 with 1. Sleeping at once
+# (OMP_WAIT_POLICY=PASSIVE, cnnlab's first fix) never collapsed, but every parallel region then
+# starts with a futex wake: small nets on an idle machine lost 1.3-1.7x (mnist_fast's digits_fast
+# 7.5k against 13.1k img/s). Spinning 10,000 times, then sleeping, kept the idle speed and stayed
+# within 1.3x of the best setting beside 1 or 2 busy loops (benchmarks/README.md, busy_cpu.py).
+SPINS = 10_000
+SHORT_SPINS = {"GOMP_SPINCOUNT": str(SPINS)}
 USER_CHOICES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def quiet_waits(environ=None):
-    """Set OpenMP's passive wait policy in the environment while it can still take effect (torch not
+    """Set OpenMP's spin count to SPINS in the environment while it can still take effect (torch not
     yet imported) and the user chose none (OMP_WAIT_POLICY or GOMP_SPINCOUNT set wins); child
     processes (torchrun's workers) inherit it. Returns True when it was set here."""
     environ = os.environ if environ is None else environ
     if "torch" in sys.modules or any(name in environ for name in USER_CHOICES):
         return False
-    environ.update(PASSIVE)
+    environ.update(SHORT_SPINS)
     return True
 
 
-def waits_passive(environ=None):
-    """Whether OpenMP's idle threads sleep rather than spin, as the environment says: a PASSIVE
-    policy, or a GOMP_SPINCOUNT under 1,000 (when set, libgomp takes it over the policy; 1,000
-    spins still lost up to 3x beside a busy loop)."""
+def waits_short(environ=None):
+    """Whether OpenMP's idle threads soon sleep rather than spin on, as the environment says: a
+    GOMP_SPINCOUNT of at most SPINS (when set, libgomp takes it over the policy), or a PASSIVE
+    policy without one."""
     environ = os.environ if environ is None else environ
-    if environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE" and "GOMP_SPINCOUNT" not in environ:
-        return True
+    if "GOMP_SPINCOUNT" not in environ:
+        return environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
     try:
-        return int(environ.get("GOMP_SPINCOUNT", "").strip()) < 1000
+        return int(environ["GOMP_SPINCOUNT"].strip()) <= SPINS
     except ValueError:
         return False
 
@@ -45,10 +49,10 @@ def cpu_count():
 
 
 def free_threads(cpus, busy):
-    """Threads for spinning OpenMP waits (pure: CPUs, CPUs' worth of other processes' work ->
-    threads): one per CPU the other processes leave idle, at least 1. Spinning threads that
-    outnumber the free cores collapse (above); sleeping ones don't, so with passive waits every
-    CPU is used."""
+    """Threads for long-spinning OpenMP waits (pure: CPUs, CPUs' worth of other processes' work ->
+    threads): one per CPU the other processes leave idle, at least 1. Long-spinning threads that
+    outnumber the free cores collapse (above); briefly spinning ones don't, so with short waits
+    every CPU is used, and the thread count (hence a run's last bits) does not depend on the load."""
     return max(1, min(cpus, int(cpus - busy + 0.5)))
 
 
@@ -97,8 +101,8 @@ def others_busy(seconds=0.1):
 
 def auto_threads(cpus, environ=None):
     """--threads 0 on one process: (threads, why) for the settings block."""
-    if waits_passive(environ):
-        return cpus, "OpenMP waits passive"
+    if waits_short(environ):
+        return cpus, "OpenMP waits short"
     busy = others_busy()
     return free_threads(cpus, busy), (f"other processes busy on {busy:.1f} of {cpus} CPUs; OpenMP threads spin "
                                       "(torch was imported before cnnlab, or OMP_WAIT_POLICY set)")

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-import cnnlab  # noqa: F401  (before any test imports torch: OpenMP's passive waits, as the CLI has them)
+import cnnlab  # noqa: F401  (before any test imports torch: OpenMP's short waits, as the CLI has them)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "datasets")

@@ -34,22 +34,23 @@ def openmp_spincount(env):
     return lines[0].split("=")[1].strip().strip("'")
 
 
-def test_the_cli_makes_openmp_threads_sleep_before_torch_loads():
-    """libgomp spins 300,000 times by default; cnnlab's entry sets the passive policy early enough
-    that the OpenMP inside torch runs with a spin count of 0 (the old code: '300000')."""
-    assert openmp_spincount({}) == "0"
+def test_the_cli_makes_openmp_threads_sleep_soon_before_torch_loads():
+    """libgomp spins 300,000 times by default; cnnlab's entry sets a short spin count early enough
+    that the OpenMP inside torch runs with it (the code before issue 21: '300000')."""
+    assert openmp_spincount({}) == str(T.SPINS)
 
 
 @pytest.mark.parametrize("env, spins", [({"OMP_WAIT_POLICY": "ACTIVE"}, "30000000000"),
-                                        ({"GOMP_SPINCOUNT": "5000"}, "5000")])
+                                        ({"GOMP_SPINCOUNT": "5000"}, "5000"),
+                                        ({"OMP_WAIT_POLICY": "PASSIVE"}, "0")])
 def test_a_users_openmp_wait_setting_wins(env, spins):
     assert openmp_spincount(env) == spins
 
 
-def test_quiet_waits_sets_passive_unless_the_user_chose_or_torch_is_loaded(monkeypatch):
+def test_quiet_waits_sets_short_spins_unless_the_user_chose_or_torch_is_loaded(monkeypatch):
     monkeypatch.delitem(sys.modules, "torch")   # as when the CLI starts
     env = {}
-    assert T.quiet_waits(env) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert T.quiet_waits(env) and env == {"GOMP_SPINCOUNT": "10000"}
     for user in ({"OMP_WAIT_POLICY": "active"}, {"GOMP_SPINCOUNT": "100"}):
         assert not T.quiet_waits(user) and len(user) == 1
     monkeypatch.undo()   # torch loaded (runtime imports it): OpenMP has read its environment already
@@ -57,14 +58,16 @@ def test_quiet_waits_sets_passive_unless_the_user_chose_or_torch_is_loaded(monke
     assert not T.quiet_waits(env) and env == {}
 
 
-@pytest.mark.parametrize("env, passive", [({"OMP_WAIT_POLICY": "PASSIVE"}, True), ({"OMP_WAIT_POLICY": " passive "}, True),
-                                          ({}, False), ({"OMP_WAIT_POLICY": "ACTIVE"}, False),
-                                          ({"GOMP_SPINCOUNT": "0"}, True), ({"GOMP_SPINCOUNT": "999"}, True),
-                                          ({"GOMP_SPINCOUNT": "300000"}, False), ({"GOMP_SPINCOUNT": "lots"}, False),
-                                          ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "300000"}, False)])
-def test_waits_passive_reads_the_environment_as_libgomp_does(env, passive):
+@pytest.mark.parametrize("env, short", [({"OMP_WAIT_POLICY": "PASSIVE"}, True), ({"OMP_WAIT_POLICY": " passive "}, True),
+                                        ({}, False), ({"OMP_WAIT_POLICY": "ACTIVE"}, False),
+                                        ({"GOMP_SPINCOUNT": "0"}, True), ({"GOMP_SPINCOUNT": "10000"}, True),
+                                        ({"GOMP_SPINCOUNT": "10001"}, False), ({"GOMP_SPINCOUNT": "300000"}, False),
+                                        ({"GOMP_SPINCOUNT": "lots"}, False),
+                                        ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "300000"}, False),
+                                        ({"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10000"}, True)])
+def test_waits_short_reads_the_environment_as_libgomp_does(env, short):
     """GOMP_SPINCOUNT overrides the policy's spin count in libgomp (env.c), so it decides when set."""
-    assert T.waits_passive(env) is passive
+    assert T.waits_short(env) is short
 
 
 @pytest.mark.parametrize("cpus, load, threads", [(2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 1.0, 1), (2, 2.3, 1),
@@ -74,9 +77,10 @@ def test_free_threads_counts_the_cpus_others_leave_idle(cpus, load, threads):
     assert T.free_threads(cpus, load) == threads
 
 
-def test_auto_threads_use_every_cpu_with_passive_waits_and_the_free_ones_with_spinning_ones(monkeypatch):
+def test_auto_threads_use_every_cpu_with_short_waits_and_the_free_ones_with_long_spins(monkeypatch):
     monkeypatch.setattr(T, "others_busy", lambda: 1.3)
-    assert T.auto_threads(2, {"OMP_WAIT_POLICY": "PASSIVE"}) == (2, "OpenMP waits passive")
+    assert T.auto_threads(2, {"OMP_WAIT_POLICY": "PASSIVE"}) == (2, "OpenMP waits short")
+    assert T.auto_threads(2, {"GOMP_SPINCOUNT": "10000"}) == (2, "OpenMP waits short")
     threads, why = T.auto_threads(2, {})
     assert threads == 1 and why.startswith("other processes busy on 1.3 of 2 CPUs; OpenMP threads spin")
 
@@ -151,4 +155,4 @@ def test_the_settings_block_names_the_threads(tmp_path):
     result = cnnlab_cli("train", "--model", "lenet5", "--epochs", 1, "--train-samples", 200, "--test-samples", 100,
                         "--report", "false", "--out", tmp_path / "run")
     device = next(line for line in result.stdout.splitlines() if line.startswith("device"))
-    assert device.endswith(f", threads {T.cpu_count()} (OpenMP waits passive)"), device
+    assert device.endswith(f", threads {T.cpu_count()} (OpenMP waits short)"), device
