@@ -152,7 +152,7 @@ def main():
     import torch
 
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+          f"GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     a = tutorial(args.data_dir, args.tutorial_epochs)
     print(f"(a) tutorial: {a['train_images_per_second']:.0f} train img/s, {a['wall_seconds']:.1f} s for "
           f"{args.tutorial_epochs} epochs, test acc {a['test_acc']:.2%}", flush=True)

@@ -1,0 +1,91 @@
+"""Issue 21, target 2a: seed 004's CIFAR-10 tutorial as written against cnnlab, side by side in ONE
+run on the same machine and the same 60,000 JPEGs (../shared/datasets/cifar10_jpg.tar).
+
+    python benchmarks/cifar_speed.py [--seeds 0 1 2]
+
+(a) benchmarks/tutorial_seed004.py in its own process: 20,000 / 5,000 / 5,000 images, 5 epochs;
+    its wall time after `import torch` and its test accuracy.
+(b) cnnlab's first read of the folder into its disk cache (a fresh --cache-dir, the whole command
+    of one short training): what a user pays once per folder.
+(c) for each of CONFIGS, `cnnlab train` on the same split sizes (random stratified samples, the
+    folder being sorted by class), the cache warm, per seed: the span after `import torch` (the
+    tutorial's timer) and the whole command, and its test accuracy.
+The target: some config reaches the tutorial's test accuracy (every seed) in <= 1/10 of its time.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SHARED = os.path.join(ROOT, "..", "shared", "datasets")
+JPG = "/tmp/cifar10_jpg"
+SPLIT = ["--split-ranges", "", "--train-samples", "20000", "--val-samples", "5000", "--test-samples", "5000"]
+# what cnnlab runs: (recipe, flags on top)
+CONFIGS = {
+    "seed004_cifar10 (the tutorial's own settings)": ("seed004_cifar10", []),
+    "seed004_cifar10 at batch 128, one-cycle lr 5e-3, 3 epochs": (
+        "seed004_cifar10", ["--batch-size", "128", "--lr", "0.005", "--schedule", "onecycle", "--epochs", "3"]),
+}
+
+
+def cifar_folder():
+    if not os.path.isdir(JPG):
+        subprocess.run(["tar", "xf", os.path.join(SHARED, "cifar10_jpg.tar"), "-C", os.path.dirname(JPG)], check=True)
+
+
+def tutorial(epochs):
+    out = subprocess.run([sys.executable, os.path.join(HERE, "tutorial_seed004.py"), JPG, str(epochs)],
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def cnnlab_run(config, seed, cache_dir, extra=()):
+    """(whole command s, span after `import torch` s, summary) of one `cnnlab train` in a fresh process;
+    `import cnnlab` first, as the command does (it sets OpenMP's wait policy before torch loads)."""
+    out_dir = os.path.join(ROOT, "runs", f"bench-cifar-{seed}")
+    argv = ["train", "--config", config, "--data", "folder:" + JPG, *SPLIT, "--seed", str(seed),
+            "--cache-dir", cache_dir, "--out", out_dir, "--overwrite", "--report", "false", *extra]
+    code = ("import time, cnnlab, torch; t = time.perf_counter(); from cnnlab.cli import main; "
+            f"rc = main({argv!r}); print('SPAN', time.perf_counter() - t); raise SystemExit(rc)")
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    whole = time.perf_counter() - start
+    with open(os.path.join(out_dir, "summary.json")) as f:
+        return whole, float(out.split("SPAN ")[1].split()[0]), json.load(f)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--tutorial-epochs", type=int, default=5)
+    args = ap.parse_args()
+    cifar_folder()
+    print(f"machine: {os.cpu_count()} CPUs", flush=True)
+    a = tutorial(args.tutorial_epochs)
+    print(f"(a) tutorial: {a['wall_seconds']:.1f} s after `import torch` ({a['train_seconds']:.1f} s in its training "
+          f"loop, {a['train_images_per_second']:.0f} train img/s), test acc {a['test_acc']:.2%}", flush=True)
+    with tempfile.TemporaryDirectory() as cache_dir:
+        whole, span, _ = cnnlab_run("seed004_cifar10", 0, cache_dir, ["--epochs", "1", "--train-samples", "1000"])
+        print(f"(b) first read of the folder (decode 60,000 JPEGs into a fresh cache, and one short training): "
+              f"{whole:.1f} s whole command", flush=True)
+        print("ratios (tutorial time / cnnlab time, cache warm):")
+        for name, (config, flags) in CONFIGS.items():
+            runs = [cnnlab_run(config, seed, cache_dir, flags) for seed in args.seeds]
+            spans, wholes = [r[1] for r in runs], [r[0] for r in runs]
+            accs = [r[2]["final_test_acc"] for r in runs]
+            reached = "every seed reaches" if min(accs) >= a["test_acc"] else "NOT every seed reaches"
+            print(f"(c) {name}: after `import torch` {', '.join(f'{s:.1f}' for s in spans)} s, whole command "
+                  f"{', '.join(f'{w:.1f}' for w in wholes)} s; test acc {', '.join(f'{x:.2%}' for x in accs)}; "
+                  f"time(a) / time(c) = {a['wall_seconds'] / statistics.median(spans):.1f} timed alike, "
+                  f"{a['wall_seconds'] / statistics.median(wholes):.1f} whole command (target >= 10; {reached} "
+                  f"the tutorial's {a['test_acc']:.2%})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
