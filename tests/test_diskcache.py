@@ -351,3 +351,31 @@ def test_streamed_photos_are_cut_as_in_memory_ones(photos, augment):
     assert runs[0].summary["test_loss"] == runs[1].summary["test_loss"]
     data = load_data(DataConfig(data=f"folder:{photos / 'photos'}", image_size=16, resize="crop", in_memory="no"))
     assert data.streamed and data.train[0].shape[-1] > 16 and data.test[0].shape[-1] == data.val[0].shape[-1] == 16
+
+
+PART = st.sampled_from(["a", "b", "cls", ".", "..", "", ".hidden", "x.jpg", "a b"])
+PATH = st.lists(PART, min_size=1, max_size=5).map(lambda parts: os.path.join(*parts))
+
+
+@given(top=st.one_of(PATH, PATH.map(lambda p: os.sep + p)).filter(bool), rests=st.lists(PATH, max_size=6),
+       absolute=st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_file_ids_name_files_as_os_path_relpath_does(top, rests, absolute):
+    """file_ids cuts the folder's prefix instead of calling relpath when nothing needs normalising;
+    the names must be relpath's for any path, '.' and '..' and empty parts included."""
+    from unittest import mock
+
+    from cnnlab.data.folder import file_ids
+
+    files = [os.path.join(top, rest) for rest in rests] + ([os.path.abspath(top)] if absolute else [])
+    with mock.patch("os.path.getsize", lambda f: 7):
+        ids = file_ids(files, top)
+    assert ids == [(os.path.relpath(f, top).replace(os.sep, "/"), 7) for f in files]
+
+
+@given(st.lists(st.one_of(PATH, PATH.map(lambda p: os.sep + p), PATH.map(lambda p: p + os.sep)), max_size=8))
+@settings(max_examples=300, deadline=None)
+def test_absolute_names_are_os_path_abspath(files):
+    from cnnlab.data.cache import absolute_names
+
+    assert list(absolute_names(files)) == [os.path.abspath(f) for f in files]

@@ -33,13 +33,27 @@ def files_under(root):
 def files_key(label, files):
     """A hash of `label` and every file's absolute name, size and mtime; a missing file counts too."""
     h = hashlib.sha256(label.encode())
-    for f in files:
+    for f, name in zip(files, absolute_names(files)):
         try:
             st = os.stat(f)
-            h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
-            h.update(f"{os.path.abspath(f)}\0missing\n".encode())
+            h.update(f"{name}\0missing\n".encode())
     return h.hexdigest()[:24]
+
+
+def absolute_names(files):
+    """os.path.abspath of each file, made once per folder rather than once per file (abspath
+    normalises the whole name: 2 us a file, 0.5 s of a CIFAR-10 folder's start-up over its keys)."""
+    folders = {}
+    for f in files:
+        head, tail = os.path.split(f)
+        if tail in ("", ".", ".."):   # not a plain file name: normalising could change the folder
+            yield os.path.abspath(f)
+            continue
+        if head not in folders:
+            folders[head] = os.path.abspath(head or os.curdir)
+        yield os.path.join(folders[head], tail)
 
 
 def cached_arrays(key, make, kind="sets", root=""):

@@ -318,7 +318,14 @@ def folder(path, cfg):
 def file_ids(files, top):
     """(path relative to the dataset folder, with '/', size in bytes) of each file: how splits.json
     names them, so the folder may move but a changed file is noticed."""
-    return [(os.path.relpath(f, top).replace(os.sep, "/"), os.path.getsize(f)) for f in files]
+    prefix = os.path.join(top, "")   # `top` and one separator
+
+    def relative(f):   # os.path.relpath, by cutting the prefix where nothing needs normalising:
+        rest = f[len(prefix):]   # relpath costs 12 us a file, 0.7 s of CIFAR-10's 60,000
+        if f.startswith(prefix) and not any(part in ("", ".", "..") for part in rest.split(os.sep)):
+            return rest
+        return os.path.relpath(f, top)
+    return [(relative(f).replace(os.sep, "/"), os.path.getsize(f)) for f in files]
 
 
 def warn_skipped(bad, not_decoded):
