@@ -64,16 +64,28 @@ def load_average():
         return 0.0
 
 
+def busy_ticks(proc_stat, cpus, niced=False):
+    """Clock ticks the CPUs numbered in `cpus` spent busy, from /proc/stat's text (pure). Only those
+    CPUs: in a container, the host's other cores are not ours to fight over. Niced processes' time
+    is left out unless `niced` (this process is niced itself): they yield their core to a thread of
+    ours that wakes up, so they cannot make spinning waits collapse."""
+    busy = 0
+    for line in proc_stat.splitlines():
+        name, *ticks = line.split() or [""]
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, ticks[:8])
+            busy += user + system + irq + softirq + steal + (nice if niced else 0)
+    return busy
+
+
 def cpu_ticks(niced=False):
-    """(clock ticks the CPUs spent busy since boot, clock ticks of this process), from /proc (Linux).
-    Niced processes' time is left out unless `niced` (this process is niced itself): they yield
-    their core to a thread of ours that wakes up, so they cannot make spinning waits collapse."""
+    """(busy clock ticks of the CPUs this process may run on, clock ticks of this process), from
+    /proc (Linux)."""
     with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+        busy = busy_ticks(f.read(), os.sched_getaffinity(0), niced)
     with open("/proc/self/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()   # after the command name, which may hold spaces
-    own = int(fields[11]) + int(fields[12])            # utime, stime: stat fields 14 and 15
-    return user + system + irq + softirq + steal + (nice if niced else 0), own
+    return busy, int(fields[11]) + int(fields[12])     # utime, stime: stat fields 14 and 15
 
 
 def cpu_use(seconds=0.1):

@@ -102,6 +102,23 @@ def test_others_busy_falls_back_to_the_load_average_without_proc(monkeypatch):
     assert T.others_busy() == 0.7
 
 
+PROC_STAT = """cpu  900 90 300 5000 50 7 3 1 0 0
+cpu0 100 10 50 1000 10 1 1 0 0 0
+cpu1 200 20 60 1000 10 2 1 1 0 0
+cpu12 600 60 190 3000 30 4 1 0 0 0
+intr 12345 0 0
+ctxt 999
+"""
+
+
+@pytest.mark.parametrize("cpus, niced, busy", [({0}, False, 152), ({0, 1}, False, 416), ({1}, True, 284),
+                                               ({12}, False, 795), (set(), False, 0), ({5}, False, 0)])
+def test_busy_ticks_count_only_this_process_cpus(cpus, niced, busy):
+    """user + system + irq + softirq + steal of the CPUs in the affinity mask (not the aggregate
+    `cpu` line: a container's host has cores that are not ours), nice too when we are niced."""
+    assert T.busy_ticks(PROC_STAT, cpus, niced) == busy
+
+
 LINUX = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads Linux's /proc")
 
 
