@@ -25,8 +25,11 @@ def sh(*cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True, **kw)
 
 
+AS_STARTED = dict(os.environ)   # the tutorial runs in this: not in the OpenMP settings `import cnnlab` adds
+
+
 def tutorial(data_dir, epochs):
-    out = sh(sys.executable, os.path.join(HERE, "tutorial_seed003.py"), data_dir, str(epochs)).stdout
+    out = sh(sys.executable, os.path.join(HERE, "tutorial_seed003.py"), data_dir, str(epochs), env=AS_STARTED).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

@@ -4,6 +4,7 @@ benchmarks/busy_cpu.py). No heavy imports here: `quiet_waits` must run before to
 because torch's OpenMP (libgomp) reads its environment once, when torch loads it.
 """
 import os
+import re
 import sys
 import time
 
@@ -13,15 +14,18 @@ import time
 # (OMP_WAIT_POLICY=PASSIVE, cnnlab's first fix) never collapsed, but every parallel region then
 # starts with a futex wake: small nets on an idle machine lost 1.3-1.7x (mnist_fast's digits_fast
 # 7.5k against 13.1k img/s). Spinning 10,000 times, then sleeping, kept the idle speed and stayed
-# within 1.3x of the best setting beside 1 or 2 busy loops (benchmarks/README.md, busy_cpu.py).
+# within 1.3x of the best 2-thread wait setting beside 1 or 2 busy loops (benchmarks/README.md,
+# busy_cpu.py). GOMP_SPINCOUNT is libgomp's (torch's OpenMP on Linux), and when set it overrides
+# the policy's spin count there; other OpenMP runtimes (LLVM's libomp on macOS) ignore it and take
+# the passive policy, cnnlab's previous default, which never collapsed.
 SPINS = 10_000
-SHORT_SPINS = {"GOMP_SPINCOUNT": str(SPINS)}
+SHORT_SPINS = {"GOMP_SPINCOUNT": str(SPINS), "OMP_WAIT_POLICY": "PASSIVE"}
 USER_CHOICES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def quiet_waits(environ=None):
-    """Set OpenMP's spin count to SPINS in the environment while it can still take effect (torch not
-    yet imported) and the user chose none (OMP_WAIT_POLICY or GOMP_SPINCOUNT set wins); child
+    """Set OpenMP's spin count to SPINS (SHORT_SPINS) in the environment while it can still take
+    effect (torch not yet imported) and the user chose none (OMP_WAIT_POLICY or GOMP_SPINCOUNT set wins); child
     processes (torchrun's workers) inherit it. Returns True when it was set here."""
     environ = os.environ if environ is None else environ
     if "torch" in sys.modules or any(name in environ for name in USER_CHOICES):
@@ -32,15 +36,28 @@ def quiet_waits(environ=None):
 
 def waits_short(environ=None):
     """Whether OpenMP's idle threads soon sleep rather than spin on, as the environment says: a
-    GOMP_SPINCOUNT of at most SPINS (when set, libgomp takes it over the policy), or a PASSIVE
-    policy without one."""
+    GOMP_SPINCOUNT of at most SPINS (libgomp takes a valid one over the policy), or else a
+    PASSIVE policy."""
     environ = os.environ if environ is None else environ
-    if "GOMP_SPINCOUNT" not in environ:
+    spins = spin_count(environ.get("GOMP_SPINCOUNT", ""))
+    if spins is None:
         return environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
-    try:
-        return int(environ["GOMP_SPINCOUNT"].strip()) <= SPINS
-    except ValueError:
-        return False
+    return spins <= SPINS
+
+
+def spin_count(text):
+    """GOMP_SPINCOUNT as libgomp reads it (env.c, parse_spincount): a whole number with an optional
+    k, M, G or T (x1000 each), or infinite / infinity; a minus sign wraps around to a huge count
+    (strtoull). None when libgomp would ignore it as invalid (e.g. '1_000', '', 'lots')."""
+    text = text.strip().lower()
+    if text in ("infinite", "infinity"):
+        return float("inf")
+    number = re.fullmatch(r"([+-]?)(\d+)\s*([kmgt]?)", text)
+    if not number:
+        return None
+    sign, digits, unit = number.groups()
+    value = int(digits) * 1000 ** " kmgt".index(unit or " ")
+    return float("inf") if sign == "-" and value else value
 
 
 def cpu_count():
@@ -69,12 +86,15 @@ def busy_ticks(proc_stat, cpus, niced=False):
     CPUs: in a container, the host's other cores are not ours to fight over. Niced processes' time
     is left out unless `niced` (this process is niced itself): they yield their core to a thread of
     ours that wakes up, so they cannot make spinning waits collapse."""
-    busy = 0
+    busy, seen = 0, False
     for line in proc_stat.splitlines():
         name, *ticks = line.split() or [""]
         if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
             user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, ticks[:8])
             busy += user + system + irq + softirq + steal + (nice if niced else 0)
+            seen = True
+    if not seen:   # e.g. LXCFS renumbers a container's CPUs: no figure beats "always idle"
+        raise ValueError("/proc/stat has no line for this process's CPUs")
     return busy
 
 
@@ -89,7 +109,8 @@ def cpu_ticks(niced=False):
 
 
 def cpu_use(seconds=0.1):
-    """(CPUs' worth of work every process did over the next `seconds`, this process's share of it)."""
+    """(CPUs' worth of work every process did over the next `seconds` on this process's CPUs, niced
+    ones aside unless this process is niced too; this process's share of it)."""
     niced = os.nice(0) > 0
     busy, own = cpu_ticks(niced)
     start = time.monotonic()
@@ -117,4 +138,5 @@ def auto_threads(cpus, environ=None):
         return cpus, "OpenMP waits short"
     busy = others_busy()
     return free_threads(cpus, busy), (f"other processes busy on {busy:.1f} of {cpus} CPUs; OpenMP threads spin "
-                                      "(torch was imported before cnnlab, or OMP_WAIT_POLICY set)")
+                                      "long (torch was imported before cnnlab, or OMP_WAIT_POLICY / "
+                                      "GOMP_SPINCOUNT set so)")

@@ -50,7 +50,7 @@ def test_a_users_openmp_wait_setting_wins(env, spins):
 def test_quiet_waits_sets_short_spins_unless_the_user_chose_or_torch_is_loaded(monkeypatch):
     monkeypatch.delitem(sys.modules, "torch")   # as when the CLI starts
     env = {}
-    assert T.quiet_waits(env) and env == {"GOMP_SPINCOUNT": "10000"}
+    assert T.quiet_waits(env) and env == {"GOMP_SPINCOUNT": "10000", "OMP_WAIT_POLICY": "PASSIVE"}
     for user in ({"OMP_WAIT_POLICY": "active"}, {"GOMP_SPINCOUNT": "100"}):
         assert not T.quiet_waits(user) and len(user) == 1
     monkeypatch.undo()   # torch loaded (runtime imports it): OpenMP has read its environment already
@@ -61,12 +61,17 @@ def test_quiet_waits_sets_short_spins_unless_the_user_chose_or_torch_is_loaded(m
 @pytest.mark.parametrize("env, short", [({"OMP_WAIT_POLICY": "PASSIVE"}, True), ({"OMP_WAIT_POLICY": " passive "}, True),
                                         ({}, False), ({"OMP_WAIT_POLICY": "ACTIVE"}, False),
                                         ({"GOMP_SPINCOUNT": "0"}, True), ({"GOMP_SPINCOUNT": "10000"}, True),
+                                        ({"GOMP_SPINCOUNT": "10k"}, True), ({"GOMP_SPINCOUNT": " 10 K "}, True),
                                         ({"GOMP_SPINCOUNT": "10001"}, False), ({"GOMP_SPINCOUNT": "300000"}, False),
-                                        ({"GOMP_SPINCOUNT": "lots"}, False),
+                                        ({"GOMP_SPINCOUNT": "1M"}, False), ({"GOMP_SPINCOUNT": "infinite"}, False),
+                                        ({"GOMP_SPINCOUNT": "-5"}, False), ({"GOMP_SPINCOUNT": "-0"}, True),
+                                        ({"GOMP_SPINCOUNT": "1_000"}, False), ({"GOMP_SPINCOUNT": "lots"}, False),
+                                        ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "lots"}, True),
                                         ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "300000"}, False),
                                         ({"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10000"}, True)])
 def test_waits_short_reads_the_environment_as_libgomp_does(env, short):
-    """GOMP_SPINCOUNT overrides the policy's spin count in libgomp (env.c), so it decides when set."""
+    """A valid GOMP_SPINCOUNT overrides the policy's spin count in libgomp (env.c, parse_spincount:
+    k/M/G/T suffixes, 'infinite', strtoull's wrap-around of a minus sign); an invalid one is ignored."""
     assert T.waits_short(env) is short
 
 
@@ -112,11 +117,18 @@ ctxt 999
 
 
 @pytest.mark.parametrize("cpus, niced, busy", [({0}, False, 152), ({0, 1}, False, 416), ({1}, True, 284),
-                                               ({12}, False, 795), (set(), False, 0), ({5}, False, 0)])
+                                               ({12}, False, 795), ({0, 5}, False, 152)])
 def test_busy_ticks_count_only_this_process_cpus(cpus, niced, busy):
     """user + system + irq + softirq + steal of the CPUs in the affinity mask (not the aggregate
     `cpu` line: a container's host has cores that are not ours), nice too when we are niced."""
     assert T.busy_ticks(PROC_STAT, cpus, niced) == busy
+
+
+def test_busy_ticks_refuse_a_proc_stat_without_our_cpus():
+    """No line for our CPUs (LXCFS renumbering them): an error, so the load average stands in,
+    rather than 0, which would call a busy machine idle."""
+    with pytest.raises(ValueError):
+        T.busy_ticks(PROC_STAT, {5}, False)
 
 
 LINUX = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads Linux's /proc")

@@ -33,6 +33,7 @@ def files_under(root):
 def files_key(label, files):
     """A hash of `label` and every file's absolute name, size and mtime; a missing file counts too."""
     h = hashlib.sha256(label.encode())
+    files = list(files)   # walked twice below
     for f, name in zip(files, absolute_names(files)):
         try:
             st = os.stat(f)
