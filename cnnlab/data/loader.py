@@ -25,7 +25,8 @@ class BatchLoader:
     """Batches of one split, normalised by `preprocess` (the Preprocess a model trains or was trained with)."""
 
     def __init__(self, x, y, batch_size, preprocess, device="cpu", shuffle=False, seed=0,
-                 augment="none", rank=0, world=1, channels_last=False, sampler="shuffle", strong=None):
+                 augment="none", rank=0, world=1, channels_last=False, sampler="shuffle", strong=None,
+                 mixed=False):
         self.x = x.to(device)                       # (N, C, H, W) uint8, moved once
         self.y = y.to(device)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
@@ -40,6 +41,7 @@ class BatchLoader:
         self.padded = torch.nn.functional.pad(self.x, (self.pad,) * 4) if self.pad else self.x
         self.preprocess, self.scale_shift = preprocess, preprocess.scale_shift(device)   # made once, used per batch
         self.sampler, self.strong = sampler, strong   # strong: augment.Strong (RandAugment, mixup, ...) or None
+        self.mixed = mixed   # unshuffled, yet in one fixed random order: engine.depends_on_batch says when
 
     def __len__(self):
         return math.ceil(len(self.y) / self.batch_size)
@@ -47,6 +49,8 @@ class BatchLoader:
     def order(self, epoch):
         """The global sample order of an epoch; the same on every rank."""
         if not self.shuffle:
+            if self.mixed:   # the same every time; a class-sorted split (a folder's) would give one-class batches
+                return torch.randperm(len(self.y), generator=_generator(0)).to(self.x.device)
             return torch.arange(len(self.y), device=self.x.device)
         if self.sampler == "balanced":
             return balanced_order(self.y, _generator(self.seed, epoch))

@@ -18,7 +18,7 @@ from ..data.preprocess import Preprocess
 from ..errors import UsageError, note
 from ..runtime import Context
 from ..training import checkpoint
-from ..training.engine import evaluate
+from ..training.engine import depends_on_batch, evaluate
 from ..training.temperature import tempered
 from .calibration import ece
 from ..metrics import summarize
@@ -96,7 +96,8 @@ def evaluate_model(model, data, split="test", collect=False, tta="none"):
     if data.classes != model.classes and len(data.classes) != len(model.classes):
         raise UsageError(f"data has {len(data.classes)} classes, the model {len(model.classes)}.")
     # a streamed split stays on disk (read batch by batch), never copied whole to the device
-    loader = make_loader(x, y, 256, model.preprocess, model.device, streamed=data.streamed, channels_last=True)
+    loader = make_loader(x, y, 256, model.preprocess, model.device, streamed=data.streamed, channels_last=True,
+                         mixed=depends_on_batch(model.net))
     net = tempered(model.net, model.temperature)
     if "flip" in tta and not data.flip_ok:
         note(f"note: --tta {tta} averages in mirrored {data.name} images, which are not valid examples "

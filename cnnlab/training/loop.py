@@ -14,7 +14,8 @@ from .callbacks import Callbacks, Checkpoints, EarlyStopping, RunFiles, SignalSt
 from .console import Console, ProgressBar
 from .diagnose import DivergenceWarning, diagnose
 from .distributed import handling_stop_signals, wrap_for_training
-from .engine import Interrupted, class_weights, ema_model, epoch_results, evaluate, make_step, snapshot, train_step
+from .engine import (Interrupted, class_weights, depends_on_batch, ema_model, epoch_results, evaluate, make_step, snapshot,
+                     train_step)
 from .finetune import FreezeBackbone, describe, load_pretrained
 from .optim import build_optimizer, resumed_lr_change
 from .progress import Progress
@@ -165,7 +166,7 @@ def build(state, splits=None):
     state.train_loader = batch_loader(state, data.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                       augment=state.augment, sampler=cfg.sampler,
                                       strong=strong_augment(cfg, state.augment, len(data.classes)))
-    state.val_loader = batch_loader(state, data.val, cfg.eval_batch_size * ctx.world)
+    state.val_loader = batch_loader(state, data.val, cfg.eval_batch_size * ctx.world, mixed=depends_on_batch(state.model))
 
 
 def batch_loader(state, split, batch_size, **options):
@@ -182,7 +183,7 @@ def test_once(state):
     cfg, ctx, data = state.cfg, state.ctx, state.data
     if cfg.ema and state.has_val:   # the raw last weights, once: the diagnostics say when the EMA lags them
         state.raw_val_acc = evaluate(state.model, state.val_loader, ctx, len(data.classes))["acc"]
-    test_loader = batch_loader(state, data.test, cfg.eval_batch_size * ctx.world)
+    test_loader = batch_loader(state, data.test, cfg.eval_batch_size * ctx.world, mixed=depends_on_batch(state.model))
     final = None   # the last epoch's weights, which the tutorials report, when they are not the best
     if state.best_weights is not None and state.progress.best_epoch != len(state.history):
         final = evaluate(state.eval_model, test_loader, ctx, len(data.classes))

@@ -8,6 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from ..data.stream import make_loader
+from .engine import depends_on_batch
 
 
 class Tempered(torch.nn.Module):
@@ -51,7 +52,7 @@ def split_logits(net, split, preprocess, device, batch_size=256, streamed=False)
     `streamed`: the split is memory-mapped from the disk cache and read batch by batch."""
     was_training = net.training
     net.eval()
-    loader = make_loader(*split, batch_size, preprocess, device, streamed=streamed)
+    loader = make_loader(*split, batch_size, preprocess, device, streamed=streamed, mixed=depends_on_batch(net))
     logits, labels = zip(*[(net(xb).float().cpu(), yb.cpu()) for xb, yb in loader.batches()])
     net.train(was_training)
     return torch.cat(logits), torch.cat(labels)
