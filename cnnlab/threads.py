@@ -25,8 +25,8 @@ USER_CHOICES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 def quiet_waits(environ=None):
     """Set OpenMP's spin count to SPINS (SHORT_SPINS) in the environment while it can still take
-    effect (torch not yet imported) and the user chose none (OMP_WAIT_POLICY or GOMP_SPINCOUNT set wins); child
-    processes (torchrun's workers) inherit it. Returns True when it was set here."""
+    effect (torch not yet imported) and the user chose none (OMP_WAIT_POLICY or GOMP_SPINCOUNT set
+    wins); child processes (torchrun's workers) inherit it. Returns True when it was set here."""
     environ = os.environ if environ is None else environ
     if "torch" in sys.modules or any(name in environ for name in USER_CHOICES):
         return False
