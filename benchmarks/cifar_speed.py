@@ -19,12 +19,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
+
+from recipes import JPG, cifar_folder   # benchmarks/ is on the path when a script here runs
+from speed import timed_train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SHARED = os.path.join(ROOT, "..", "shared", "datasets")
-JPG = "/tmp/cifar10_jpg"
 SPLIT = ["--split-ranges", "", "--train-samples", "20000", "--val-samples", "5000", "--test-samples", "5000"]
 # what cnnlab runs: (recipe, flags on top)
 CONFIGS = {
@@ -34,11 +34,6 @@ CONFIGS = {
 }
 
 
-def cifar_folder():
-    if not os.path.isdir(JPG):
-        subprocess.run(["tar", "xf", os.path.join(SHARED, "cifar10_jpg.tar"), "-C", os.path.dirname(JPG)], check=True)
-
-
 def tutorial(epochs):
     out = subprocess.run([sys.executable, os.path.join(HERE, "tutorial_seed004.py"), JPG, str(epochs)],
                          capture_output=True, text=True, check=True, cwd=ROOT).stdout
@@ -46,18 +41,10 @@ def tutorial(epochs):
 
 
 def cnnlab_run(config, seed, cache_dir, extra=()):
-    """(whole command s, span after `import torch` s, summary) of one `cnnlab train` in a fresh process;
-    `import cnnlab` first, as the command does (it sets OpenMP's wait policy before torch loads)."""
+    """speed.timed_train of one `cnnlab train` of `config` on the folder: (whole s, span s, summary)."""
     out_dir = os.path.join(ROOT, "runs", f"bench-cifar-{seed}")
-    argv = ["train", "--config", config, "--data", "folder:" + JPG, *SPLIT, "--seed", str(seed),
-            "--cache-dir", cache_dir, "--out", out_dir, "--overwrite", "--report", "false", *extra]
-    code = ("import time, cnnlab, torch; t = time.perf_counter(); from cnnlab.cli import main; "
-            f"rc = main({argv!r}); print('SPAN', time.perf_counter() - t); raise SystemExit(rc)")
-    start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    whole = time.perf_counter() - start
-    with open(os.path.join(out_dir, "summary.json")) as f:
-        return whole, float(out.split("SPAN ")[1].split()[0]), json.load(f)
+    return timed_train(["train", "--config", config, "--data", "folder:" + JPG, *SPLIT, "--seed", str(seed),
+                        "--cache-dir", cache_dir, "--out", out_dir, "--overwrite", "--report", "false", *extra], out_dir)
 
 
 def main():

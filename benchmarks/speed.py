@@ -33,23 +33,27 @@ def tutorial(data_dir, epochs):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def fastest_recipe(data_dir, seed):
-    """Two wall times of `cnnlab train --config mnist_fast` in a fresh process: the
-    whole command (interpreter start and every import included), and the span the tutorial's own
-    timer covers, i.e. from after `import torch` to the end (data loading, cnnlab's imports and
-    the test evaluation included). `import cnnlab` (0.03 s, no torch) comes first, as in the
-    `cnnlab` command: it sets OpenMP's wait policy before torch loads (cnnlab/threads.py)."""
-    out_dir = os.path.join(ROOT, "runs", f"bench-mnist-fast-{seed}")
+def timed_train(argv, out_dir):
+    """(whole command s, span after `import torch` s, summary dict) of `cnnlab ARGV` in a fresh
+    process: the whole command (interpreter start and every import included), and the span the
+    tutorials' own timers cover, from after `import torch` to the end (data loading, cnnlab's
+    imports and the test evaluation included). `import cnnlab` (0.03 s, no torch) comes first, as
+    in the `cnnlab` command: it sets OpenMP's wait policy before torch loads (cnnlab/threads.py)."""
     code = ("import time, cnnlab, torch; t = time.perf_counter(); from cnnlab.cli import main; "
-            f"rc = main(['train', '--config', 'mnist_fast', '--data-dir', {data_dir!r}, "
-            f"'--seed', '{seed}', '--out', {out_dir!r}, '--overwrite', '--report', 'false']); "
-            "print('SPAN', time.perf_counter() - t); raise SystemExit(rc)")
+            f"rc = main({argv!r}); print('SPAN', time.perf_counter() - t); raise SystemExit(rc)")
     start = time.perf_counter()
     out = sh(sys.executable, "-c", code).stdout
     whole = time.perf_counter() - start
-    span = float(out.split("SPAN ")[1].split()[0])
     with open(os.path.join(out_dir, "summary.json")) as f:
-        return whole, span, json.load(f)["test_acc"]
+        return whole, float(out.split("SPAN ")[1].split()[0]), json.load(f)
+
+
+def fastest_recipe(data_dir, seed):
+    """timed_train of `cnnlab train --config mnist_fast`: (whole s, span s, test accuracy)."""
+    out_dir = os.path.join(ROOT, "runs", f"bench-mnist-fast-{seed}")
+    whole, span, summary = timed_train(["train", "--config", "mnist_fast", "--data-dir", data_dir, "--seed", str(seed),
+                                        "--out", out_dir, "--overwrite", "--report", "false"], out_dir)
+    return whole, span, summary["test_acc"]
 
 
 def matmul_gflops(n=2048, reps=10):
