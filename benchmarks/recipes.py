@@ -39,6 +39,7 @@ HERE = {
                                    "--test-samples", "5000"], "CIFAR-10 JPEGs, 20,000 / 5,000 / 5,000 stratified",
                         0.60, "seed 004: \"about 60%\" (on its training set)"),
     "cifar10_fast": (CIFAR10, "CIFAR-10 JPEGs 45,000 / 5,000 / 10,000", None, ""),
+    "cifar10_cpu": (CIFAR10, "CIFAR-10 JPEGs 45,000 / 5,000 / 10,000, bf16 autocast", None, ""),
     "seed002_cifar2_net": (CIFAR2, "", 0.89, BOOK),
     "seed002_cifar2_net_width": (CIFAR2, "", 0.90, BOOK),
     "seed002_cifar2_net_l2": (CIFAR2, "", 0.87, BOOK),

@@ -50,7 +50,8 @@ def settings_lines(state):
     return [
         f"data       {cfg.data}: {'x'.join(map(str, data.shape))}, {len(data.classes)} classes, "
         f"train/val/test {sizes} ({data.residence()}), augment {meta['augment']}" + photo_note(data),
-        f"model      {cfg.model} {meta['model_args'] or ''}({meta['num_params']:,} parameters)",
+        f"model      {cfg.model} " + (f"{meta['model_args']} " if meta['model_args'] else "")
+        + f"({meta['num_params']:,} parameters)",
         f"optimizer  {cfg.optimizer} lr {cfg.lr:g}, batch {cfg.batch_size} (global), {cfg.epochs} epochs, "
         f"schedule {cfg.schedule}" + (f", weight decay {cfg.weight_decay:g}" if cfg.weight_decay else "")
         + (f", l2 {cfg.l2:g}" if cfg.l2 else ""),
