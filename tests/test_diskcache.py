@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import cnnlab
 from cnnlab.config import DataConfig
@@ -379,3 +379,37 @@ def test_absolute_names_are_os_path_abspath(files):
     from cnnlab.data.cache import absolute_names
 
     assert list(absolute_names(files)) == [os.path.abspath(f) for f in files]
+
+
+@given(data=st.data())
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_files_key_is_the_hash_of_names_sizes_and_mtimes_whether_stamped_once_or_not(tmp_path, data):
+    """One load stamps its files once and hands the stamps to each key (folder.py); the key must be
+    the one computed file by file, a hash of each absolute name, size and mtime (missing files
+    included): so no cache entry written before is orphaned, and a subset keyed from a bigger set's
+    stamps is keyed alike."""
+    import hashlib
+
+    from cnnlab.data.cache import file_stamps, files_key
+    from cnnlab.data.folder import file_ids
+
+    names = data.draw(st.lists(st.sampled_from(["a.png", "b.png", "c d.jpg", "e", "f.jpg"]), unique=True, min_size=1))
+    os.makedirs(tmp_path / "cls", exist_ok=True)
+    files = [os.path.join(str(tmp_path), "cls", n) for n in names]
+    present = [f for f, keep in zip(files, data.draw(st.lists(st.booleans(), min_size=len(files), max_size=len(files))))
+               if keep]
+    for i, f in enumerate(present):
+        with open(f, "wb") as out:
+            out.write(b"x" * data.draw(st.integers(0, 50), label=f"size {i}"))
+    subset = data.draw(st.lists(st.sampled_from(files), unique=True))
+    expected = hashlib.sha256(b"label")
+    for f in subset:
+        if os.path.exists(f):
+            st_ = os.stat(f)
+            expected.update(f"{os.path.abspath(f)}\0{st_.st_size}\0{st_.st_mtime_ns}\n".encode())
+        else:
+            expected.update(f"{os.path.abspath(f)}\0missing\n".encode())
+    stamps = file_stamps(files)
+    assert files_key("label", subset) == files_key("label", subset, stamps) == expected.hexdigest()[:24]
+    kept = [f for f in subset if f in present]
+    assert file_ids(kept, str(tmp_path), stamps) == file_ids(kept, str(tmp_path))

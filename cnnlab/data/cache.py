@@ -30,16 +30,29 @@ def files_under(root):
     return found
 
 
-def files_key(label, files):
-    """A hash of `label` and every file's absolute name, size and mtime; a missing file counts too."""
-    h = hashlib.sha256(label.encode())
-    files = list(files)   # walked twice below
+def file_stamps(files):
+    """{file: (absolute name, size, mtime_ns)}, size and mtime None for a missing file: one abspath
+    and one os.stat per file, which the cache keys and ids of one load share (a CIFAR-10 folder's
+    60,000 files were stat-ed three times, 0.6 s of its start-up)."""
+    stamps = {}
     for f, name in zip(files, absolute_names(files)):
         try:
             st = os.stat(f)
-            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            stamps[f] = (name, st.st_size, st.st_mtime_ns)
         except OSError:
-            h.update(f"{name}\0missing\n".encode())
+            stamps[f] = (name, None, None)
+    return stamps
+
+
+def files_key(label, files, stamps=None):
+    """A hash of `label` and every file's absolute name, size and mtime; a missing file counts too.
+    `stamps`: file_stamps of these files (or more), when the caller has them already."""
+    files = list(files)
+    stamps = file_stamps(files) if stamps is None else stamps
+    h = hashlib.sha256(label.encode())
+    for f in files:
+        name, size, mtime = stamps[f]
+        h.update((f"{name}\0{size}\0{mtime}\n" if size is not None else f"{name}\0missing\n").encode())
     return h.hexdigest()[:24]
 
 

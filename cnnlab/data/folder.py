@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..errors import CnnlabError, UsageError, note, on_main_rank, printable
 from ..threads import cpu_count
-from .cache import PageDropper, cached_arrays, disk_array, drop_pages, files_key, new_pixels
+from .cache import PageDropper, cached_arrays, disk_array, drop_pages, file_stamps, files_key, new_pixels
 from .images import GRAY_MODES, IMAGE_SUFFIXES, load_array
 from .photos import file_policy, stored_size
 from .registry import Source, register_dataset
@@ -133,14 +133,14 @@ def choose_format(files, image_size):
     return channels, min(max(min(w, h), 8), 128), typical
 
 
-def image_format(files, image_size, root, cache_dir=""):
+def image_format(files, image_size, root, cache_dir="", stamps=None):
     """choose_format, cached by the file list: reading 60,000 headers again costs ~10 s per load.
     A miss means a first load, which is announced: it takes a minute for 60,000 files."""
     def make():
         note(f"first load of {len(files):,} images under {printable(root)}: reading headers, then decoding them once "
              "(cached for next time)")
         return {"format": np.array(choose_format(files, image_size))}
-    found = cached_arrays(files_key(f"format2-{image_size}", files), make, "formats", cache_dir)["format"]
+    found = cached_arrays(files_key(f"format2-{image_size}", files, stamps), make, "formats", cache_dir)["format"]
     return tuple(int(v) for v in found)
 
 
@@ -256,7 +256,7 @@ def decode_label(channels, size, policy="squash"):
     return f"{channels}x{size}-{policy}-decoder{DECODER}"
 
 
-def decode_files(files, labels, channels, size, cfg, where="", policy="squash"):
+def decode_files(files, labels, channels, size, cfg, where="", policy="squash", stamps=None):
     """The pool of (path, label) rows as tensors: (uint8 (N, C, S, S) memory-mapped from the disk
     cache, int64 labels, kept files, bad messages, the cache Entry). Decoded once, in parallel, into
     the cache (cfg.cache_dir); --on-bad-image error raises on the first bad file, skip leaves it out.
@@ -268,7 +268,7 @@ def decode_files(files, labels, channels, size, cfg, where="", policy="squash"):
             os.truncate(os.path.join(folder, "pixels.u8"), x.nbytes)   # the bad files' rows, cut off
         return {"shape": list(x.shape), "ok": ok.tolist(), "bad": bad, "source": "images" + where,
                 "files": len(files)}
-    entry = disk_array("folders", files_key(decode_label(channels, size, policy), files), fill, cfg.cache_dir)
+    entry = disk_array("folders", files_key(decode_label(channels, size, policy), files, stamps), fill, cfg.cache_dir)
     ok, bad = np.array(entry.meta["ok"], dtype=bool), [printable(b) for b in entry.meta["bad"]]
     if bad and cfg.on_bad_image == "error":
         more = f" (and {len(bad) - 1} more bad files)" if len(bad) > 1 else ""
@@ -278,11 +278,11 @@ def decode_files(files, labels, channels, size, cfg, where="", policy="squash"):
     return torch.from_numpy(entry.array()), torch.from_numpy(labels), kept, bad, entry
 
 
-def load_pool(class_files, classes, channels, size, cfg, where="", policy="squash"):
+def load_pool(class_files, classes, channels, size, cfg, where="", policy="squash", stamps=None):
     """A folder's pool: its class subfolders' files, labelled by class, decoded (decode_files)."""
     files = [f for c in classes for f in class_files.get(c, [])]
     labels = [i for i, c in enumerate(classes) for _ in class_files.get(c, [])]
-    return decode_files(files, labels, channels, size, cfg, where, policy)
+    return decode_files(files, labels, channels, size, cfg, where, policy, stamps)
 
 
 @register_dataset("folder", arg="PATH", claims=os.path.isdir, shape="--image-size", classes="folders",
@@ -298,26 +298,28 @@ def folder(path, cfg):
     if extra:
         raise CnnlabError(f"{printable(test_root)} has class folders not in {printable(train_root)}: {', '.join(extra)}.")
     all_files = [f for fs in list(train_classes.values()) + list(test_classes.values()) for f in fs]
-    channels, size, typical = image_format(all_files, cfg.image_size, path, cfg.cache_dir)
+    stamps = file_stamps(all_files)
+    channels, size, typical = image_format(all_files, cfg.image_size, path, cfg.cache_dir, stamps)
     policy = file_policy(cfg.resize, size, typical)
     stored = stored_size(policy, size, cfg.resize_size)   # crop: decoded once at ~1.15x the input side (photos.py)
     train_x, train_y, train_files, bad, entry = load_pool(train_classes, classes, channels, stored, cfg,
-                                                          f" in {printable(train_root)}", policy)
+                                                          f" in {printable(train_root)}", policy, stamps)
     src = Source(train_x, train_y, classes=classes, files={"train": train_files}, cache={"train": entry},
                  resize=policy, input_size=size)
     if test_root:
         src.test_x, src.test_y, src.files["test"], bad_test, src.cache["test"] = load_pool(
-            test_classes, classes, channels, stored, cfg, f" in {printable(test_root)}", policy)
+            test_classes, classes, channels, stored, cfg, f" in {printable(test_root)}", policy, stamps)
         bad += bad_test
     warn_skipped(bad, not_decoded + not_decoded_test)
     src.files["bad"] = bad
-    src.ids = {pool: file_ids(src.files[pool], path) for pool in ("train", "test") if pool in src.files}
+    src.ids = {pool: file_ids(src.files[pool], path, stamps) for pool in ("train", "test") if pool in src.files}
     return drop_unlearnable(src, path)
 
 
-def file_ids(files, top):
+def file_ids(files, top, stamps=None):
     """(path relative to the dataset folder, with '/', size in bytes) of each file: how splits.json
-    names them, so the folder may move but a changed file is noticed."""
+    names them, so the folder may move but a changed file is noticed (`stamps`: the load's
+    file_stamps, whose sizes save a stat per file)."""
     prefix = os.path.join(top, "")   # `top` and one separator
 
     def relative(f):   # os.path.relpath, by cutting the prefix where nothing needs normalising:
@@ -325,7 +327,8 @@ def file_ids(files, top):
         if f.startswith(prefix) and not any(part in ("", ".", "..") for part in rest.split(os.sep)):
             return rest
         return os.path.relpath(f, top)
-    return [(relative(f).replace(os.sep, "/"), os.path.getsize(f)) for f in files]
+    size = (lambda f: stamps[f][1]) if stamps else os.path.getsize
+    return [(relative(f).replace(os.sep, "/"), size(f)) for f in files]
 
 
 def warn_skipped(bad, not_decoded):
