@@ -5,6 +5,7 @@
 (a) the tutorial as written (benchmarks/tutorial_seed003.py, in its own process)
 (b) cnnlab training the same model at batch 32
 (c) cnnlab's fastest MNIST recipe (cnnlab/recipes/mnist_fast.yaml), 3 seeds, wall time of the whole command
+(c') the same under bf16 autocast (`--amp bf16`: faster where the CPU has AMX, or on a GPU)
 (d) achieved training GFLOP/s of the seed model at cnnlab's default batch vs fp32 matmul GFLOP/s
 (e) inference images/s of `evaluate`, and the wall time of `cnnlab --help`
 (f) the data loader alone vs the tutorial's DataLoader (issue: loader >= 20x)
@@ -53,12 +54,20 @@ def timed_train(argv, out_dir):
         return whole, float(out.split("SPAN ")[1].split()[0]), json.load(f)
 
 
-def fastest_recipe(data_dir, seed):
-    """timed_train of `cnnlab train --config mnist_fast`: (whole s, span s, test accuracy)."""
+def fastest_recipe(data_dir, seed, extra=()):
+    """timed_train of `cnnlab train --config mnist_fast [EXTRA]`: (whole s, span s, test accuracy)."""
     out_dir = os.path.join(ROOT, "runs", f"bench-mnist-fast-{seed}")
     whole, span, summary = timed_train(["train", "--config", "mnist_fast", "--data-dir", data_dir, "--seed", str(seed),
-                                        "--out", out_dir, "--overwrite", "--report", "false"], out_dir)
+                                        "--out", out_dir, "--overwrite", "--report", "false", *extra], out_dir)
     return whole, span, summary["test_acc"]
+
+
+def fastest_line(name, runs):
+    walls, spans, accs = [r[0] for r in runs], [r[1] for r in runs], [r[2] for r in runs]
+    return (f"{name}: whole command {', '.join(f'{w:.1f}' for w in walls)} s (median "
+            f"{statistics.median(walls):.1f}); after `import torch`, as the tutorial's timer: "
+            f"{', '.join(f'{w:.1f}' for w in spans)} s (median {statistics.median(spans):.1f}); "
+            f"test acc mean {statistics.mean(accs):.2%}, min {min(accs):.2%}")
 
 
 def matmul_gflops(n=2048, reps=10):
@@ -154,10 +163,13 @@ def loader_speed(data_dir, batches=200):
 
 def cifar_target(seeds):
     """Target 2a's line (cifar_speed.py): the tutorial, then the fastest config per seed."""
-    import cifar_speed   # benchmarks/ is on the path when a script here runs
+    # benchmarks/ is on the path when a script here runs. cifar_speed imports this file again as
+    # the module `speed`, whose AS_STARTED is taken after `import cnnlab`: use this one's.
+    import cifar_speed
+    from recipes import SHARED
 
-    if not os.path.exists(os.path.join(ROOT, "..", "shared", "datasets", "cifar10_jpg.tar")):
-        return "skipped: ../shared/datasets/cifar10_jpg.tar is absent"
+    if not os.path.exists(os.path.join(SHARED, "cifar10_jpg.tar")):
+        return f"skipped: {os.path.join(SHARED, 'cifar10_jpg.tar')} is absent"
     cifar_speed.cifar_folder()
     cifar_speed.cnnlab_run("seed004_cifar10", 0, "", ["--epochs", "1", "--train-samples", "1000"])   # fills the cache
     a = cifar_speed.tutorial(5, env=AS_STARTED)
@@ -203,10 +215,9 @@ def main():
     print(f"(b) cnnlab, same model, batch 32: {b_rate:.0f} train img/s", flush=True)
     runs = [fastest_recipe(args.data_dir, s) for s in args.seeds]
     walls, spans, accs = [r[0] for r in runs], [r[1] for r in runs], [r[2] for r in runs]
-    print(f"(c) fastest recipe: whole command {', '.join(f'{w:.1f}' for w in walls)} s (median "
-          f"{statistics.median(walls):.1f}); after `import torch`, as the tutorial's timer: "
-          f"{', '.join(f'{w:.1f}' for w in spans)} s (median {statistics.median(spans):.1f}); "
-          f"test acc mean {statistics.mean(accs):.2%}, min {min(accs):.2%}", flush=True)
+    print(f"(c) {fastest_line('fastest recipe', runs)}", flush=True)
+    bf16 = [fastest_recipe(args.data_dir, s, ["--amp", "bf16"]) for s in args.seeds]   # AMX CPUs, GPUs
+    print(f"(c') {fastest_line('the same with --amp bf16', bf16)}", flush=True)
     default_batch = make_config().batch_size
     gflops, rate = training_gflops(args.data_dir, default_batch)
     mm = matmul_gflops()
@@ -225,6 +236,9 @@ def main():
     print(f"time(a) / time(c) = {a['wall_seconds'] / statistics.median(spans):.1f} with both timed after `import torch` "
           f"({a['wall_seconds'] / statistics.median(walls):.1f} against cnnlab's whole command)  "
           f"(targets >= 20 timed alike, >= 15 whole command; min acc {min(accs):.2%}, target >= 99.0%)")
+    bf16_span, bf16_whole = (statistics.median(r[i] for r in bf16) for i in (1, 0))
+    print(f"time(a) / time(c') = {a['wall_seconds'] / bf16_span:.1f} timed alike ({a['wall_seconds'] / bf16_whole:.1f} "
+          f"whole command; min acc {min(r[2] for r in bf16):.2%})")
     print(f"(b) / (a) images/s = {b_rate / a['train_images_per_second']:.2f}  (target >= 1.5)")
     print(f"(d) / matmul = {gflops / mm:.0%}  (target >= 60%)")
     print(f"cnnlab --help = {help_s:.2f} s  (target < 1 s)")

@@ -204,9 +204,6 @@ def validate(cfg):
     if cfg.split_ranges and (cfg.train_samples or cfg.val_samples or cfg.test_samples):
         raise UsageError("'split_ranges' gives every split's images itself: drop train_samples, val_samples and "
                          "test_samples.")
-    if cfg.val_samples and not cfg.val_fraction and not cfg.split_ranges:
-        raise UsageError(f"'val_samples' ({cfg.val_samples}) caps the validation split, which 'val_fraction' 0 leaves "
-                         "empty: give a val_fraction too (e.g. 0.1), or drop val_samples.")
     validate_fine_tuning(cfg)
     if cfg.resize_size and not cfg.image_size <= cfg.resize_size:
         raise UsageError(f"'resize_size' ({cfg.resize_size}) is the side images are resized to before the centre "

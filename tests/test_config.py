@@ -57,15 +57,6 @@ def test_step_schedule_needs_step_epochs():
         make_config({"schedule": "step"})
 
 
-def test_val_samples_without_a_validation_split_is_refused():
-    """--val-samples caps the split --val-fraction cuts: with a fraction of 0 (mnist_fast's recipe)
-    it used to leave no validation split without a word."""
-    with pytest.raises(UsageError, match="'val_samples' \\(500\\).*'val_fraction' 0"):
-        make_config({"val_fraction": 0.0, "val_samples": 500})
-    assert make_config({"val_fraction": 0.1, "val_samples": 500}).val_samples == 500
-    assert make_config({"val_fraction": 0.0, "val_samples": 0}).val_fraction == 0.0
-
-
 def test_every_recipe_loads():
     import glob
     import os

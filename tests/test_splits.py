@@ -186,3 +186,19 @@ def test_patience_without_a_validation_split_is_refused(tmp_path):
     assert "--patience 2 needs a validation split" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "never").exists()
     FAULT_REPORT.append("--patience with --val-fraction 0: refused, exit 2, no folder left behind")
+
+
+def test_val_samples_without_a_validation_split_is_refused(tmp_path):
+    """--val-samples caps the split --val-fraction cuts: with a fraction of 0 (mnist_fast's recipe)
+    it used to leave no validation split without a word. A saved run is not re-cut, and a CSV's
+    named val rows need no fraction, so the check is made where a new split is cut."""
+    result = run_cli("train", "--config", "mnist_fast", "--data", "mnist-5k", "--val-samples", 500,
+                     "--out", tmp_path / "never")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "cnnlab: error: --val-samples 500 caps the validation split, which --val-fraction 0 leaves empty: "
+        "give a --val-fraction too (e.g. 0.1), or drop --val-samples.")
+    assert not (tmp_path / "never").exists()
+    data = load_data(DataConfig(data="mnist-5k", val_fraction=0.1, val_samples=50, test_samples=10))
+    assert len(data.val[1]) == 50
+    FAULT_REPORT.append("--val-samples with --val-fraction 0: refused, exit 2, no folder left behind")

@@ -87,6 +87,9 @@ def cut(train_y, test_y, cfg):
     else:
         test, test_pool = torch.arange(len(test_y)), "test"
     n_val = round(len(pool) * cfg.val_fraction)
+    if cfg.val_samples and not n_val:   # checked here, not in the config: a CSV's named val rows need no fraction
+        raise UsageError(f"--val-samples {cfg.val_samples} caps the validation split, which --val-fraction "
+                         f"{cfg.val_fraction:g} leaves empty: give a --val-fraction too (e.g. 0.1), or drop --val-samples.")
     val_rel, train_rel = take(train_y[pool], n_val, seed + 2)
     train, val = pool[train_rel], pool[val_rel]
     if not len(train):
