@@ -141,8 +141,10 @@ def save_reliability(count, confidence, accuracy, ece, path):
     fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     filled = count > 0
     ax.bar(centers[filled], accuracy[filled], width=width, edgecolor="black", label="accuracy")
-    ax.bar(centers[filled], (confidence - accuracy)[filled], bottom=accuracy[filled], width=width, color="red",
-           alpha=0.3, edgecolor="red", label="gap to confidence")
+    # hatched, not filled: under the diagonal (under-confident) the gap lies over the accuracy bar,
+    # and a translucent fill there read as a shorter bar of another colour
+    ax.bar(centers[filled], (confidence - accuracy)[filled], bottom=accuracy[filled], width=width, fill=False,
+           hatch="//", edgecolor="red", label="gap to confidence")
     ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
     ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"reliability (ECE {ece:.2%}, {bins} bins)")
     ax.legend(loc="upper left", fontsize=8)
