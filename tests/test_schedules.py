@@ -93,3 +93,38 @@ def test_lr_never_exceeds_the_peak(run):
     cfg, steps_per_epoch = run
     factors = ours(cfg, steps_per_epoch)
     assert all(0 <= f <= 1 for f in factors), max(factors)
+
+
+@given(optimizer=st.sampled_from(["sgd", "adam", "adamw"]), lr=st.floats(1e-4, 0.5),
+       momentum=st.sampled_from([0.0, 0.5, 0.9]), nesterov=st.booleans(), weight_decay=st.sampled_from([0.0, 5e-4, 0.1]),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None)
+def test_build_optimizer_steps_exactly_as_torch_optim_with_its_defaults(optimizer, lr, momentum, nesterov,
+                                                                         weight_decay, seed):
+    """cnnlab's optimizers take foreach=True (multi-tensor kernels, faster on the CPU). Its updates
+    must be those of torch.optim built by hand with the settings' meaning and torch's own default
+    implementation, bit for bit, so a run's numbers do not depend on the speed-up."""
+    from cnnlab.training.optim import build_optimizer
+
+    torch.manual_seed(seed)
+    ours_net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    plain_net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    plain_net.load_state_dict(ours_net.state_dict())
+    cfg = make_config({"optimizer": optimizer, "lr": lr, "momentum": momentum, "nesterov": nesterov,
+                       "weight_decay": weight_decay})
+    ours_opt = build_optimizer(cfg, ours_net)
+    if optimizer == "sgd":
+        plain_opt = torch.optim.SGD(plain_net.parameters(), lr=lr, momentum=momentum,
+                                    nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
+    else:
+        kind = torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW
+        plain_opt = kind(plain_net.parameters(), lr=lr, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(5):
+        x, y = torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
+        for net, opt in ((ours_net, ours_opt), (plain_net, plain_opt)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    for a, b in zip(ours_net.parameters(), plain_net.parameters()):
+        assert torch.equal(a, b)
