@@ -18,17 +18,13 @@ from ..errors import UsageError
 
 
 def build_optimizer(cfg, model, head=()):
-    """`head`: the classifier's parameter names, which --backbone-lr-mult leaves at the full lr.
-    foreach=True: one multi-tensor kernel per update op instead of a Python loop over the
-    parameters (torch's default on CUDA, not on the CPU, where it measured 1.21x the training
-    images/s of seed 003's CNN under Adam at batch 64 and 1.11x of mnist_fast's step;
-    benchmarks/README.md)."""
+    """`head`: the classifier's parameter names, which --backbone-lr-mult leaves at the full lr."""
     params = param_groups(cfg, model, head)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay, foreach=True)
+                               weight_decay=cfg.weight_decay)
     kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def param_groups(cfg, model, head):
