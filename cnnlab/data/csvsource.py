@@ -14,6 +14,7 @@ import os
 import torch
 
 from ..errors import CnnlabError, UsageError, printable
+from .cache import file_stamps
 from .folder import decode_files, drop_unlearnable, file_ids, image_format, warn_skipped
 from .photos import file_policy, stored_size
 from .images import IMAGE_SUFFIXES
@@ -39,7 +40,8 @@ def csv_labels(path, cfg):
     if not pools["train"]:
         raise CnnlabError(f"{printable(path)}: every row is in the test split; mark some train (or leave split empty).")
     all_files = [r[1] for r in rows]
-    channels, size, typical = image_format(all_files, cfg.image_size, path, cfg.cache_dir)
+    stamps = file_stamps(all_files)   # one stat per file, for the format key, the pool keys and the ids
+    channels, size, typical = image_format(all_files, cfg.image_size, path, cfg.cache_dir, stamps)
     policy = file_policy(cfg.resize, size, typical)   # photos: stored at ~1.15x the input side (photos.py)
     stored = stored_size(policy, size, cfg.resize_size)
     src = Source(None, None, classes=classes, resize=policy, input_size=size)
@@ -48,7 +50,8 @@ def csv_labels(path, cfg):
         if not members:
             continue
         x, y, kept, bad_here, entry = decode_files([r[1] for r in members], [classes.index(r[2]) for r in members],
-                                                   channels, stored, cfg, f" listed in {printable(path)}", policy)
+                                                   channels, stored, cfg, f" listed in {printable(path)}", policy,
+                                                   stamps)
         setattr(src, f"{pool}_x", x)
         setattr(src, f"{pool}_y", y)
         src.files[pool], src.cache[pool], bad = kept, entry, bad + bad_here
@@ -57,7 +60,7 @@ def csv_labels(path, cfg):
         src.val_rows = [i for i, f in enumerate(src.files["train"]) if f in named_val]
     warn_skipped(bad, [])
     src.files["bad"] = bad
-    src.ids = {pool: file_ids(src.files[pool], os.path.dirname(os.path.abspath(path)))
+    src.ids = {pool: file_ids(src.files[pool], os.path.dirname(os.path.abspath(path)), stamps)
                for pool in ("train", "test") if pool in src.files}
     return drop_unlearnable(src, path)
 
