@@ -513,6 +513,23 @@ def build_parser():
     return p
 
 
+def console():
+    """The `cnnlab` command and `python -m cnnlab`. A torchrun rank leaves without interpreter
+    finalization: gloo's worker threads can outlive destroy_process_group (the DDP wrapper still
+    holds the group) and, taking the GIL while the interpreter is torn down, abort the rank with
+    "terminate called without an active exception" after its work is done (3 of 150 two-rank runs
+    beside busy CPUs, and once in CI). Every file is closed by then; only stdio needs a flush."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):   # closed, e.g. by a `| head`
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv

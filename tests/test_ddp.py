@@ -115,3 +115,25 @@ def test_launch_refuses_objects_it_cannot_hand_to_new_processes():
 
     with pytest.raises(UsageError, match="register_dataset"):
         cnnlab.launch(2, data=(np.zeros((4, 8, 8), np.uint8), np.arange(4) % 2))
+
+
+@pytest.mark.parametrize("args, code, stream, text", [
+    (["models"], 0, "stdout", "mnist_cnn"),
+    (["train", "--epochs", "-1"], 2, "stderr", "cnnlab: error:"),
+])
+def test_a_rank_leaves_with_its_exit_code_and_all_its_output(args, code, stream, text):
+    """A torchrun rank skips interpreter finalization (gloo's threads aborted a finished rank there):
+    its exit code and its buffered output (stdout into a pipe is block-buffered) must survive that."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+    def run(**extra):
+        return subprocess.run([sys.executable, "-m", "cnnlab", *args], capture_output=True, text=True,
+                              timeout=300, env={**env, **extra})
+    result = run(WORLD_SIZE="2", RANK="1")
+    assert result.returncode == code
+    assert text in getattr(result, stream)
+    if stream == "stdout":   # the whole listing, not what happened to be flushed
+        assert result.stdout == run().stdout
