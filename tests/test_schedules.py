@@ -129,3 +129,44 @@ def test_build_optimizer_steps_exactly_as_torch_optim_with_its_defaults(optimize
             opt.step()
     for a, b in zip(ours_net.parameters(), plain_net.parameters()):
         assert torch.equal(a, b)
+
+
+@given(momentum=st.sampled_from([0.0, 0.9]), nesterov=st.booleans(), weight_decay=st.sampled_from([0.0, 5e-4]),
+       mult=st.sampled_from([1.0, 0.1]), ours_first=st.booleans(), seed=st.integers(0, 2**16))
+@settings(max_examples=30, deadline=None)
+def test_sgd_state_dicts_move_between_cnnlab_and_torch_optim(momentum, nesterov, weight_decay, mult, ours_first, seed):
+    """cnnlab's CPU SGD saves torch.optim.SGD's state dict layout: a checkpoint of either, loaded into
+    the other half-way, continues bit for bit as the one that saved it (momentum buffers, the
+    backbone group's lr_mult), and a grad-less parameter is skipped by both."""
+    from cnnlab.training.optim import set_lr
+    from cnnlab.training.sgd import SGD
+
+    torch.manual_seed(seed)
+    nets = [torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3), torch.nn.Linear(3, 3))
+            for _ in range(3)]
+    for net in nets[1:]:
+        net.load_state_dict(nets[0].state_dict())
+    kinds = (SGD, torch.optim.SGD) if ours_first else (torch.optim.SGD, SGD)
+    kinds = (kinds[0], kinds[0], kinds[1])   # [reference, first half, second half]
+
+    def groups(net):   # the last layer gets no gradient
+        return [{"params": list(net[0].parameters()), "lr_mult": mult}, {"params": list(net[2].parameters()), "lr_mult": 1.0},
+                {"params": list(net[3].parameters()), "lr_mult": 1.0}]
+    opts = [kind(groups(net), lr=0.1, momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
+            for kind, net in zip(kinds, nets)]
+    g = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(6)]
+
+    def train(net, opt, part):
+        for x, y in part:
+            set_lr(opt, 0.05)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net[:3](x), y).backward()
+            opt.step()
+    train(nets[0], opts[0], batches)
+    train(nets[1], opts[1], batches[:3])
+    nets[2].load_state_dict(nets[1].state_dict())
+    opts[2].load_state_dict(opts[1].state_dict())
+    train(nets[2], opts[2], batches[3:])
+    for a, b in zip(nets[0].parameters(), nets[2].parameters()):
+        assert torch.equal(a, b)
