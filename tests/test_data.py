@@ -444,3 +444,25 @@ def test_image_files_cnnlab_does_not_decode_are_counted_with_the_bad_ones(pets, 
     [line] = [line for line in capsys.readouterr().err.splitlines() if "skipped" in line]
     assert "skipped 1 unreadable image(s)" in line and "2 file(s) in formats cnnlab does not decode" in line
     assert "1 .svg" in line and "1 .heic" in line and "notes" not in line and "1 .txt" not in line
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 12), c=st.integers(1, 4), h=st.integers(1, 9), w=st.integers(1, 9),
+       elements=st.integers(1, 400), constant=st.booleans(), seed=st.integers(0, 2**16))
+def test_channel_statistics_match_numpy_over_random_images(n, c, h, w, elements, constant, seed):
+    """The histogram sums, read in chunks of any size, are numpy's int64 sums; mean and std are the
+    float64 ones (unbiased, a single pixel's std 0), as fractions of 255 with the std floored at 1e-3."""
+    from cnnlab.data import channel_stats
+    from cnnlab.data.stream import channel_sums
+
+    rng = np.random.default_rng(seed)
+    x = np.full((n, c, h, w), rng.integers(0, 256), np.uint8) if constant else rng.integers(0, 256, (n, c, h, w), np.uint8)
+    total, squares, count = channel_sums(torch.from_numpy(x), elements=elements)
+    wide = x.astype(np.int64)
+    assert total.tolist() == wide.sum(axis=(0, 2, 3)).tolist()
+    assert squares.tolist() == (wide ** 2).sum(axis=(0, 2, 3)).tolist() and count == n * h * w
+    mean, std = channel_stats(torch.from_numpy(x))
+    per_channel = x.transpose(1, 0, 2, 3).reshape(c, -1).astype(np.float64)
+    assert mean == pytest.approx((per_channel.mean(1) / 255).tolist(), rel=1e-12, abs=1e-12)
+    expected = np.maximum(per_channel.std(1, ddof=1 if n * h * w > 1 else 0) / 255, 1e-3)
+    assert std == pytest.approx(expected.tolist(), rel=1e-9, abs=1e-12)

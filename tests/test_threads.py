@@ -185,3 +185,26 @@ def test_the_settings_block_names_the_threads(tmp_path):
                         "--report", "false", "--out", tmp_path / "run")
     device = next(line for line in result.stdout.splitlines() if line.startswith("device"))
     assert device.endswith(f", threads {T.cpu_count()} (OpenMP waits short)"), device
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm") or not hasattr(os, "confstr")
+                    or "glibc" not in (os.confstr("CS_GNU_LIBC_VERSION") or ""), reason="glibc on Linux")
+@pytest.mark.parametrize("tuned", [True, False])
+def test_freed_step_sized_blocks_stay_for_reuse(tuned):
+    """After reuse_freed_memory a freed 16 MiB block stays in the process for the next step
+    (resident memory stays up); by glibc's default it goes back to the kernel, and the next
+    step page-faults it in again."""
+    code = f"""
+import os, torch
+from cnnlab.runtime import reuse_freed_memory
+if {tuned}:
+    assert reuse_freed_memory()
+page = os.sysconf("SC_PAGE_SIZE")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+before = rss()
+x = torch.ones(4 * 2**20)      # 16 MiB, every page touched
+del x
+print((rss() - before) / 2**20)
+"""
+    kept = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert (kept > 12) == tuned, kept

@@ -13,6 +13,7 @@ import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from ..errors import UsageError, note
@@ -71,23 +72,25 @@ def split_on_disk(x, rows, pool_entry, name="a split", crop=0):
 
 
 def channel_sums(x, mapped=False, elements=2**22):
-    """(sum, sum of squares, count) per channel of uint8 images, exactly (int64), read in chunks of
-    about `elements` pixels (32 MiB as int64): a split is never converted as a whole (1,024 images
-    at 224 were 2.4 GB of int64 and their squares). `mapped`: x is memory-mapped from the disk
-    cache; its pages are let go as the pass goes (a 5.7 GB split stayed resident without it)."""
-    total = torch.zeros(x.shape[1], dtype=torch.int64)
-    squares = torch.zeros(x.shape[1], dtype=torch.int64)
+    """(sum, sum of squares, count) per channel of uint8 images, exactly (int64), from a histogram
+    of the 256 values per channel (2.5x faster than summing the pixels as int64), read in chunks of
+    about `elements` pixels: a split is never converted as a whole. `mapped`: x is memory-mapped
+    from the disk cache; its pages are let go as the pass goes (a 5.7 GB split stayed resident
+    without it). numpy's bincount, not torch's: one call of torch.bincount made every later
+    training step of the process 15% slower (torch 2.14, 2 cores)."""
+    counts = np.zeros((x.shape[1], 256), dtype=np.int64)
     chunk = max(1, elements // max(1, x[0].numel())) if len(x) else 1
     dropper = PageDropper(x) if mapped else None
     for start in range(0, len(x), chunk):
-        part = x[start:start + chunk].to(torch.int64)
-        total += part.sum(dim=(0, 2, 3))
-        squares += part.square().sum(dim=(0, 2, 3))
+        part = x[start:start + chunk].numpy()
+        for c in range(x.shape[1]):
+            counts[c] += np.bincount(part[:, c].reshape(-1), minlength=256)
         if dropper:
-            dropper.read(part.numel())
+            dropper.read(part.size)
     if dropper:
         dropper.drop()
-    return total, squares, len(x) * x.shape[2] * x.shape[3]
+    values = np.arange(256, dtype=np.int64)
+    return torch.from_numpy(counts @ values), torch.from_numpy(counts @ values ** 2), len(x) * x.shape[2] * x.shape[3]
 
 
 class StreamLoader(BatchLoader):

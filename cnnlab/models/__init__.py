@@ -115,7 +115,10 @@ def model_args(name, args):
 def footprint(name, in_shape, num_classes, args):
     """(parameters, activation bytes of one image) of a network built on the meta device: shapes
     only, so a network far too large to exist is measured without allocating it. The activations
-    are the outputs of its leaf layers, what a forward pass keeps for the backward."""
+    are the outputs of its leaf layers, what a forward pass keeps for the backward. A network
+    surely_small is built and run for real (the meta kernels are Python that imports
+    torch._dynamo: 0.8 s, a sixth of a fast run), the random numbers its initialisation draws
+    given back."""
     import warnings
 
     import torch
@@ -123,15 +126,9 @@ def footprint(name, in_shape, num_classes, args):
     outputs = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # "Initializing zero-element tensors is a no-op" for width=0
-        with torch.device("meta"):
-            net = build(name, in_shape, num_classes, args)
-        # A network surely_small runs for real on zeros (allocated, never initialised: no random
-        # numbers drawn): the meta kernels are Python that imports torch._dynamo, 0.8 s.
         device = "cpu" if surely_small(name, in_shape, num_classes, args) else "meta"
-        if device == "cpu":
-            net = net.to_empty(device="cpu")
-            for tensor in [*net.parameters(), *net.buffers()]:
-                tensor.detach().zero_()
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            net = build(name, in_shape, num_classes, args)
         for module in net.modules():
             if not any(module.children()):
                 module.register_forward_hook(lambda module, inputs, output: outputs.append(output))
