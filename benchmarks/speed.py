@@ -10,7 +10,8 @@
 (e) inference images/s of `evaluate`, and the wall time of `cnnlab --help`
 (f) the data loader alone vs the tutorial's DataLoader (issue: loader >= 20x)
 (g) issue 21's target 2a: seed 004's CIFAR-10 tutorial vs cnnlab's fastest config
-    (cifar_speed.py's FASTEST; skipped without ../shared/datasets/cifar10_jpg.tar)
+    (cifar_speed.py's FASTEST; skipped without ../shared/datasets/cifar10_jpg.tar), and
+(g') the same config without a validation split (cifar_speed.py's NO_VAL), beside the same tutorial run
 (h) target 3b: seed 002's `net` stepped beside one busy loop, cnnlab's default against
     `--threads 1` and torch's own default (busy_cpu.py)
 Each ratio is printed on its own line; targets 2b, 2c and 4 are pointed to (their own scripts).
@@ -162,19 +163,19 @@ def loader_speed(data_dir, batches=200):
 
 
 def cifar_target(seeds):
-    """Target 2a's line (cifar_speed.py): the tutorial, then the fastest config per seed."""
+    """Target 2a's lines (cifar_speed.py): the tutorial, then FASTEST and NO_VAL per seed."""
     # benchmarks/ is on the path when a script here runs. cifar_speed imports this file again as
     # the module `speed`, whose AS_STARTED is taken after `import cnnlab`: use this one's.
     import cifar_speed
     from recipes import SHARED
 
     if not os.path.exists(os.path.join(SHARED, "cifar10_jpg.tar")):
-        return f"skipped: {os.path.join(SHARED, 'cifar10_jpg.tar')} is absent"
+        return [f"skipped: {os.path.join(SHARED, 'cifar10_jpg.tar')} is absent"] * 2
     cifar_speed.cifar_folder()
     cifar_speed.cnnlab_run("seed004_cifar10", 0, "", ["--epochs", "1", "--train-samples", "1000"])   # fills the cache
     a = cifar_speed.tutorial(5, env=AS_STARTED)
-    return (f"tutorial {a['wall_seconds']:.1f} s after `import torch`, test acc {a['test_acc']:.2%}; "
-            + cifar_speed.compare(a, cifar_speed.FASTEST, seeds))
+    tutorial = f"tutorial {a['wall_seconds']:.1f} s after `import torch`, test acc {a['test_acc']:.2%}; "
+    return [tutorial + cifar_speed.compare(a, name, seeds) for name in (cifar_speed.FASTEST, cifar_speed.NO_VAL)]
 
 
 def busy_target(repeats=3):
@@ -228,8 +229,9 @@ def main():
     print(f"(e) evaluate: {eval_rate:.0f} img/s; `cnnlab --help`: {help_s:.2f} s", flush=True)
     tut_loader, our_loader = loader_speed(args.data_dir)
     print(f"(f) loader alone: tutorial DataLoader {tut_loader:.0f} img/s; cnnlab (256, crop, normalised) {our_loader:.0f} img/s")
-    cifar = cifar_target(args.seeds)
+    cifar, no_val = cifar_target(args.seeds)
     print(f"(g) CIFAR-10, seed 004's tutorial vs cnnlab: {cifar}", flush=True)
+    print(f"(g') the same without a validation split: {no_val}", flush=True)
     busy = busy_target()
     print(f"(h) seed 002's net beside one busy loop: {busy}", flush=True)
     print("ratios:")
@@ -244,6 +246,7 @@ def main():
     print(f"cnnlab --help = {help_s:.2f} s  (target < 1 s)")
     print(f"loader / tutorial loader = {our_loader / tut_loader:.1f}  (target >= 20)")
     print(f"2a, CIFAR-10 (g): {cifar.split('time(a) / time(c) = ')[-1]}")
+    print(f"2a without validation (g'): {no_val.split('time(a) / time(c) = ')[-1]}")
     print(f"3b, busy CPU (h): best / {busy.split('best / ')[-1]}")
     print("2b (cifar10_fast >= 94% on the JPEGs): not measurable here, airbench94's own code reaches 90.6% on them "
           "(benchmarks/README.md); 2c: python benchmarks/cifar_cpu.py (30 minutes); "
