@@ -520,7 +520,10 @@ def console():
     "terminate called without an active exception" after its work is done (3 of 150 two-rank runs
     beside busy CPUs, and once in CI). Every file is closed by then; only stdio needs a flush."""
     code = main()
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
+        import logging
+
+        logging.shutdown()   # a plugin's log handlers
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -533,6 +536,9 @@ def console():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+    from .allocator import reuse_freed_memory
+
+    reuse_freed_memory()   # a command's process ends with it; see its docstring
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

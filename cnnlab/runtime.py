@@ -151,33 +151,12 @@ def setup(cfg):
         # Subnormal floats in the gradients slow real-MNIST
         # steps on x86; flushing them to zero measured 8.4-8.8k -> 9.6-10.1k img/s for digits_fast at no cost in accuracy.
         torch.set_flush_denormal(True)
-        reuse_freed_memory()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Context(device=device, amp_dtype=amp_dtype(cfg.amp, device), rank=rank, world=world,
                    threads=f"{torch.get_num_threads()} ({why})")
-
-
-# glibc's mallopt parameters, and the largest mmap threshold it accepts on 64-bit systems
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX = -1, -3, 32 * 2**20
-
-
-def reuse_freed_memory():
-    """Let glibc's malloc keep freed memory for the next step instead of handing it back to the
-    kernel: each training step allocates and frees the same activation-sized blocks, and mapping
-    them afresh costs page faults every step (digits_fast's bf16 step 8.1 -> 7.1 ms on 2 cores).
-    PyTorch's CPU tuning guide gets this from jemalloc or tcmalloc; glibc needs only two settings.
-    The process keeps its peak heap until it exits. No-op without glibc (macOS, musl)."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    # both or neither: either one alone turns off glibc's adaptive threshold and measured slower
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
 
 
 def teardown(ctx, together=True):

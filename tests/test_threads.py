@@ -195,15 +195,16 @@ def test_freed_step_sized_blocks_stay_for_reuse(tuned):
     (resident memory stays up); by glibc's default it goes back to the kernel, and the next
     step page-faults it in again."""
     code = f"""
-import os, torch
-from cnnlab.runtime import reuse_freed_memory
+import os
+from cnnlab.allocator import reuse_freed_memory
 if {tuned}:
     assert reuse_freed_memory()
 page = os.sysconf("SC_PAGE_SIZE")
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
 before = rss()
-x = torch.ones(4 * 2**20)      # 16 MiB, every page touched
-del x
+block = bytearray(16 * 2**20)
+block[::page] = bytes([1]) * len(range(0, len(block), page))   # every page touched
+del block
 print((rss() - before) / 2**20)
 """
     kept = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)

@@ -127,16 +127,15 @@ def footprint(name, in_shape, num_classes, args):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # "Initializing zero-element tensors is a no-op" for width=0
         device = "cpu" if surely_small(name, in_shape, num_classes, args) else "meta"
-        with torch.random.fork_rng(devices=[]), torch.device(device):
+        with torch.random.fork_rng(devices=[]), torch.device(device), torch.no_grad():
             net = build(name, in_shape, num_classes, args)
-        for module in net.modules():
-            if not any(module.children()):
-                module.register_forward_hook(lambda module, inputs, output: outputs.append(output))
-        try:
-            with torch.no_grad():
-                net.eval()(torch.zeros(1, *in_shape, device=device))
-        except (ValueError, RuntimeError):
-            pass   # a network that cannot take this input fails where it always did; its parameters still count
+            for module in net.modules():
+                if not any(module.children()):
+                    module.register_forward_hook(lambda module, inputs, output: outputs.append(output))
+            try:
+                net.eval()(torch.zeros(1, *in_shape))
+            except (ValueError, RuntimeError):
+                pass   # a network that cannot take this input fails where it always did; its parameters still count
     activations = sum(o.numel() * o.element_size() for o in outputs if torch.is_tensor(o))
     return count_params(net), activations
 

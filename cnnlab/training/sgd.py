@@ -3,7 +3,11 @@ computes there (its single-tensor path, torch's choice for CPU tensors), without
 wrappers. Every torch.optim optimizer imports torch._dynamo on its first add_param_group, step,
 zero_grad or state_dict: 0.8 s, a sixth of the fastest recipes' whole run on 2 cores.
 
-The state dict is torch.optim.SGD's own layout, so a checkpoint loads into either class."""
+The state dict is torch.optim.SGD's own layout, so a checkpoint loads into either class. It is not
+a torch.optim.Optimizer: torch's lr schedulers refuse it (cnnlab's schedule is optim.lr_factor),
+and a callback that needs one can train with --optimizer adam or on a GPU."""
+from collections import defaultdict
+
 import torch
 
 # torch.optim.SGD's group settings, which its state_dict carries; cnnlab always uses these values
@@ -16,11 +20,20 @@ class SGD:
         params = list(params)
         groups = params if params and isinstance(params[0], dict) else [{"params": params}]
         self.defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, **DEFAULTS)
-        self.param_groups = [{**self.defaults, **g, "params": list(g["params"])} for g in groups]
-        self.state = {}   # parameter -> {"momentum_buffer": tensor}, as in torch.optim
+        self.param_groups = []
+        for group in groups:
+            self.add_param_group(group)
+        self.state = defaultdict(dict)   # parameter -> {"momentum_buffer": tensor}, as in torch.optim
+
+    def add_param_group(self, group):
+        self.param_groups.append({**self.defaults, **group, "params": list(group["params"])})
 
     @torch.no_grad()
-    def step(self):
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
@@ -28,13 +41,14 @@ class SGD:
                     continue
                 grad = p.grad if decay == 0 else p.grad.add(p, alpha=decay)
                 if momentum != 0:
-                    buf = self.state.setdefault(p, {}).get("momentum_buffer")
+                    buf = self.state[p].get("momentum_buffer")
                     if buf is None:
                         buf = self.state[p]["momentum_buffer"] = grad.detach().clone()
                     else:
                         buf.mul_(momentum).add_(grad, alpha=1 - group["dampening"])
                     grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
                 p.add_(grad, alpha=-lr)
+        return loss
 
     def zero_grad(self, set_to_none=True):
         for group in self.param_groups:
@@ -53,12 +67,14 @@ class SGD:
 
     def load_state_dict(self, saved):
         """A state dict of this class or of torch.optim.SGD: the saved group settings replace the
-        live ones (the lr_mult of --backbone-lr-mult among them), buffers are copied."""
+        live ones (the lr_mult of --backbone-lr-mult among them), buffers go to each parameter's
+        device and dtype."""
         if len(saved["param_groups"]) != len(self.param_groups) or any(
                 len(s["params"]) != len(g["params"]) for s, g in zip(saved["param_groups"], self.param_groups)):
             raise ValueError("loaded state dict has a different number of parameter groups or parameters")
         params = [p for g in self.param_groups for p in g["params"]]
         for group, s in zip(self.param_groups, saved["param_groups"]):
             group.update({k: v for k, v in s.items() if k != "params"})
-        self.state = {params[int(i)]: {k: v.to(params[int(i)].device, params[int(i)].dtype) if torch.is_tensor(v) else v
-                                       for k, v in s.items()} for i, s in saved["state"].items()}
+        self.state = defaultdict(dict, {params[int(i)]: {k: v.to(params[int(i)].device, params[int(i)].dtype)
+                                                         if torch.is_tensor(v) else v for k, v in s.items()}
+                                        for i, s in saved["state"].items()})
