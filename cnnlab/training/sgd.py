@@ -75,6 +75,7 @@ class SGD:
         params = [p for g in self.param_groups for p in g["params"]]
         for group, s in zip(self.param_groups, saved["param_groups"]):
             group.update({k: v for k, v in s.items() if k != "params"})
-        self.state = defaultdict(dict, {params[int(i)]: {k: v.to(params[int(i)].device, params[int(i)].dtype)
-                                                         if torch.is_tensor(v) else v for k, v in s.items()}
-                                        for i, s in saved["state"].items()})
+        self.state = defaultdict(dict)
+        for i, s in saved["state"].items():
+            p = params[int(i)]
+            self.state[p] = {k: v.to(p.device, p.dtype) if torch.is_tensor(v) else v for k, v in s.items()}
