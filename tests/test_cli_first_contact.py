@@ -97,7 +97,7 @@ def test_recipes_by_name_from_any_folder(tmp_path, monkeypatch):
     (tmp_path / "mine.yaml").write_text("epochs: 3\n")
     assert parse("--config", "mine.yaml") == "mine.yaml"                                       # a file still works
     lr_find = build_parser().parse_args(["lr-find", "--config", "mnist_fast"]).config
-    assert load_yaml(lr_find)["model"] == "digits_fast"
+    assert load_yaml(lr_find)["model"] == "digits_s2d"
 
 
 def test_recipes_command_lists_every_recipe(tmp_path):

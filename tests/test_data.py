@@ -450,7 +450,7 @@ def test_image_files_cnnlab_does_not_decode_are_counted_with_the_bad_ones(pets, 
 @given(n=st.integers(1, 12), c=st.integers(1, 4), h=st.integers(1, 9), w=st.integers(1, 9),
        elements=st.integers(1, 400), constant=st.booleans(), seed=st.integers(0, 2**16))
 def test_channel_statistics_match_numpy_over_random_images(n, c, h, w, elements, constant, seed):
-    """The histogram sums, read in chunks of any size, are numpy's int64 sums; mean and std are the
+    """The chunked float64 sums, in chunks of any size, are numpy's int64 sums; mean and std are the
     float64 ones (unbiased, a single pixel's std 0), as fractions of 255 with the std floored at 1e-3."""
     from cnnlab.data import channel_stats
     from cnnlab.data.stream import channel_sums

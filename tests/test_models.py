@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
@@ -217,3 +217,19 @@ def test_models_listing_marks_the_networks_a_tiny_input_cannot_take():
     table = list_models("synthetic:1x8x8:2:40")
     assert "lenet5" in table and "does not fit this input" in table
     assert "digits_fast" in table and len(table.splitlines()) > 5
+
+
+@settings(max_examples=15, deadline=None)
+@given(channels=st.sampled_from([1, 3]), height=st.integers(9, 40), width=st.integers(9, 40))
+def test_digits_s2d_folds_an_odd_side_as_a_zero_row_or_column(channels, height, width):
+    """digits_s2d on an odd-sized image computes what the same weights give on the image with a zero
+    row and column added at the bottom and right (PixelUnshuffle needs even sides); its parameters'
+    names do not depend on the size."""
+    torch.manual_seed(0)
+    odd = create_model("digits_s2d", (channels, height, width), 5).eval()
+    even = create_model("digits_s2d", (channels, height + height % 2, width + width % 2), 5).eval()
+    even.load_state_dict(odd.state_dict())
+    x = torch.randn(3, channels, height, width)
+    padded = F.pad(x, (0, width % 2, 0, height % 2))
+    with torch.no_grad():
+        torch.testing.assert_close(odd(x), even(padded), rtol=0, atol=0)

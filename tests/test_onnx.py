@@ -143,18 +143,20 @@ def test_int8_that_loses_accuracy_is_refused(demo_run, tmp_path, monkeypatch, ca
     FAULT_REPORT.append(f"int8 calibrated on blank images: refused, one line ({str(e.value)[:60]}...), file intact")
 
 
-def test_int8_of_a_small_net_is_not_mostly_names(tmp_path, monkeypatch):
-    """digits_fast (24k weights), as mnist_fast trains it: QDQ's long tensor names once made its int8
-    file 0.40x the fp32 one; renamed compactly it is under 0.35x and computes exactly the same."""
+@pytest.mark.parametrize("name", ["digits_fast", "digits_s2d"])
+def test_int8_of_a_small_net_is_not_mostly_names(tmp_path, monkeypatch, name):
+    """digits_fast and digits_s2d (24k weights; mnist_fast trains the second): QDQ's long tensor
+    names once made the int8 file 0.40x the fp32 one; renamed compactly it is under 0.35x and
+    computes exactly the same."""
     import onnx
 
     from cnnlab.deploy import onnxgraph, quantize
 
     torch.manual_seed(0)
-    net = create_model("digits_fast", (1, 28, 28), 10).eval()
-    meta = {"model": "digits_fast", "model_args": {}, "in_shape": [1, 28, 28], "classes": [str(i) for i in range(10)],
+    net = create_model(name, (1, 28, 28), 10).eval()
+    meta = {"model": name, "model_args": {}, "in_shape": [1, 28, 28], "classes": [str(i) for i in range(10)],
             "preprocess": {"channels": 1, "image_size": 28, "mean": [0.13], "std": [0.31], "invert": False}}
-    save_checkpoint(payload(net.state_dict(), meta, make_config({"model": "digits_fast"})), tmp_path / "m.pt")
+    save_checkpoint(payload(net.state_dict(), meta, make_config({"model": name})), tmp_path / "m.pt")
     model = cnnlab.load(tmp_path / "m.pt")
     fp32, int8, verbose = (str(tmp_path / name) for name in ("m.onnx", "m.int8.onnx", "verbose.int8.onnx"))
     onnxgraph.write(model, fp32)
@@ -170,6 +172,30 @@ def test_int8_of_a_small_net_is_not_mostly_names(tmp_path, monkeypatch):
     got, want = (ort.InferenceSession(p, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
                  for p in (int8, verbose))
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 27, 27)])
+def test_space_to_depth_stem_exports_as_it_computes(tmp_path, shape):
+    """digits_s2d's stem (a zero row or column on an odd side, then PixelUnshuffle) in ONNX Runtime
+    gives PyTorch's logits on random images."""
+    from cnnlab.deploy import onnxgraph
+
+    torch.manual_seed(0)
+    net = create_model("digits_s2d", shape, 7).eval()
+    for m in net.modules():     # random BN statistics, so that the check is not of an identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+    meta = {"model": "digits_s2d", "model_args": {}, "in_shape": list(shape), "classes": [str(i) for i in range(7)],
+            "preprocess": {"channels": shape[0], "image_size": shape[1], "mean": [0.5] * shape[0],
+                           "std": [0.25] * shape[0], "invert": False}}
+    save_checkpoint(payload(net.state_dict(), meta, make_config({"model": "digits_s2d"})), tmp_path / "m.pt")
+    model = cnnlab.load(tmp_path / "m.pt")
+    onnxgraph.write(model, str(tmp_path / "m.onnx"))
+    x = onnxgraph.example_input(model, False, n=5)
+    with torch.no_grad():
+        want = model.net(x).numpy()
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_quantize_needs_onnx(demo_run, tmp_path):

@@ -71,26 +71,28 @@ def split_on_disk(x, rows, pool_entry, name="a split", crop=0):
     return torch.from_numpy(entry.array()), entry
 
 
-def channel_sums(x, mapped=False, elements=2**22):
-    """(sum, sum of squares, count) per channel of uint8 images, exactly (int64), from a histogram
-    of the 256 values per channel (2.5x faster than summing the pixels as int64), read in chunks of
-    about `elements` pixels: a split is never converted as a whole. `mapped`: x is memory-mapped
-    from the disk cache; its pages are let go as the pass goes (a 5.7 GB split stayed resident
-    without it). numpy's bincount, not torch's: one call of torch.bincount made every later
-    training step of the process 15% slower (torch 2.14, 2 cores)."""
-    counts = np.zeros((x.shape[1], 256), dtype=np.int64)
+def channel_sums(x, mapped=False, elements=2**20):
+    """(sum, sum of squares, count) per channel of uint8 images, exactly (int64), read in chunks of
+    about `elements` pixels: a split is never converted as a whole. Each chunk's channel is summed
+    as float64, its squares as a dot product: the sums are integers below 2**53, hence exact, and
+    4x faster than a histogram by numpy's bincount (which widens every pixel to int64; torch's made
+    every later training step 15% slower). `mapped`: x is memory-mapped from the disk cache; its
+    pages are let go as the pass goes (a 5.7 GB split stayed resident without it)."""
+    channels = x.shape[1]
+    total, squares = [0] * channels, [0] * channels
     chunk = max(1, elements // max(1, x[0].numel())) if len(x) else 1
     dropper = PageDropper(x) if mapped else None
     for start in range(0, len(x), chunk):
         part = x[start:start + chunk].numpy()
-        for c in range(x.shape[1]):
-            counts[c] += np.bincount(part[:, c].reshape(-1), minlength=256)
+        for c in range(channels):
+            values = part[:, c].astype(np.float64).reshape(-1)
+            total[c] += int(values.sum())
+            squares[c] += int(values @ values)
         if dropper:
             dropper.read(part.size)
     if dropper:
         dropper.drop()
-    values = np.arange(256, dtype=np.int64)
-    return torch.from_numpy(counts @ values), torch.from_numpy(counts @ values ** 2), len(x) * x.shape[2] * x.shape[3]
+    return torch.tensor(total, dtype=torch.int64), torch.tensor(squares, dtype=torch.int64), len(x) * x.shape[2] * x.shape[3]
 
 
 class StreamLoader(BatchLoader):

@@ -5,6 +5,7 @@ stages of conv -> max-pool -> BN -> ReLU with a residual pair of convs, global m
 head scaled down by a constant. It reaches CIFAR-10 accuracies the seed networks cannot.
 """
 from torch import nn
+from torch.nn import functional as F
 
 from . import register
 from .seeds import Residual
@@ -23,6 +24,16 @@ class Scale(nn.Module):
 
     def forward(self, x):
         return x * self.factor
+
+
+class SpaceToDepth(nn.Module):
+    """(B, C, H, W) -> (B, 4C, H/2, W/2): each 2x2 block of pixels as 4 channels (PixelUnshuffle),
+    an odd side given a zero row or column at the bottom or right first."""
+
+    def forward(self, x):
+        if x.shape[-2] % 2 or x.shape[-1] % 2:
+            x = F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))
+        return F.pixel_unshuffle(x, 2)
 
 
 def _stage(cin, cout, residual):
@@ -46,4 +57,17 @@ def digits_fast(in_shape, num_classes, width=16):
     MNIST in one epoch."""
     w = width
     return nn.Sequential(_stage(in_shape[0], w, False), _stage(w, 2 * w, True), nn.AdaptiveMaxPool2d(1),
+                         nn.Flatten(), nn.Linear(2 * w, num_classes, bias=False), Scale(0.25))
+
+
+@register("modern: digits_fast with a space-to-depth stem (mnist_fast's model: 21% faster steps)")
+def digits_s2d(in_shape, num_classes, width=16):
+    """digits_fast with its first stage folded: PixelUnshuffle(2) stacks each 2x2 block of pixels
+    as 4 channels, so the first conv (the same 3.8 MFLOPs an image) already runs at half size and
+    no max-pool follows it. Pooling 16 channels at 28x28 was 28% of a bf16 training step on the
+    CPU; without it a step at batch 192 takes 5.9 ms instead of 7.5. An odd side gets a zero row
+    or column, so that every size folds."""
+    w = width
+    stem = nn.Sequential(SpaceToDepth(), conv_bn(4 * in_shape[0], w))
+    return nn.Sequential(stem, _stage(w, 2 * w, True), nn.AdaptiveMaxPool2d(1),
                          nn.Flatten(), nn.Linear(2 * w, num_classes, bias=False), Scale(0.25))
