@@ -1,9 +1,9 @@
-"""Seed 002's `net` (or mnist_fast's `digits_fast`) training on a busy CPU: torch's thread count and
+"""Seed 002's `net` (or `digits_fast`, the BN net of the speed configs) training on a busy CPU: torch's thread count and
 OpenMP wait policy, alone and beside competing CPU-bound processes (issue 21, item 3b).
 
     python benchmarks/busy_cpu.py                      # every setting, 0 / 1 / 2 competitors, 3 repeats
     python benchmarks/busy_cpu.py --busy 2 --repeats 5 --settings "old default" "new default"
-    python benchmarks/busy_cpu.py --model digits_fast --busy 0 1   # mnist_fast's net, batch 128
+    python benchmarks/busy_cpu.py --model digits_fast --busy 0 1   # the BN digits net, batch 128
     python benchmarks/busy_cpu.py --cli 3000 --busy 1   # whole `cnnlab train` commands instead
 
 Each measurement is a fresh process (OpenMP reads its environment once, when torch loads it) that
@@ -42,7 +42,7 @@ SETTINGS = {
 }
 
 
-# --model -> (input shape, classes, batch): seed 002's net on CIFAR-2, mnist_fast's net and batch
+# --model -> (input shape, classes, batch): seed 002's net on CIFAR-2, digits_fast and mnist_fast's old batch
 MODELS = {"net": ((3, 32, 32), 2, 64), "digits_fast": ((1, 28, 28), 10, 128)}
 
 

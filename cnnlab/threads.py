@@ -12,7 +12,7 @@ import time
 # On a 2-core machine beside one competing busy loop, the spinning thread burns the core its peer
 # needs: seed 002's `net` fell to 68 img/s with 2 threads, against 990 with 1. Sleeping at once
 # (OMP_WAIT_POLICY=PASSIVE, cnnlab's first fix) never collapsed, but every parallel region then
-# starts with a futex wake: small nets on an idle machine lost 1.3-1.7x (mnist_fast's digits_fast
+# starts with a futex wake: small nets on an idle machine lost 1.3-1.7x (digits_fast
 # 7.5k against 13.1k img/s). Spinning 10,000 times, then sleeping, kept the idle speed and stayed
 # within 1.3x of the best 2-thread wait setting beside 1 or 2 busy loops (benchmarks/README.md,
 # busy_cpu.py). GOMP_SPINCOUNT is libgomp's (torch's OpenMP on Linux), and when set it overrides

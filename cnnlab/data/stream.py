@@ -74,10 +74,12 @@ def split_on_disk(x, rows, pool_entry, name="a split", crop=0):
 def channel_sums(x, mapped=False, elements=2**20):
     """(sum, sum of squares, count) per channel of uint8 images, exactly (int64), read in chunks of
     about `elements` pixels: a split is never converted as a whole. Each chunk's channel is summed
-    as float64, its squares as a dot product: the sums are integers below 2**53, hence exact, and
-    4x faster than a histogram by numpy's bincount (which widens every pixel to int64; torch's made
-    every later training step 15% slower). `mapped`: x is memory-mapped from the disk cache; its
-    pages are let go as the pass goes (a 5.7 GB split stayed resident without it)."""
+    as float64, its squares by einsum: the sums are integers below 2**53, hence exact, and 4x
+    faster than a histogram by numpy's bincount (which widens every pixel to int64). Not a BLAS dot
+    product, whose idle OpenBLAS threads then halved the speed of torch's loader for the rest of
+    the process (and torch's bincount made every later training step 15% slower). `mapped`: x is
+    memory-mapped from the disk cache; its pages are let go as the pass goes (a 5.7 GB split
+    stayed resident without it)."""
     channels = x.shape[1]
     total, squares = [0] * channels, [0] * channels
     chunk = max(1, elements // max(1, x[0].numel())) if len(x) else 1
@@ -87,7 +89,7 @@ def channel_sums(x, mapped=False, elements=2**20):
         for c in range(channels):
             values = part[:, c].astype(np.float64).reshape(-1)
             total[c] += int(values.sum())
-            squares[c] += int(values @ values)
+            squares[c] += int(np.einsum("i,i->", values, values))
         if dropper:
             dropper.read(part.size)
     if dropper:
