@@ -34,7 +34,7 @@ HERE = {
     "seed000_fashion": (["--data", "mnist"] + MNIST, "MNIST (Fashion-MNIST is not on this machine)", None, "seed 000 prints no accuracy"),
     "seed001_lenet": (MNIST, "MNIST, resized to 32x32", None, "seed 001 trains one step on random input"),
     "seed003_mnist": (MNIST, "MNIST 60,000 / 10,000", None, "seed 003 prints its per-epoch figures, none given"),
-    "mnist_fast": (MNIST, "MNIST 54,000 / 6,000 / 10,000", None, ""),
+    "mnist_fast": (MNIST, "MNIST 60,000 / 10,000 (no validation split)", None, ""),
     "seed004_cifar10": (CIFAR10 + ["--split-ranges", "", "--train-samples", "20000", "--val-samples", "5000",
                                    "--test-samples", "5000"], "CIFAR-10 JPEGs, 20,000 / 5,000 / 5,000 stratified",
                         0.60, "seed 004: \"about 60%\" (on its training set)"),

@@ -28,11 +28,16 @@ class Scale(nn.Module):
 
 class SpaceToDepth(nn.Module):
     """(B, C, H, W) -> (B, 4C, H/2, W/2): each 2x2 block of pixels as 4 channels (PixelUnshuffle),
-    an odd side given a zero row or column at the bottom or right first."""
+    an odd side of the (C, H, W) inputs it is built for given a zero row or column at the bottom or
+    right first (fixed at build time: an export traces no branch on the input's shape)."""
+
+    def __init__(self, in_shape):
+        super().__init__()
+        self.pad = (0, in_shape[2] % 2, 0, in_shape[1] % 2)
 
     def forward(self, x):
-        if x.shape[-2] % 2 or x.shape[-1] % 2:
-            x = F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))
+        if any(self.pad):
+            x = F.pad(x, self.pad)
         return F.pixel_unshuffle(x, 2)
 
 
@@ -68,6 +73,6 @@ def digits_s2d(in_shape, num_classes, width=16):
     CPU; without it a step at batch 192 takes 5.9 ms instead of 7.5. An odd side gets a zero row
     or column, so that every size folds."""
     w = width
-    stem = nn.Sequential(SpaceToDepth(), conv_bn(4 * in_shape[0], w))
+    stem = nn.Sequential(SpaceToDepth(in_shape), conv_bn(4 * in_shape[0], w))
     return nn.Sequential(stem, _stage(w, 2 * w, True), nn.AdaptiveMaxPool2d(1),
                          nn.Flatten(), nn.Linear(2 * w, num_classes, bias=False), Scale(0.25))
