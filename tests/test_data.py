@@ -466,3 +466,15 @@ def test_channel_statistics_match_numpy_over_random_images(n, c, h, w, elements,
     assert mean == pytest.approx((per_channel.mean(1) / 255).tolist(), rel=1e-12, abs=1e-12)
     expected = np.maximum(per_channel.std(1, ddof=1 if n * h * w > 1 else 0) / 255, 1e-3)
     assert std == pytest.approx(expected.tolist(), rel=1e-9, abs=1e-12)
+
+
+def test_channel_sums_stay_exact_far_beyond_float32():
+    """One 4096x4096 white image per chunk: 2**24 pixels whose squares sum to 1.09e12, exact in the
+    float64 sums (float32 would round them), and a float input is refused."""
+    from cnnlab.data.stream import channel_sums
+
+    x = torch.full((2, 1, 4096, 4096), 255, dtype=torch.uint8)
+    total, squares, count = channel_sums(x, elements=1)
+    assert total.tolist() == [2 * 4096 * 4096 * 255] and squares.tolist() == [2 * 4096 * 4096 * 255 ** 2]
+    with pytest.raises(TypeError):
+        channel_sums(x.float())

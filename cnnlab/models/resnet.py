@@ -29,7 +29,8 @@ class Scale(nn.Module):
 class SpaceToDepth(nn.Module):
     """(B, C, H, W) -> (B, 4C, H/2, W/2): each 2x2 block of pixels as 4 channels (PixelUnshuffle),
     an odd side of the (C, H, W) inputs it is built for given a zero row or column at the bottom or
-    right first (fixed at build time: an export traces no branch on the input's shape)."""
+    right first. The padding is fixed at build time (an export traces no branch on the input's
+    shape), so the net takes the size it was built for, as cnnlab always gives it."""
 
     def __init__(self, in_shape):
         super().__init__()
@@ -65,13 +66,14 @@ def digits_fast(in_shape, num_classes, width=16):
                          nn.Flatten(), nn.Linear(2 * w, num_classes, bias=False), Scale(0.25))
 
 
-@register("modern: digits_fast with a space-to-depth stem (mnist_fast's model: 21% faster steps)")
+@register("modern: digits_fast with a space-to-depth stem (mnist_fast's model: steps 21% shorter)")
 def digits_s2d(in_shape, num_classes, width=16):
     """digits_fast with its first stage folded: PixelUnshuffle(2) stacks each 2x2 block of pixels
     as 4 channels, so the first conv (the same 3.8 MFLOPs an image) already runs at half size and
     no max-pool follows it. Pooling 16 channels at 28x28 was 28% of a bf16 training step on the
     CPU; without it a step at batch 192 takes 5.9 ms instead of 7.5. An odd side gets a zero row
-    or column, so that every size folds."""
+    or column, so that every size folds. (`--init` cannot sum an RGB stem's weights to grayscale
+    here, as it does for other nets: the stem's 12 input channels are 3 colours x 4 positions.)"""
     w = width
     stem = nn.Sequential(SpaceToDepth(in_shape), conv_bn(4 * in_shape[0], w))
     return nn.Sequential(stem, _stage(w, 2 * w, True), nn.AdaptiveMaxPool2d(1),
