@@ -29,8 +29,9 @@ from ..training.engine import evaluate, make_step
 from ..training.optim import build_optimizer, lr_factor
 
 SPLITS = ("train", "val", "test")
-# mnist_fast's former recipe (digits_fast at batch 128, lr 0.2), shortened: a good model is not needed, only one that ranks
-# a wrong label below the right one. resnet_small at width 16 for colour images.
+# mnist_fast's former recipe (digits_fast at batch 128, lr 0.2), shortened: a good model is not
+# needed, only one that ranks a wrong label below the right one. resnet_small at width 16 for colour
+# images.
 FAST_RECIPE = {"optimizer": "sgd", "momentum": 0.9, "nesterov": True, "lr": 0.2, "weight_decay": 5e-4,
                "batch_size": 128, "schedule": "onecycle", "label_smoothing": 0.1}
 FAST_MODEL = {1: ("digits_fast", {}, "none"), 3: ("resnet_small", {"width": 16}, "crop+flip")}
