@@ -143,6 +143,16 @@ def test_int8_that_loses_accuracy_is_refused(demo_run, tmp_path, monkeypatch, ca
     FAULT_REPORT.append(f"int8 calibrated on blank images: refused, one line ({str(e.value)[:60]}...), file intact")
 
 
+def reloaded(net, name, shape, num_classes, mean, std, path):
+    """`net`, the zoo's `name` at its default arguments for (C, H, W) `shape` inputs, saved as a
+    checkpoint at `path` (one mean and std for every channel) and loaded back as cnnlab.load does."""
+    meta = {"model": name, "model_args": {}, "in_shape": list(shape), "classes": [str(i) for i in range(num_classes)],
+            "preprocess": {"channels": shape[0], "image_size": shape[1], "mean": [mean] * shape[0],
+                           "std": [std] * shape[0], "invert": False}}
+    save_checkpoint(payload(net.state_dict(), meta, make_config({"model": name})), path)
+    return cnnlab.load(path)
+
+
 @pytest.mark.parametrize("name", ["digits_fast", "digits_s2d"])
 def test_int8_of_a_small_net_is_not_mostly_names(tmp_path, monkeypatch, name):
     """digits_fast and digits_s2d (24k weights; mnist_fast trains the second): QDQ's long tensor
@@ -153,11 +163,7 @@ def test_int8_of_a_small_net_is_not_mostly_names(tmp_path, monkeypatch, name):
     from cnnlab.deploy import onnxgraph, quantize
 
     torch.manual_seed(0)
-    net = create_model(name, (1, 28, 28), 10).eval()
-    meta = {"model": name, "model_args": {}, "in_shape": [1, 28, 28], "classes": [str(i) for i in range(10)],
-            "preprocess": {"channels": 1, "image_size": 28, "mean": [0.13], "std": [0.31], "invert": False}}
-    save_checkpoint(payload(net.state_dict(), meta, make_config({"model": name})), tmp_path / "m.pt")
-    model = cnnlab.load(tmp_path / "m.pt")
+    model = reloaded(create_model(name, (1, 28, 28), 10).eval(), name, (1, 28, 28), 10, 0.13, 0.31, tmp_path / "m.pt")
     fp32, int8, verbose = (str(tmp_path / name) for name in ("m.onnx", "m.int8.onnx", "verbose.int8.onnx"))
     onnxgraph.write(model, fp32)
     train_x = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -185,11 +191,7 @@ def test_space_to_depth_stem_exports_as_it_computes(tmp_path, shape):
     for m in net.modules():     # random BN statistics, so that the check is not of an identity
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
-    meta = {"model": "digits_s2d", "model_args": {}, "in_shape": list(shape), "classes": [str(i) for i in range(7)],
-            "preprocess": {"channels": shape[0], "image_size": shape[1], "mean": [0.5] * shape[0],
-                           "std": [0.25] * shape[0], "invert": False}}
-    save_checkpoint(payload(net.state_dict(), meta, make_config({"model": "digits_s2d"})), tmp_path / "m.pt")
-    model = cnnlab.load(tmp_path / "m.pt")
+    model = reloaded(net, "digits_s2d", shape, 7, 0.5, 0.25, tmp_path / "m.pt")
     onnxgraph.write(model, str(tmp_path / "m.onnx"))
     x = onnxgraph.example_input(model, False, n=5)
     with torch.no_grad():
