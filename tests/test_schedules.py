@@ -100,12 +100,12 @@ def test_lr_never_exceeds_the_peak(run):
        momentum=st.sampled_from([0.0, 0.5, 0.9]), nesterov=st.booleans(), weight_decay=st.sampled_from([0.0, 5e-4, 0.1]),
        seed=st.integers(0, 2**16))
 @settings(max_examples=40, deadline=None)
-def test_build_optimizer_steps_exactly_as_torch_optim_with_its_defaults(optimizer, lr, momentum, nesterov,
+def test_build_optimizer_steps_exactly_as_torch_optim(optimizer, lr, momentum, nesterov,
                                                                          weight_decay, seed):
     """build_optimizer's updates are those of torch.optim built by hand from what the settings mean
-    (nesterov only with momentum, weight decay as the optimizer's own), bit for bit. foreach=True
-    passed this too (bit-identical) but measured no faster on the CPU in an A/B with the order of
-    the variants swapped; fused=True fails it."""
+    (nesterov only with momentum, weight decay as the optimizer's own), bit for bit: SGD's
+    single-tensor path (foreach=True is bit-identical but measured no faster on the CPU), Adam's
+    and AdamW's fused kernel."""
     from cnnlab.training.optim import build_optimizer
 
     torch.manual_seed(seed)
@@ -120,7 +120,7 @@ def test_build_optimizer_steps_exactly_as_torch_optim_with_its_defaults(optimize
                                     nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
     else:
         kind = torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW
-        plain_opt = kind(plain_net.parameters(), lr=lr, weight_decay=weight_decay)
+        plain_opt = kind(plain_net.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     g = torch.Generator().manual_seed(seed)
     for _ in range(5):
         x, y = torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
@@ -132,29 +132,41 @@ def test_build_optimizer_steps_exactly_as_torch_optim_with_its_defaults(optimize
         assert torch.equal(a, b)
 
 
-@given(momentum=st.sampled_from([0.0, 0.9]), nesterov=st.booleans(), weight_decay=st.sampled_from([0.0, 5e-4]),
-       mult=st.sampled_from([1.0, 0.1]), ours_first=st.booleans(), seed=st.integers(0, 2**16))
-@settings(max_examples=30, deadline=None)
-def test_sgd_state_dicts_move_between_cnnlab_and_torch_optim(momentum, nesterov, weight_decay, mult, ours_first, seed):
-    """cnnlab's CPU SGD saves torch.optim.SGD's state dict layout: a checkpoint of either, loaded into
-    the other half-way, continues bit for bit as the one that saved it (momentum buffers, the
-    backbone group's lr_mult), and a grad-less parameter is skipped by both."""
+def torch_twin(kind):
+    """cnnlab's CPU optimizer and the torch.optim one whose steps and state dict it reproduces."""
+    from cnnlab.training import cpu_optim
+
+    if kind == "sgd":
+        return cpu_optim.SGD, torch.optim.SGD
+    decoupled = kind == "adamw"
+    return (lambda groups, **kw: cpu_optim.Adam(groups, decoupled=decoupled, **kw),
+            lambda groups, **kw: (torch.optim.AdamW if decoupled else torch.optim.Adam)(groups, fused=True, **kw))
+
+
+@given(kind=st.sampled_from(["sgd", "adam", "adamw"]), momentum=st.sampled_from([0.0, 0.9]), nesterov=st.booleans(),
+       weight_decay=st.sampled_from([0.0, 5e-4]), mult=st.sampled_from([1.0, 0.1]), ours_first=st.booleans(),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None)
+def test_cpu_optimizer_state_dicts_move_between_cnnlab_and_torch_optim(kind, momentum, nesterov, weight_decay, mult,
+                                                                       ours_first, seed):
+    """cnnlab's CPU SGD and Adam save torch.optim's state dict layouts: a checkpoint of either, loaded
+    into the other half-way, continues bit for bit as the one that saved it (momentum buffers, Adam's
+    moments and step counts, the backbone group's lr_mult), and a grad-less parameter is skipped by both."""
     from cnnlab.training.optim import set_lr
-    from cnnlab.training.sgd import SGD
 
     torch.manual_seed(seed)
     nets = [torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3), torch.nn.Linear(3, 3))
             for _ in range(3)]
     for net in nets[1:]:
         net.load_state_dict(nets[0].state_dict())
-    kinds = (SGD, torch.optim.SGD) if ours_first else (torch.optim.SGD, SGD)
+    kinds = torch_twin(kind) if ours_first else torch_twin(kind)[::-1]
     kinds = (kinds[0], kinds[0], kinds[1])   # [reference, first half, second half]
+    settings_ = (dict(momentum=momentum, nesterov=nesterov and momentum > 0) if kind == "sgd" else {})
 
     def groups(net):   # the last layer gets no gradient
         return [{"params": list(net[0].parameters()), "lr_mult": mult}, {"params": list(net[2].parameters()), "lr_mult": 1.0},
                 {"params": list(net[3].parameters()), "lr_mult": 1.0}]
-    opts = [kind(groups(net), lr=0.1, momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=weight_decay)
-            for kind, net in zip(kinds, nets)]
+    opts = [make(groups(net), lr=0.1, weight_decay=weight_decay, **settings_) for make, net in zip(kinds, nets)]
     opts[2].param_groups[0]["lr_mult"] = 1 / 3   # the saved group settings must replace it
     g = torch.Generator().manual_seed(seed)
     batches = [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(6)]

@@ -15,18 +15,20 @@ import torch
 
 from ..config import make_config
 from ..errors import UsageError
-from .sgd import SGD
+from . import cpu_optim
 
 
 def build_optimizer(cfg, model, head=()):
     """`head`: the classifier's parameter names, which --backbone-lr-mult leaves at the full lr."""
     params = param_groups(cfg, model, head)
+    # on a GPU torch's multi-tensor steps are faster, and their 0.8 s import of torch._dynamo does not count
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
     if cfg.optimizer == "sgd":
-        # on a GPU torch's multi-tensor step is faster, and its 0.8 s import of torch._dynamo does not count
-        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-        kind = SGD if on_cpu else torch.optim.SGD
+        kind = cpu_optim.SGD if on_cpu else torch.optim.SGD
         return kind(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                     weight_decay=cfg.weight_decay)
+    if on_cpu:
+        return cpu_optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, decoupled=cfg.optimizer == "adamw")
     kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
