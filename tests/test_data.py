@@ -1,5 +1,6 @@
 """Every data source on small files the test writes itself, plus the real MNIST when present."""
 import io
+import json
 import os
 import pickle
 import sys
@@ -478,3 +479,28 @@ def test_channel_sums_stay_exact_far_beyond_float32():
     assert total.tolist() == [2 * 4096 * 4096 * 255] and squares.tolist() == [2 * 4096 * 4096 * 255 ** 2]
     with pytest.raises(TypeError):
         channel_sums(x.float())
+
+
+def test_folder_with_train_val_and_test_keeps_all_three(tmp_path, monkeypatch):
+    """train/ + val/ + test/: val/'s images are the validation split (a user's own held-out set, not
+    a fraction of train/), test/'s the test split; --val-samples caps the named split. train/ +
+    val/ alone: val/ is the held-out test split, as before."""
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    make_folder(tmp_path / "three", "train", n=8)
+    make_folder(tmp_path / "three", "val", n=3)
+    make_folder(tmp_path / "three", "test", n=2)
+    data = load_data(DataConfig(data=f"folder:{tmp_path / 'three'}", image_size=12))
+    assert (len(data.train[1]), len(data.val[1]), len(data.test[1])) == (16, 6, 4)
+    val_files = [data.files["train"][i] for i in data.splits["val"]]
+    assert all(os.sep + "val" + os.sep in f for f in val_files)
+    assert not any(os.sep + "val" + os.sep in data.files["train"][i] for i in data.splits["train"])
+    capped = load_data(DataConfig(data=f"folder:{tmp_path / 'three'}", image_size=12, val_samples=4))
+    assert len(capped.val[1]) == 4 and len(capped.train[1]) == 16
+    from cnnlab.data.splits import SavedSplits
+    again = load_data(DataConfig(data=f"folder:{tmp_path / 'three'}", image_size=12),
+                      splits=SavedSplits(str(tmp_path), json.loads(json.dumps(data.splits))))   # as splits.json
+    assert torch.equal(again.val[0], data.val[0])                              # a resume finds the same split
+    make_folder(tmp_path / "two", "train", n=8)
+    make_folder(tmp_path / "two", "val", n=3)
+    two = load_data(DataConfig(data=f"folder:{tmp_path / 'two'}", image_size=12))
+    assert len(two.test[1]) == 6 and len(two.train[1]) + len(two.val[1]) == 16

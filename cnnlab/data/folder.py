@@ -94,12 +94,15 @@ def warn_outside_link(folder, top):
 
 
 def split_folders(root):
-    """(train root, test root or None)."""
-    train = os.path.join(root, "train")
-    for held_out in ("test", "val"):
-        if os.path.isdir(train) and os.path.isdir(os.path.join(root, held_out)):
-            return train, os.path.join(root, held_out)
-    return root, None
+    """(train root, validation root or None, test root or None): train/ with test/ and/or val/
+    are the splits; val/ alone beside train/ is the held-out (test) split, as ImageNet's is."""
+    train, val, test = (os.path.join(root, name) for name in ("train", "val", "test"))
+    has_val = os.path.isdir(val)
+    if os.path.isdir(train) and os.path.isdir(test):
+        return train, val if has_val else None, test
+    if os.path.isdir(train) and has_val:
+        return train, None, val
+    return root, None, None   # a lone train/ is a class folder (trains, buses, cars)
 
 
 def parallel_map(fn, items, desc, workers):
@@ -286,31 +289,39 @@ def load_pool(class_files, classes, channels, size, cfg, where="", policy="squas
 
 
 @register_dataset("folder", arg="PATH", claims=os.path.isdir, shape="--image-size", classes="folders",
-                  sizes="from files", description="class subfolders of images; train/ + test/ (or val/) "
+                  sizes="from files", description="class subfolders of images; train/ + val/ and/or test/ "
                                                   "subfolders are the splits")
 def folder(path, cfg):
     """The images under `path` (cfg: a DataConfig: image_size, on_bad_image)."""
-    train_root, test_root = split_folders(path)
+    train_root, val_root, test_root = split_folders(path)
     train_classes, not_decoded = scan_classes(train_root, path)
     classes = list(train_classes)
-    test_classes, not_decoded_test = scan_classes(test_root, path) if test_root else ({}, [])
-    extra = sorted(set(test_classes) - set(classes))
-    if extra:
-        raise CnnlabError(f"{printable(test_root)} has class folders not in {printable(train_root)}: {', '.join(extra)}.")
-    all_files = [f for fs in list(train_classes.values()) + list(test_classes.values()) for f in fs]
+    held_out = {root: scan_classes(root, path) for root in (val_root, test_root) if root}
+    for root, (found, _) in held_out.items():
+        extra = sorted(set(found) - set(classes))
+        if extra:
+            raise CnnlabError(f"{printable(root)} has class folders not in {printable(train_root)}: {', '.join(extra)}.")
+    val_classes, not_decoded_val = held_out.get(val_root, ({}, []))
+    test_classes, not_decoded_test = held_out.get(test_root, ({}, []))
+    all_files = [f for split in (train_classes, val_classes, test_classes) for fs in split.values() for f in fs]
     stamps = file_stamps(all_files)
     channels, size, typical = image_format(all_files, cfg.image_size, path, cfg.cache_dir, stamps)
     policy = file_policy(cfg.resize, size, typical)
     stored = stored_size(policy, size, cfg.resize_size)   # crop: decoded once at ~1.15x the input side (photos.py)
-    train_x, train_y, train_files, bad, entry = load_pool(train_classes, classes, channels, stored, cfg,
-                                                          f" in {printable(train_root)}", policy, stamps)
+    # val/'s images join the training pool as named validation rows (as a labels file's are)
+    pool = {c: train_classes.get(c, []) + val_classes.get(c, []) for c in classes}
+    where = f" in {printable(train_root)}" + (f" or {printable(val_root)}" if val_root else "")
+    train_x, train_y, train_files, bad, entry = load_pool(pool, classes, channels, stored, cfg, where, policy, stamps)
     src = Source(train_x, train_y, classes=classes, files={"train": train_files}, cache={"train": entry},
                  resize=policy, input_size=size)
+    if val_root:
+        val_files = {f for fs in val_classes.values() for f in fs}
+        src.val_rows = [i for i, f in enumerate(train_files) if f in val_files]
     if test_root:
         src.test_x, src.test_y, src.files["test"], bad_test, src.cache["test"] = load_pool(
             test_classes, classes, channels, stored, cfg, f" in {printable(test_root)}", policy, stamps)
         bad += bad_test
-    warn_skipped(bad, not_decoded + not_decoded_test)
+    warn_skipped(bad, not_decoded + not_decoded_val + not_decoded_test)
     src.files["bad"] = bad
     src.ids = {pool: file_ids(src.files[pool], path, stamps) for pool in ("train", "test") if pool in src.files}
     return drop_unlearnable(src, path)
