@@ -166,3 +166,15 @@ def test_the_family_listing_counts_like_plain_pytorch():
         net(torch.zeros(1, 3, 64, 64))
     assert row[0] == "tv/resnet18" and int(row[1].replace(",", "")) == sum(p.numel() for p in net.parameters())
     assert float(row[2]) == pytest.approx(counter.get_total_flops() / 1e6, abs=0.1)
+
+
+def test_the_family_listing_refuses_a_negative_size_and_marks_what_does_not_fit():
+    """--image-size -5 was an internal error (ViT's AssertionError); a size a network cannot take
+    is one marked row, the others are still counted."""
+    from cnnlab.errors import UsageError
+    from cnnlab.models.zoo import list_backbones
+
+    with pytest.raises(UsageError, match="--image-size -5"):
+        list_backbones("torchvision", "cifar2", image_size=-5, contains="resnet18")
+    rows = list_backbones("torchvision", "cifar2", image_size=20, contains="vit_b_16").splitlines()[2:]
+    assert rows and all("does not fit this input" in row for row in rows)

@@ -88,6 +88,25 @@ def test_predict_reports_bad_files_and_goes_on(demo_run, tmp_path):
     assert "predictions" in rows["good.png"] and "error" in rows["bad.png"]
 
 
+@pytest.mark.parametrize("k", [0, -3])
+def test_predict_refuses_a_top_k_below_one(demo_run, tmp_path, k):
+    """--top-k 0 printed a path and nothing else (exit 0); a negative k crashed inside torch.topk.
+    Both are one line, exit 2, before anything is loaded; the Python API refuses them too."""
+    from PIL import Image
+
+    import cnnlab
+    from cnnlab.errors import UsageError
+
+    Image.new("L", (28, 28), 0).save(tmp_path / "digit.png")
+    result = run_cli("predict", demo_run, tmp_path / "digit.png", "--top-k", k)
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    assert result.stderr.count("\n") == 1 and f"--top-k {k}" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(UsageError, match="at least 1"):
+        cnnlab.load(demo_run).predict([str(tmp_path / "digit.png")], top_k=k)
+    served = run_cli("serve", demo_run, "--top-k", k, "--port", 0, timeout=120)   # refused before it listens
+    assert served.returncode == 2 and f"--top-k {k}" in served.stderr and "Traceback" not in served.stderr
+
+
 class Marker:
     def __init__(self, path):
         self.path = path

@@ -16,6 +16,12 @@ from ..training import checkpoint
 BACKENDS = ("torch", "onnx")
 
 
+def check_top_k(k):
+    """--top-k (top_k) must ask for at least one class: 0 printed nothing, a negative k crashed topk."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise UsageError(f"--top-k {k} must be a whole number of at least 1 (how many classes to list per image).")
+
+
 class Classifier:
     """What every backend offers: `classes`, `preprocess` (a Preprocess), `in_shape`, `config`
     (at least the model's name), `metrics`, `path`, `backend`, and `probabilities(batch_uint8)`;
@@ -61,6 +67,7 @@ class Classifier:
 
     def predict(self, items, top_k=5, invert=None, batch_size=256):
         """Top-k predictions per item: a list of lists of {label, index, probability}."""
+        check_top_k(top_k)
         if not isinstance(items, (list, tuple)):
             items = [items]
         out = []

@@ -8,7 +8,7 @@ import torch
 from ..data.folder import list_images
 from ..data.images import open_image
 from ..errors import CnnlabError, note
-from .inference import load
+from .inference import check_top_k, load
 
 
 def expand(paths):
@@ -30,6 +30,7 @@ def warn_unlike_training(model, unlike):
 
 def predict_files(checkpoint_path, paths, top_k=3, as_json=False, invert=False, batch_size=256, backend=None,
                   tta="none"):
+    check_top_k(top_k)
     model = load(checkpoint_path, backend=backend)
     model.tta = tta
     results, ok_items, unlike = [], [], []

@@ -413,9 +413,10 @@ def serve(checkpoint_path, host="127.0.0.1", port=8000, top_k=5, max_bytes=5 * 2
           timeout=30.0, api_key=None, docs=False, backend=None, max_batch=32, batch_wait=0.0, tta="none"):
     import uvicorn
 
-    from .inference import load
+    from .inference import check_top_k, load
 
     check_settings(host, max_bytes, max_pixels, timeout, api_key, max_batch, batch_wait)
+    check_top_k(top_k)
     sock = listen(host, port)
     try:
         model = load(checkpoint_path, backend=backend)  # fails here, before serving, on a bad checkpoint

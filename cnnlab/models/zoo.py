@@ -47,6 +47,8 @@ def list_backbones(family, data="mnist-5k", data_dir="data", image_size=0, conta
     prefix = next((k for k, v in FAMILIES.items() if family in (k, v)), None)
     if prefix is None:
         raise UsageError(f"unknown model family '{family}': torchvision or timm.")
+    if image_size < 0:
+        raise UsageError(f"--image-size {image_size} must be a side in pixels (0: the data's own size).")
     shape, k = data_shape(data, data_dir)
     shape = (shape[0], image_size, image_size) if image_size else shape
     names = [n for n in backbone_names(prefix) if contains in n]
@@ -59,7 +61,7 @@ def list_backbones(family, data="mnist-5k", data_dir="data", image_size=0, conta
         try:
             params, flops = measure_on_meta(name, shape, k)
             lines.append(f"{name:<28} {params:>13,} {flops / 1e6:>10.1f}")
-        except (RuntimeError, ValueError, UsageError) as e:   # e.g. maxvit's windows need 224-multiple sides
+        except (RuntimeError, ValueError, AssertionError, UsageError) as e:   # maxvit's windows: 224-multiples; ViT's patches
             lines.append(f"{name:<28} {'-':>13} {'-':>10}  does not fit this input: {str(e).splitlines()[0][:50]}")
     return "\n".join(lines)
 
