@@ -343,6 +343,23 @@ def test_a_longer_resume_notes_the_stretched_schedule_and_rewrites_config_yaml(r
         assert yaml.safe_load(f)["epochs"] == 2
 
 
+@pytest.mark.parametrize("setting,value", [("lr", 0.1), ("weight_decay", 0.01), ("schedule", "constant"),
+                                           ("label_smoothing", 0.1)])
+def test_a_new_training_setting_on_a_trained_run_is_refused_and_changes_nothing(run, setting, value):
+    """`--resume RUN --lr 0.1` on a run with every epoch trained trained nothing, yet rewrote
+    config.yaml to say lr 0.1. Now one line says what to do, and no file changes; with more
+    --epochs the same setting trains on, and a plain --resume still re-tests."""
+    def files():
+        return {name: open(os.path.join(run, name), "rb").read() for name in sorted(os.listdir(run))
+                if os.path.isfile(os.path.join(run, name))}
+    before = files()
+    with pytest.raises(UsageError, match=f"cannot resume {run} with {setting} .* its training finished at epoch 1, so .*--epochs N"):
+        cnnlab.train(resume=run, quiet=True, **{setting: value})
+    assert files() == before
+    cnnlab.train(resume=run, quiet=True)
+    assert cnnlab.train(resume=run, quiet=True, epochs=2, **{setting: value}).history[-1]["epoch"] == 2
+
+
 def test_sigint_during_the_final_evaluation_prints_how_to_finish(tmp_path, monkeypatch, capsys):
     """A Ctrl-C during the test pass was swallowed; now the run stops there and says how to finish,
     and following that hint does finish it."""

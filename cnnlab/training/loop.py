@@ -19,6 +19,7 @@ from .engine import (Interrupted, class_weights, depends_on_batch, ema_model, ep
 from .finetune import FreezeBackbone, describe, load_pretrained
 from .optim import build_optimizer, resumed_lr_change
 from .progress import Progress
+from .resume import refuse_changes_to_trained_run
 from .run_folder import RunFolder, check_writable, default_name
 from .state import TrainState, silent
 from .temperature import fit_temperature, split_logits, tempered
@@ -136,6 +137,7 @@ def prepare(state):
                          "--val-fraction above 0, or drop --calibrate.")
     if state.resumed:
         saved = checkpoint.restore(state, state.run_dir)
+        refuse_changes_to_trained_run(saved, state.cfg, state.progress.epoch, state.run_dir)
         change = resumed_lr_change(saved, state.cfg, state.progress.global_step, len(state.train_loader))
         if change:
             note(change)

@@ -13,6 +13,26 @@ MUST_MATCH = DEFINING + ("batch_size", "optimizer", "augment", "augment_magnitud
                          "cutmix", "class_weights", "sampler")
 
 
+# Settings that act only on training steps: resumed into a run whose epochs are all trained, a new
+# value would change nothing but what config.yaml says the run was trained with.
+STEP_ONLY = ("lr", "schedule", "warmup_epochs", "step_epochs", "gamma", "momentum", "nesterov", "weight_decay",
+             "l2", "label_smoothing", "grad_clip", "ema", "freeze_epochs", "backbone_lr_mult", "patience",
+             "save_every_steps")
+
+
+def refuse_changes_to_trained_run(saved, cfg, epochs_done, run_dir):
+    """UsageError for a --resume that changes a STEP_ONLY setting of a run with no epoch left to train
+    (`saved`: the checkpoint's config dict); a plain --resume of it still re-tests and re-reports."""
+    if epochs_done < cfg.epochs:
+        return
+    changed = [k for k in STEP_ONLY if k in saved and saved[k] != getattr(cfg, k)]
+    if changed:
+        diffs = ", ".join(f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise UsageError(f"cannot resume {run_dir} with {diffs}: its training finished at epoch {epochs_done}, so the new "
+                         f"setting would train nothing. Add --epochs N (more than {epochs_done}) to train on with it, "
+                         "or start a new run.")
+
+
 def resolve_config(config=None, resume=None, overrides=None):
     """The TrainConfig to train with: with `resume` (a run folder) its saved config plus the allowed
     `overrides`; otherwise `config` (a TrainConfig, or None for the defaults) with `overrides` applied."""
