@@ -167,7 +167,7 @@ def cmd_evaluate(args):
     m = evaluate_model(model, data, args.split, tta=args.tta)
     last = last_epoch(args.run, model)
     if last:   # the figure the tutorials print: the last epoch's weights, beside the best epoch's
-        final = evaluate_model(last, data, args.split, tta=args.tta)
+        final = evaluate_model(last, data, args.split, tta=args.tta, say_tta=False)
         m["final"] = {"epoch": last.epoch, "accuracy": final["accuracy"], "loss": final["loss"]}
     if args.json:
         print(json.dumps(m, indent=2))

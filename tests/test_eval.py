@@ -184,6 +184,20 @@ def test_compare_writes_beside_the_runs_by_default(tmp_path):
     assert len(lines) == 3 and "npz:/x/cifar10_5k.npz" in lines[2] and lines[1].index("lenet5") == lines[2].index("mnist_cnn")
 
 
+def test_compare_leaves_out_an_unfinished_run_with_a_warning(tmp_path):
+    """`cnnlab compare runs/*` stopped at the first folder without a summary.json (a run still
+    training); the finished runs are compared, the others named on stderr. All unusable: an error."""
+    a = _fake_run(tmp_path / "runs" / "a")
+    b = _fake_run(tmp_path / "runs" / "b", model="mnist_cnn")
+    (tmp_path / "runs" / "training").mkdir()
+    result = run_cli("compare", a, tmp_path / "runs" / "training", b)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 3 and "training" not in result.stdout
+    assert "warning: left out: " in result.stderr and "training has no summary.json" in result.stderr
+    alone = run_cli("compare", tmp_path / "runs" / "training")
+    assert alone.returncode == 1 and alone.stderr.count("\n") == 1 and "has no summary.json" in alone.stderr
+
+
 def test_compare_unwritable_out_is_one_line(tmp_path):
     a = _fake_run(tmp_path / "a")
     result = run_cli("compare", a, "--out", tmp_path / "missing" / "cmp.png")

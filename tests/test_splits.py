@@ -202,3 +202,25 @@ def test_val_samples_without_a_validation_split_is_refused(tmp_path):
     data = load_data(DataConfig(data="mnist-5k", val_fraction=0.1, val_samples=50, test_samples=10))
     assert len(data.val[1]) == 50
     FAULT_REPORT.append("--val-samples with --val-fraction 0: refused, exit 2, no folder left behind")
+
+
+def test_a_run_on_a_relative_folder_is_found_again_with_data_dir(tmp_path):
+    """A run trained on `folder:pets` (relative) could not be evaluated from another folder, nor
+    after the images moved: "image folder not found: pets", and --data-dir did nothing for a
+    folder. Now the error says how, and --data-dir PATH is the folder's new location, with the
+    saved split kept (same test images, same accuracy as the run's own test)."""
+    env = {"CNNLAB_CACHE": str(tmp_path / "cache")}
+    for colour, cls in enumerate(("cat", "dog")):
+        write_images(tmp_path / "pets" / cls, [f"{i:02d}.png" for i in range(12)], colour)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    assert run_cli("train", "--data", "folder:pets", "--out", "run", *flags, cwd=tmp_path, env=env).returncode == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    (tmp_path / "elsewhere").mkdir()
+    lost = run_cli("evaluate", tmp_path / "run", cwd=tmp_path / "elsewhere", env=env)
+    assert lost.returncode == 1 and lost.stderr.count("\n") == 1 and "--data-dir PATH" in lost.stderr
+    os.rename(tmp_path / "pets", tmp_path / "moved")
+    found = run_cli("evaluate", tmp_path / "run", "--data-dir", tmp_path / "moved", "--json", cwd=tmp_path / "elsewhere",
+                    env=env)
+    assert found.returncode == 0, found.stderr
+    m = json.loads(found.stdout)
+    assert m["samples"] == len(saved(tmp_path / "run")["test"]) and m["accuracy"] == pytest.approx(summary["test_acc"])

@@ -275,7 +275,7 @@ def decode_files(files, labels, channels, size, cfg, where="", policy="squash", 
     ok, bad = np.array(entry.meta["ok"], dtype=bool), [printable(b) for b in entry.meta["bad"]]
     if bad and cfg.on_bad_image == "error":
         more = f" (and {len(bad) - 1} more bad files)" if len(bad) > 1 else ""
-        raise CnnlabError(f"{bad[0]}{more}. Remove it, or pass --on-bad-image skip.")
+        raise CnnlabError(f"{bad[0].rstrip('.')}{more}. Remove it, or pass --on-bad-image skip.")
     kept = [f for f, good in zip(files, ok) if good]
     labels = np.asarray(labels, dtype=np.int64)[ok]
     return torch.from_numpy(entry.array()), torch.from_numpy(labels), kept, bad, entry
@@ -347,7 +347,7 @@ def warn_skipped(bad, not_decoded):
     image-like files in formats cnnlab does not decode, counted by suffix."""
     parts = []
     if bad:
-        parts.append(f"{len(bad)} unreadable image(s) (the list is in bad_images.txt in the run folder)")
+        parts.append(f"{len(bad)} unreadable image(s) (a training run lists them in its bad_images.txt)")
     if not_decoded:
         kinds = Counter(os.path.splitext(f)[1].lower() for f in not_decoded).most_common()
         parts.append(f"{len(not_decoded)} file(s) in formats cnnlab does not decode "

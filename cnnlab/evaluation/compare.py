@@ -3,7 +3,7 @@ read from their run folders (summary.json, metrics.csv); nothing is evaluated ag
 import os
 
 from . import plots
-from ..errors import CnnlabError
+from ..errors import CnnlabError, note
 from ..training.run_folder import read_json, read_metrics
 from .report import fmt_count
 
@@ -15,16 +15,19 @@ def compare(run_dirs, out=None):
     """Rows of (run, model, data, params, epochs, best val, test acc, last-epoch test acc, seconds) and the overlaid
     validation curves, written to `out` or else to compare.png in the runs' common parent folder
     (beside the runs, not wherever the command happens to run). Returns (rows, picture path)."""
-    parent = os.path.commonpath([os.path.dirname(os.path.abspath(d)) for d in run_dirs])
-    rows, histories = [], {}
+    summaries, problems = {}, []
     for d in run_dirs:
-        path = os.path.join(d, "summary.json")
-        if not os.path.exists(path):
-            raise CnnlabError(f"{d} has no summary.json; is it a finished cnnlab run folder?")
-        s = read_json(path)
-        lacking = [k for k in SUMMARY_KEYS if not isinstance(s, dict) or k not in s]
-        if lacking:
-            raise CnnlabError(f"{path} lacks '{lacking[0]}' (damaged?); `cnnlab train --resume {d}` writes it again.")
+        try:
+            summaries[d] = read_summary(d)
+        except CnnlabError as e:
+            problems.append(str(e))
+    if not summaries:
+        raise CnnlabError(problems[0])
+    for problem in problems:   # `compare runs/*` with one run still training compares the others
+        note(f"warning: left out: {problem}")
+    parent = os.path.commonpath([os.path.dirname(os.path.abspath(d)) for d in summaries])
+    rows, histories = [], {}
+    for d, s in summaries.items():
         name = os.path.relpath(os.path.abspath(d), parent)   # unique even when two runs share a basename
         histories[name] = read_metrics(d)
         # final_test_acc: runs of cnnlab before it was recorded have none ("-")
@@ -35,6 +38,18 @@ def compare(run_dirs, out=None):
     except CnnlabError as e:
         raise CnnlabError(f"{e} --out writes the picture elsewhere.") from None
     return rows, out
+
+
+def read_summary(run_dir):
+    """A run's summary.json, with the keys compare shows; CnnlabError for an unfinished or damaged run."""
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(path):
+        raise CnnlabError(f"{run_dir} has no summary.json; is it a finished cnnlab run folder?")
+    s = read_json(path)
+    lacking = [k for k in SUMMARY_KEYS if not isinstance(s, dict) or k not in s]
+    if lacking:
+        raise CnnlabError(f"{path} lacks '{lacking[0]}' (damaged?); `cnnlab train --resume {run_dir}` writes it again.")
+    return s
 
 
 def fmt_val(acc):

@@ -15,7 +15,7 @@ from ..data import load_data, read_splits
 from ..data.augment import TTA
 from ..data.stream import make_loader
 from ..data.preprocess import Preprocess
-from ..errors import UsageError, note
+from ..errors import CnnlabError, UsageError, note
 from ..runtime import Context
 from ..training import checkpoint
 from ..training.engine import depends_on_batch, evaluate
@@ -66,8 +66,15 @@ def run_data(model, run_dir=None, data=None, data_dir=None):
     """The data `model` was trained on, with the run's saved split (refused, in one line, when the
     data changed since); or `data` (a --data name, split afresh) resized to the model's input.
     `data_dir` replaces the run's own --data-dir (relative to where it was trained, or on another
-    machine)."""
-    cfg = make_config({"data_dir": data_dir} if data_dir else {}, base=make_config(model.config))
+    machine); for a folder, labels file or .npz it is that data's own new location."""
+    cfg = make_config(model.config)
+    path_source = path_source_of(cfg.data)
+    if data_dir:   # a folder's saved split names its files by their path inside it: it may move
+        cfg = make_config({"data": f"{path_source}:{data_dir}"} if path_source else {"data_dir": data_dir}, base=cfg)
+    elif path_source and not data and not os.path.exists(cfg.data.partition(":")[2]):
+        raise CnnlabError(f"{run_dir or 'the checkpoint'} was trained on {cfg.data}, which is not found from here "
+                          f"({os.getcwd()}): give the data's location with --data-dir PATH (its saved split is kept), "
+                          "or run from the folder it was trained in.")
     splits = None
     if data:
         cfg = make_config({"data": data, "classes": [], "image_size": model.preprocess.image_size,
@@ -85,11 +92,20 @@ def run_data(model, run_dir=None, data=None, data_dir=None):
     return loaded
 
 
-def evaluate_model(model, data, split="test", collect=False, tta="none"):
+def path_source_of(name):
+    """'folder', 'csv' or 'npz' for a --data name that is a path to the data; None for a named set."""
+    from ..data.registry import lookup
+
+    found = lookup(name)
+    return found[0].name if found and found[0].claims else None
+
+
+def evaluate_model(model, data, split="test", collect=False, tta="none", say_tta=True):
     """Metrics of `model` on a split of `data`, normalised with the MODEL's statistics (another
     dataset's own would hide a shift in the inputs), with the checkpoint's temperature. collect=True
     keeps the per-sample results; the calibration error ("ece") is always measured. `tta`: flip or
-    flip+crop averages the probabilities of those views (data/augment.py)."""
+    flip+crop averages the probabilities of those views (data/augment.py); say_tta=False leaves out
+    the note on mirrored digits (a second model on the same data)."""
     x, y = getattr(data, split)
     if len(y) == 0:
         raise UsageError(f"the {split} split is empty.")
@@ -99,7 +115,7 @@ def evaluate_model(model, data, split="test", collect=False, tta="none"):
     loader = make_loader(x, y, 256, model.preprocess, model.device, streamed=data.streamed, channels_last=True,
                          mixed=depends_on_batch(model.net))
     net = tempered(model.net, model.temperature)
-    if "flip" in tta and not data.flip_ok:
+    if "flip" in tta and not data.flip_ok and say_tta:
         note(f"note: --tta {tta} averages in mirrored {data.name} images, which are not valid examples "
              "(a mirrored digit is another shape): it usually lowers accuracy here; --tta none avoids it.")
     if tta != "none":
