@@ -293,21 +293,26 @@ def cmd_data_check(args):
 
 def cmd_cache(args):
     """`cnnlab cache list|clear`: the decoded-images cache, entry by entry, and its size."""
-    from .data.cache import cache_root, clear, entries
+    from .data.cache import cache_root, clear, entries, small_entries
 
     root = cache_root(args.cache_dir)
     if args.cache_command == "clear":
         print(f"freed {clear(root) / 2**20:,.1f} MiB in {root}")
         return 0
     found, other = entries(root)
-    print(f"{root}: {len(found)} entries")
+    small = small_entries(root)
+    print(f"{root}: {len(found)} entries" + (f", and {sum(n for n, _ in small.values())} small ones" if small else ""))
     for kind, entry in found:
         n, *shape = entry.shape
         print(f"  {kind:<8} {os.path.basename(entry.path)}  {n:>8,} x {'x'.join(map(str, shape)):<10} "
               f"{entry.nbytes / 2**20:>10,.1f} MiB  {entry.meta.get('source', '')}")
-    total = sum(entry.nbytes for _, entry in found) + other
-    print(f"total {total / 2**20:,.1f} MiB" + (f" ({other / 2**20:,.1f} MiB of it small entries, locks and "
-                                                "unfinished builds)" if other else ""))
+    what = {"sets": "decoded datasets (MNIST, CIFAR, ... as arrays)", "formats": "image folders' formats",
+            "folders": "small decoded folders"}
+    for kind, (n, size) in small.items():
+        print(f"  {kind:<8} {n:>6,} {what[kind]:<48} {size / 2**20:>10,.1f} MiB")
+    total = sum(entry.nbytes for _, entry in found) + sum(size for _, size in small.values()) + other
+    print(f"total {total / 2**20:,.1f} MiB" + (f" ({other / 2**20:,.1f} MiB of it locks and unfinished builds)"
+                                                if other else ""))
     return 0
 
 

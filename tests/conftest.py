@@ -11,6 +11,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "datasets")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The suite's decoded-data cache (CNNLAB_CACHE, inherited by every subprocess) is a temporary
+    folder of its own: in ~/.cache/cnnlab each run of the suite left ~1 GB of entries keyed by
+    temporary paths that no later run reads."""
+    os.environ["CNNLAB_CACHE"] = str(tmp_path_factory.mktemp("cnnlab-cache"))
+
+
 def run_cli(*args, cwd=None, timeout=600, env=None):
     """Run `python -m cnnlab ARGS` in a subprocess; returns CompletedProcess with text output."""
     return subprocess.run([sys.executable, "-m", "cnnlab", *map(str, args)], capture_output=True, text=True,

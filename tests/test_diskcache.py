@@ -268,6 +268,20 @@ def test_cache_list_and_clear(photos):
     assert entries(str(photos / "cache"))[0] == []
 
 
+def test_a_torchvision_set_is_cached_in_cache_dir_and_listed(tmp_path, shared_datasets):
+    """MNIST's decoded arrays went to $CNNLAB_CACHE whatever --cache-dir said, and `cache list`
+    counted them only as "small entries, locks and unfinished builds"."""
+    from cnnlab.data.cache import small_entries
+
+    cfg = DataConfig(data="mnist", data_dir=shared_datasets, cache_dir=str(tmp_path / "mine"))
+    first = load_data(cfg)
+    (n, size), = small_entries(str(tmp_path / "mine")).values()
+    assert n == 1 and size > 50 * 2**20                               # 70,000 digits of 784 bytes
+    assert torch.equal(load_data(cfg).train[0], first.train[0])       # read back from there
+    listed = run_cli("cache", "list", "--cache-dir", tmp_path / "mine")
+    assert listed.returncode == 0 and "1 decoded datasets" in listed.stdout and "unfinished" not in listed.stdout
+
+
 def test_ddp_streamed_from_the_disk_cache_matches_one_process_in_memory(photos):
     # 16 training images in batches of 8: every step splits evenly over the 2 ranks (a shorter last
     # batch, 7 images as 4 + 3, averages the ranks' unequal shards: 1.7e-4 off, in memory as well)

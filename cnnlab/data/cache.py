@@ -97,6 +97,7 @@ def cached_arrays(key, make, kind="sets", root=""):
 # a lock file per key (fcntl.flock) makes a second process wait for the first one's build, then read it.
 
 PIXELS, META = "pixels.u8", "meta.json"
+SMALL_KINDS = ("formats", "sets", "folders")   # where cached_arrays keeps its .npz entries
 
 
 def cache_root(override=""):
@@ -254,9 +255,21 @@ def entries(root=""):
             entry = read_entry(path) if os.path.isdir(path) and not name.startswith(".") else None
             if entry:
                 found.append((kind, entry))
-            else:
+            elif not name.endswith(".npz"):   # small_entries counts those
                 other += folder_bytes(path)
     return found, other
+
+
+def small_entries(root=""):
+    """{kind: (files, bytes)} of cached_arrays' .npz entries: decoded torchvision sets ("sets"),
+    image folders' formats ("formats")."""
+    root = cache_root(root)
+    out = {}
+    for kind in SMALL_KINDS:
+        paths = glob.glob(os.path.join(root, kind, "*.npz"))
+        if paths:
+            out[kind] = (len(paths), sum(os.path.getsize(p) for p in paths))
+    return out
 
 
 def folder_bytes(path):
@@ -275,7 +288,7 @@ def clear(root=""):
     for kind, entry in found:
         freed += folder_bytes(entry.path)
         shutil.rmtree(entry.path, ignore_errors=True)
-    for kind in ("formats", "sets", "folders"):   # the small npz entries of cached_arrays
+    for kind in SMALL_KINDS:   # the small npz entries of cached_arrays
         for path in glob.glob(os.path.join(root, kind, "*.npz")):
             freed += os.path.getsize(path)
             os.remove(path)

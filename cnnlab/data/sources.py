@@ -160,7 +160,7 @@ def torchvision_set(name, cfg):
         classes = DIGITS if name == "mnist" else [str(c).split(" - ")[-1] for c in pools[0].classes]
         return {"train_x": xs[0], "train_y": ys[0], "test_x": xs[1], "test_y": ys[1], "classes": np.array(classes)}
 
-    a = cached_arrays(key, decode) if key else decode()
+    a = cached_arrays(key, decode, root=cfg.cache_dir) if key else decode()
     return Source(torch.from_numpy(a["train_x"]), torch.from_numpy(a["train_y"]), torch.from_numpy(a["test_x"]),
                   torch.from_numpy(a["test_y"]), classes=[str(c) for c in a["classes"]], flip_ok=TORCHVISION[name].flip_ok)
 
