@@ -251,6 +251,34 @@ def validate_schedule(cfg):
         raise UsageError("'schedule: step' needs 'step_epochs' (divide the LR by 1/gamma every N epochs).")
 
 
+def ignored_settings(cfg):
+    """Notes on settings this run's other choices leave without effect (a run that took them would
+    otherwise say nothing): SGD's momentum and Nesterov under Adam, the step schedule's settings
+    under another schedule, Nesterov without momentum."""
+    notes = []
+    sgd_only = ([f"--momentum {cfg.momentum:g}"] if cfg.momentum != TrainConfig.momentum else []) + (
+        ["--nesterov"] if cfg.nesterov else [])
+    if cfg.optimizer != "sgd" and sgd_only:
+        notes.append(f"{' and '.join(sgd_only)} {_act(sgd_only)} on --optimizer sgd only; {cfg.optimizer} ignores "
+                     f"{_them(sgd_only)}.")
+    if cfg.optimizer == "sgd" and cfg.nesterov and cfg.momentum == 0:
+        notes.append("--nesterov needs --momentum above 0; this run is plain SGD.")
+    step_only = [f"--{k.replace('_', '-')} {getattr(cfg, k):g}" for k in ("step_epochs", "gamma")
+                 if getattr(cfg, k) != getattr(TrainConfig, k)]
+    if cfg.schedule != "step" and step_only:
+        notes.append(f"{' and '.join(step_only)} {_act(step_only)} on --schedule step only; {cfg.schedule} ignores "
+                     f"{_them(step_only)}.")
+    return notes
+
+
+def _act(flags):
+    return "act" if len(flags) > 1 else "acts"
+
+
+def _them(flags):
+    return "them" if len(flags) > 1 else "it"
+
+
 def parse_split_ranges(text):
     """'train=0:20000,val=20000:25000,test=0:5000' -> {'train': (0, 20000), ...}; {} for ''. Every
     split must be named once (an empty range, e.g. val=0:0, turns a split off)."""

@@ -245,3 +245,19 @@ def test_binary_config_files_get_one_line(tmp_path, content):
 def test_a_folder_as_config_gets_one_line(tmp_path):
     with pytest.raises(UsageError, match="cannot read config file"):
         load_yaml(tmp_path)
+
+
+@pytest.mark.parametrize("settings,expected", [
+    ({"optimizer": "adam", "nesterov": True}, ["--nesterov acts on --optimizer sgd only; adam ignores it."]),
+    ({"optimizer": "adamw", "momentum": 0.5, "nesterov": True},
+     ["--momentum 0.5 and --nesterov act on --optimizer sgd only; adamw ignores them."]),
+    ({"optimizer": "sgd", "nesterov": True, "momentum": 0.0}, ["--nesterov needs --momentum above 0; this run is plain SGD."]),
+    ({"schedule": "cosine", "step_epochs": 3, "gamma": 0.5},
+     ["--step-epochs 3 and --gamma 0.5 act on --schedule step only; cosine ignores them."]),
+    ({"optimizer": "sgd", "momentum": 0.5, "nesterov": True, "schedule": "step", "step_epochs": 2}, []),
+    ({}, [])])
+def test_settings_the_run_ignores_are_named(settings, expected):
+    """`--optimizer adam --momentum 0.5` trained without a word that the momentum did nothing."""
+    from cnnlab.config import ignored_settings
+
+    assert ignored_settings(make_config(settings)) == expected

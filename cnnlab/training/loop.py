@@ -26,6 +26,7 @@ from .temperature import fit_temperature, split_logits, tempered
 from ..data import load_data, read_splits
 from ..data.augment import resolve_augment, strong_augment
 from ..data.stream import make_loader
+from ..config import ignored_settings
 from ..errors import UsageError, note
 from ..metrics import balanced_accuracy, per_class
 from ..models import check_memory, create_model, model_args
@@ -111,6 +112,8 @@ def check_run(state):
     if cfg.batch_size % ctx.world:
         raise UsageError(f"--batch-size {cfg.batch_size} (global) must be divisible by the {ctx.world} processes.")
     check_names(cfg)
+    for message in ignored_settings(cfg):
+        note(f"note: {message}")
     if ctx.is_main:
         check_writable(state.run_dir, need_bytes=64 * 2**20)
     state.run.claim(resume=state.resumed, overwrite=cfg.overwrite)
