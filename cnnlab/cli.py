@@ -331,6 +331,9 @@ def cmd_lr_find(args):
         flag = "--" + given[0].replace("_", "-")
         raise UsageError(f"lr-find does not use {flag} (it runs 100 steps on one process, sweeping the lr from "
                          f"1e-7 to 10); drop {flag}, or give it to `cnnlab train`.")
+    if (args.out or "").lower().endswith((".png", ".jpg", ".jpeg", ".svg", ".pdf")):   # made a folder of that name
+        raise UsageError(f"--out {args.out} names a folder for lr-find (the run it prepares; the plot goes inside it): "
+                         f"give the picture's own name with --plot {args.out}.")
     base = make_config(load_yaml(args.config)) if args.config else None
     cfg = with_data_name(make_config(train_overrides(args), base=base))
     out = args.plot or default_plot_path(cfg)

@@ -113,6 +113,7 @@ def test_lr_find_plot_goes_inside_out_or_to_plot(tmp_path, flag, plot):
 @pytest.mark.parametrize("args,flag", [
     (["--nproc", 2], "--nproc"), (["--resume", "runs/x"], "--resume"), (["--epochs", 3], "--epochs"),
     (["--schedule", "cosine"], "--schedule"), (["--ema", 0.99], "--ema"),
+    (["--out", "runs/lr.png"], "--plot runs/lr.png"),   # made a folder named lr.png
 ])
 def test_lr_find_refuses_training_only_flags(tmp_path, args, flag):
     result = run_cli("lr-find", *args, cwd=tmp_path)
