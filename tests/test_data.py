@@ -76,8 +76,14 @@ def test_cifar_batch_with_code_is_refused(tmp_path):
 
 
 def test_offline_message_names_files(tmp_path):
+    """...and the failed download leaves no empty folders behind (MNIST/raw/ under a --data-dir
+    that did not exist made a later `data check` of that path report an empty class folder)."""
     with pytest.raises(CnnlabError, match="cifar-10-batches-py"):
         load_data(DataConfig(data="cifar10", data_dir=str(tmp_path)))
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(CnnlabError, match="MNIST/raw"):
+        load_data(DataConfig(data="mnist", data_dir=str(tmp_path / "nowhere")))
+    assert not (tmp_path / "nowhere").exists()
 
 
 def test_npz_nhwc_with_classes(tmp_path):

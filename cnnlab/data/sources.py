@@ -121,6 +121,16 @@ def _read_cifar_folder(name, root, train):
     return SimpleNamespace(data=data, targets=labels, classes=classes)
 
 
+def remove_empty_folders(tops):
+    """Delete each of `tops` (folders that did not exist before) if nothing but empty folders is in it."""
+    for top in tops:
+        for folder, _, _ in sorted(os.walk(top), key=lambda entry: -len(entry[0])):   # deepest first
+            try:
+                os.rmdir(folder)
+            except OSError:   # not empty: something real is there
+                pass
+
+
 def _open_torchvision(name, root, train):
     import torchvision.datasets as tvd
 
@@ -133,10 +143,12 @@ def _open_torchvision(name, root, train):
         found = _read_cifar_folder(name, root, train)
         if found is not None:
             return found
+    fresh = [d for d in (root, os.path.join(root, TORCHVISION[name].folder)) if not os.path.exists(d)]
     try:  # files missing: download when the network allows (torchvision reports on stdout: move it)
         with contextlib.redirect_stdout(sys.stderr):
             return cls(root, train=train, download=True)
     except Exception:
+        remove_empty_folders(fresh)   # the failed download's empty MNIST/raw/, not the user's folders
         files = TORCHVISION[name].files
         raise CnnlabError(f"{name} is not in '{root}' and could not be downloaded (offline?). "
                           f"Place {files} under '{root}', or pass --data-dir.") from None
