@@ -3,6 +3,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import sys
 
 import numpy as np
@@ -510,3 +511,24 @@ def test_folder_with_train_val_and_test_keeps_all_three(tmp_path, monkeypatch):
     make_folder(tmp_path / "two", "val", n=3)
     two = load_data(DataConfig(data=f"folder:{tmp_path / 'two'}", image_size=12))
     assert len(two.test[1]) == 6 and len(two.train[1]) + len(two.val[1]) == 16
+
+
+def test_data_check_names_leaked_and_conflicting_copies(tmp_path, capsys):
+    """`data check` counted exact copies across splits without naming them, and said nothing of the
+    same image filed under two classes."""
+    from cnnlab.data.check import check
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 3)):
+        for cls in ("cat", "dog"):
+            os.makedirs(tmp_path / "d" / split / cls)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "d" / split / cls / f"{i}.png")
+    shutil.copy(tmp_path / "d" / "train" / "cat" / "0.png", tmp_path / "d" / "test" / "cat" / "leak.png")
+    shutil.copy(tmp_path / "d" / "train" / "dog" / "1.png", tmp_path / "d" / "train" / "cat" / "mislabelled.png")
+    assert check(f"folder:{tmp_path / 'd'}", cache_dir=str(tmp_path / "cache")) == 0
+    out = capsys.readouterr().out
+    assert "exact duplicates across splits: 1  (warning: leakage between splits)" in out
+    assert "train/cat/0.png (train) = " in out and "test/cat/leak.png (test)" in out
+    assert "warning: 1 image(s) appear with different labels" in out
+    assert "train/cat/mislabelled.png (cat)" in out and "train/dog/1.png (dog)" in out

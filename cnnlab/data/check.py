@@ -22,13 +22,36 @@ def image_modes(files):
     return seen
 
 
-def duplicates_across(data):
-    """Images whose exact pixels appear in more than one split (train/val/test leakage)."""
+def duplicate_groups(data):
+    """[[(split, position), ...]] of the images whose exact pixels occur more than once."""
     where = {}
     for split in ("train", "val", "test"):
-        for img in getattr(data, split)[0]:
-            where.setdefault(hashlib.sha1(img.numpy().tobytes()).hexdigest(), set()).add(split)
-    return sum(len(s) > 1 for s in where.values())
+        for i, img in enumerate(getattr(data, split)[0]):
+            where.setdefault(hashlib.sha1(img.numpy().tobytes()).hexdigest(), []).append((split, i))
+    return [group for group in where.values() if len(group) > 1]
+
+
+def image_name(data, split, i):
+    """A split's i-th image as the person knows it: its file, or split[i] for tensor datasets."""
+    pool = data.splits.get("test_pool", "test") if split == "test" else "train"
+    files, rows = data.files.get(pool), data.splits.get(split)
+    return files[rows[i]] if files and rows is not None else f"{split}[{i}]"
+
+
+def print_duplicates(data, shown=5):
+    """Exact copies across splits (leaks) and copies with different labels (conflicts), the first
+    `shown` of each by name."""
+    groups = duplicate_groups(data)
+    leaks = [g for g in groups if len({split for split, _ in g}) > 1]
+    label = lambda split, i: data.classes[int(getattr(data, split)[1][i])]
+    conflicts = [g for g in groups if len({label(*member) for member in g}) > 1]
+    print(f"exact duplicates across splits: {len(leaks)}" + ("  (warning: leakage between splits)" if leaks else ""))
+    for group in leaks[:shown]:
+        print("  " + " = ".join(f"{image_name(data, *m)} ({m[0]})" for m in group))
+    if conflicts:
+        print(f"warning: {len(conflicts)} image(s) appear with different labels")
+        for group in conflicts[:shown]:
+            print("  " + " = ".join(f"{image_name(data, *m)} ({label(*m)})" for m in group))
 
 
 def check(name, data_dir="data", cache_dir="", in_memory="auto"):
@@ -49,8 +72,7 @@ def check(name, data_dir="data", cache_dir="", in_memory="auto"):
     bad = data.files.get("bad", [])
     for msg in bad:
         print(f"unreadable: {msg}")
-    dups = duplicates_across(data)
-    print(f"exact duplicates across splits: {dups}" + ("  (warning: leakage between splits)" if dups else ""))
+    print_duplicates(data)
     train = [n for n in counts["train"] if n]
     if train and max(train) > 3 * min(train):
         print(f"warning: strong class imbalance: largest class {max(train)} vs smallest {min(train)} training images")
