@@ -194,7 +194,8 @@ def validate(cfg):
     validate_schedule(cfg)
     validate_augment(cfg)
     if not 0 <= cfg.val_fraction < 1 or not 0 < cfg.test_fraction < 1:
-        raise UsageError("'val_fraction' must be in [0, 1) and 'test_fraction' in (0, 1).")
+        raise UsageError(f"'val_fraction' must be in [0, 1) and 'test_fraction' in (0, 1), got {cfg.val_fraction:g} and "
+                         f"{cfg.test_fraction:g}.")
     if cfg.label_smoothing >= 1:
         raise UsageError(f"'label_smoothing' must be below 1, got {cfg.label_smoothing}.")
     if not 0 <= cfg.ema < 1:

@@ -174,3 +174,16 @@ def test_version_1_checkpoints_are_upgraded_and_newer_ones_refused(tmp_path):
     torch.save({**v1, "version": 99}, tmp_path / "v99.pt")
     with pytest.raises(CnnlabError, match="newer cnnlab.*version 99"):
         load_checkpoint(str(tmp_path / "v99.pt"))
+
+
+def test_a_text_file_or_a_missing_onnx_file_as_the_model_is_one_plain_line(tmp_path, shared_datasets):
+    """A text file given as the checkpoint said "(... another kind of file: 105)", a number from
+    inside the unpickler; a missing .onnx file got onnxruntime's NO_SUCHFILE dump."""
+    sample = os.path.join(shared_datasets, "samples", "mnist_00_7.png")
+    (tmp_path / "note.txt").write_text("hi\n")
+    text = run_cli("predict", tmp_path / "note.txt", sample)
+    assert text.returncode == 1 and "not a torch.save file, or damaged" in text.stderr
+    gone = run_cli("predict", tmp_path / "gone.onnx", sample)
+    assert gone.returncode == 1 and "no such ONNX file" in gone.stderr and "NO_SUCHFILE" not in gone.stderr
+    for result in (text, gone):
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

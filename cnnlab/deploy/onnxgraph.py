@@ -4,6 +4,7 @@ reader needs in its `metadata_props` (classes, input shape and format, preproces
 cnnlab version, test accuracy), so onnxruntime alone can classify an image with it
 (examples/onnx_predict.py)."""
 import json
+import os
 
 import torch
 
@@ -117,6 +118,8 @@ def session(path_or_bytes, threads=0):
     # spinning made the CIFAR resnet_small batch-1 latency 6.1 ms instead of 2.3 ms (batch 256 the
     # same), and serve's decoding threads need those cores too.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if isinstance(path_or_bytes, str) and not os.path.isfile(path_or_bytes):
+        raise CnnlabError(f"{path_or_bytes}: no such ONNX file; export one with `cnnlab export RUN --format onnx`.")
     try:
         return ort.InferenceSession(path_or_bytes, options, providers=["CPUExecutionProvider"])
     except Exception as e:   # onnxruntime raises its own Fail/InvalidProtobuf types
