@@ -64,6 +64,18 @@ def test_new_files_change_no_split(folder_run, capsys):
     FAULT_REPORT.append("3 files added to a trained folder: evaluate used the same train/val/test images")
 
 
+def test_an_unreadable_file_added_since_does_not_stop_evaluate(folder_run, capsys):
+    """A broken file dropped into the folder after training stopped `evaluate` ("not an image",
+    --on-bad-image skip being a training flag), though no saved split holds it: now skipped, said."""
+    root, run = folder_run
+    model, _ = load_trained(str(run))
+    before = run_data(model, str(run))
+    (root / "dog" / "broken.png").write_bytes(b"not an image")
+    after = run_data(model, str(run))
+    assert torch.equal(after.test[0], before.test[0])
+    assert "skipped 1 unreadable image(s)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("change", ["remove test files", "resize a training file", "move a file to another class"])
 def test_changed_files_are_refused_in_one_line(folder_run, change):
     root, run = folder_run

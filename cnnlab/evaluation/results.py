@@ -82,6 +82,9 @@ def run_data(model, run_dir=None, data=None, data_dir=None):
     elif run_dir and os.path.exists(os.path.join(run_dir, "config.yaml")):   # a run folder keeps its splits.json
         checkpoint.check_run_config(model.config, run_dir, fix="put back the run's own best.pt, or give --data")
         splits = read_splits(run_dir)
+        # a file added since, and unreadable, is in no saved split: said and skipped, not fatal (one of the
+        # split's own files gone bad is refused by the split check, by name)
+        cfg = make_config({"on_bad_image": "skip"}, base=cfg)
     else:
         note(f"note: {run_dir or 'this checkpoint'} is not a run folder (no config.yaml, no splits.json): the split "
              "is cut afresh with the run's seed, the one it trained with only if the data has not changed since.")
