@@ -178,3 +178,19 @@ def test_the_family_listing_refuses_a_negative_size_and_marks_what_does_not_fit(
         list_backbones("torchvision", "cifar2", image_size=-5, contains="resnet18")
     rows = list_backbones("torchvision", "cifar2", image_size=20, contains="vit_b_16").splitlines()[2:]
     assert rows and all("does not fit this input" in row for row in rows)
+
+
+def test_unobtainable_starting_weights_fail_before_the_data_is_decoded(tmp_path, monkeypatch):
+    """`--weights DEFAULT` offline decoded a whole photo folder at 224 px before the download failed;
+    a missing --weights file or --init run did the same. Now they stop before the data is read."""
+    import cnnlab.training.loop
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, **kw: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(cnnlab.training.loop, "load_data", lambda *a, **k: pytest.fail("the data was loaded"))
+    for settings, error in (({"model": "tv/resnet18", "weights": "DEFAULT"}, "cannot download"),
+                            ({"model": "tv/resnet18", "weights": str(tmp_path / "w.pth")}, "no such file"),
+                            ({"init": str(tmp_path / "no-run")}, "checkpoint not found")):
+        with pytest.raises(CnnlabError, match=error):
+            cnnlab.train(data="synthetic", epochs=1, out=str(tmp_path / "run"), quiet=True, **settings)
+        assert not (tmp_path / "run").exists()

@@ -63,15 +63,23 @@ def read_state_dict(path):
 def resolve_weights(spec, model):
     """(state_dict, where it came from, the torchvision weights entry or None) for --weights `spec`
     and the network name `model`. The entry carries the preprocessing those weights were trained with."""
+    path, source, entry = weights_file(spec, model)
+    return read_state_dict(path), source, entry
+
+
+def weights_file(spec, model):
+    """(local file, where it came from, torchvision entry or None) of --weights `spec`: a file, or
+    torchvision's named weights fetched into torch's hub cache. Training calls it before decoding
+    the data, so a missing file or an offline download fails in seconds, not after the decode."""
     if os.path.exists(spec) or spec.endswith(WEIGHT_FILES):
         if not os.path.isfile(spec):
             raise UsageError(f"--weights {spec}: no such file.")
-        return read_state_dict(spec), spec, entry_for_file(model, spec)
+        return spec, spec, entry_for_file(model, spec)
     if not model.startswith("tv/"):
         raise UsageError(f"--weights {spec}: named weights are torchvision's (tv/ models); for '{model}' give "
                          "a weights file (.pth, .pt or .safetensors).")
     entry = torchvision_entry(model, spec)
-    return read_state_dict(cached_download(entry)), f"torchvision {entry}", entry
+    return cached_download(entry), f"torchvision {entry}", entry
 
 
 def torchvision_entry(model, spec):

@@ -14,7 +14,16 @@ from .callbacks import Callback
 from ..errors import UsageError
 from ..models.backbones import head_names
 from ..models.weights import (WEIGHT_FILES, entry_for_file, fit_weights, resolve_weights, torchvision_entry,
-                              weights_preprocess)
+                              weights_file, weights_preprocess)
+
+
+def check_starting_weights(cfg):
+    """--weights or --init that cannot be had fail before the data is decoded (a photo folder's
+    first decode takes minutes): a missing file or run, an unknown name, an offline download."""
+    if cfg.weights:
+        weights_file(cfg.weights, cfg.model)
+    if cfg.init:
+        checkpoint.resolve(cfg.init)
 
 
 def load_pretrained(cfg, model, data):

@@ -16,7 +16,7 @@ from .diagnose import DivergenceWarning, diagnose
 from .distributed import handling_stop_signals, wrap_for_training
 from .engine import (Interrupted, class_weights, depends_on_batch, ema_model, epoch_results, evaluate, make_step, snapshot,
                      train_step)
-from .finetune import FreezeBackbone, describe, load_pretrained
+from .finetune import FreezeBackbone, check_starting_weights, describe, load_pretrained
 from .optim import build_optimizer, resumed_lr_change
 from .progress import Progress
 from .resume import refuse_changes_to_trained_run
@@ -112,6 +112,7 @@ def check_run(state):
     if cfg.batch_size % ctx.world:
         raise UsageError(f"--batch-size {cfg.batch_size} (global) must be divisible by the {ctx.world} processes.")
     check_names(cfg)
+    check_starting_weights(cfg)
     for message in ignored_settings(cfg):
         note(f"note: {message}")
     if ctx.is_main:
