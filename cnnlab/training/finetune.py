@@ -20,6 +20,8 @@ from ..models.weights import (WEIGHT_FILES, entry_for_file, fit_weights, resolve
 def check_starting_weights(cfg):
     """--weights or --init that cannot be had fail before the data is decoded (a photo folder's
     first decode takes minutes): a missing file or run, an unknown name, an offline download."""
+    if cfg.weights and cfg.init:
+        raise UsageError("give --weights or --init, not both: both say where the starting weights come from.")
     if cfg.weights:
         weights_file(cfg.weights, cfg.model)
     if cfg.init:
@@ -30,9 +32,7 @@ def load_pretrained(cfg, model, data):
     """--weights or --init into the freshly built `model`; the data's normalisation becomes the one
     the weights were trained with (it is what the Preprocess saves). Returns what was done, in
     words, or None when the run starts from random weights."""
-    if cfg.weights and cfg.init:
-        raise UsageError("give --weights or --init, not both: both say where the starting weights come from.")
-    if cfg.weights:
+    if cfg.weights:   # --weights with --init: refused by check_starting_weights
         state, source, entry = resolve_weights(cfg.weights, cfg.model)
         normalisation = weights_preprocess(entry)
     elif cfg.init:

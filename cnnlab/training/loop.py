@@ -112,7 +112,6 @@ def check_run(state):
     if cfg.batch_size % ctx.world:
         raise UsageError(f"--batch-size {cfg.batch_size} (global) must be divisible by the {ctx.world} processes.")
     check_names(cfg)
-    check_starting_weights(cfg)
     for message in ignored_settings(cfg):
         note(f"note: {message}")
     if ctx.is_main:
@@ -152,6 +151,7 @@ def build(state, splits=None):
     """Data, model, optimizer, EMA, the training step and the batch loaders, from state.cfg: the one
     path that both training and lr-find take."""
     cfg, ctx = state.cfg, state.ctx
+    check_starting_weights(cfg)   # before the data: a photo folder's first decode takes minutes
     data = state.data = load_data(cfg.data_config(), splits=splits)
     # what training adds to the network itself (gradients, optimizer state, a batch's activations)
     # must fit on the device too: refused here before anything is allocated
