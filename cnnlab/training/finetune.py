@@ -82,7 +82,11 @@ def describe(cfg, loaded, head):
         parts.append(f"{first}: backbone frozen (batch norm in eval mode), only the head "
                      f"({', '.join(head)}) trains; then all")
     if cfg.backbone_lr_mult != 1:
-        parts.append(f"backbone lr = {cfg.backbone_lr_mult:g} x lr")
+        parts.append(f"backbone lr = {cfg.backbone_lr_mult:g} x lr" + ("" if cfg.freeze_epochs else
+                                                                      f" (the head, {', '.join(head)}, at the full lr)"))
+    if not loaded and (cfg.freeze_epochs or cfg.backbone_lr_mult != 1):
+        parts.append("note: no --weights or --init, so the backbone starts from random weights, which freezing "
+                     "it or a lower lr keeps close to random")
     return "; ".join(parts) or None
 
 
