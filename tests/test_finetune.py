@@ -95,3 +95,16 @@ def test_toy_transfer_beats_training_from_scratch(tmp_path):
     tuned = cnnlab.train(**budget, init=pre.run_dir, out=str(tmp_path / "tuned"), quiet=True)
     scratch = cnnlab.train(**budget, out=str(tmp_path / "scratch"), quiet=True)
     assert tuned.summary["test_acc"] >= scratch.summary["test_acc"] + 0.10
+
+
+def test_the_fine_tune_line_names_the_head_and_a_random_backbone():
+    """--backbone-lr-mult said "backbone lr = 0.1 x lr" without saying which layers are the head,
+    and freezing a randomly initialised backbone went without a word."""
+    from cnnlab.config import make_config
+    from cnnlab.training.finetune import describe
+
+    slow = describe(make_config({"backbone_lr_mult": 0.1}), None, ["fc.weight", "fc.bias"])
+    assert "the head, fc.weight, fc.bias, at the full lr" in slow and "starts from random weights" in slow
+    frozen = describe(make_config({"freeze_epochs": 1, "epochs": 2}), "torchvision weights", ["fc.weight"])
+    assert "only the head (fc.weight) trains" in frozen and "random" not in frozen
+    assert describe(make_config({}), None, ["fc.weight"]) is None
