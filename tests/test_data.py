@@ -532,3 +532,17 @@ def test_data_check_names_leaked_and_conflicting_copies(tmp_path, capsys):
     assert "train/cat/0.png (train) = " in out and "test/cat/leak.png (test)" in out
     assert "warning: 1 image(s) appear with different labels" in out
     assert "train/cat/mislabelled.png (cat)" in out and "train/dog/1.png (dog)" in out
+
+
+def test_split_folders_in_any_case_and_a_lone_train_folder_explained(tmp_path, monkeypatch):
+    """Train/ + Test/ became two classes named Train and Test; a lone train/ of class folders was
+    "found 1 class folder(s)", with nothing said about the subfolders inside it."""
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    make_folder(tmp_path / "cased", "Train", n=6)
+    make_folder(tmp_path / "cased", "TEST", n=2)
+    data = load_data(DataConfig(data=f"folder:{tmp_path / 'cased'}", image_size=12))
+    assert data.classes == ["cat", "dog"] and len(data.test[1]) == 4
+    make_folder(tmp_path / "lone", "train", n=6)
+    with pytest.raises(CnnlabError, match=f"'train' holds subfolders: if they are the classes, point --data at "
+                                          f"{tmp_path / 'lone' / 'train'}"):
+        load_data(DataConfig(data=f"folder:{tmp_path / 'lone'}", image_size=12))

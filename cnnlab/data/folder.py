@@ -77,8 +77,12 @@ def scan_classes(root, top):
         else:
             note(f"warning: class folder '{printable(folder)}' holds no images; it is left out.")
     if len(classes) < 2:
+        nested = [name for name in classes if any(os.path.isdir(os.path.join(root, name, d))
+                                                  for d in os.listdir(os.path.join(root, name)))]
+        hint = (f" '{nested[0]}' holds subfolders: if they are the classes, point --data at "
+                f"{printable(os.path.join(root, nested[0]))}, or put a test/ or val/ folder beside it." if nested else "")
         raise CnnlabError(f"{printable(root)}: found {len(classes)} class folder(s) with images; a classifier needs "
-                          "at least 2 (one subfolder of images per class).")
+                          f"at least 2 (one subfolder of images per class).{hint}")
     return classes, other
 
 
@@ -96,7 +100,8 @@ def warn_outside_link(folder, top):
 def split_folders(root):
     """(train root, validation root or None, test root or None): train/ with test/ and/or val/
     are the splits; val/ alone beside train/ is the held-out (test) split, as ImageNet's is."""
-    train, val, test = (os.path.join(root, name) for name in ("train", "val", "test"))
+    present = {d.lower(): d for d in sorted(os.listdir(root), reverse=True)} if os.path.isdir(root) else {}
+    train, val, test = (os.path.join(root, present.get(name, name)) for name in ("train", "val", "test"))   # Train/, TEST/
     has_val = os.path.isdir(val)
     if os.path.isdir(train) and os.path.isdir(test):
         return train, val if has_val else None, test
