@@ -86,6 +86,9 @@ def test_predict_reports_bad_files_and_goes_on(demo_run, tmp_path):
     assert result.returncode == 1
     rows = {os.path.basename(r["path"]): r for r in json.loads(result.stdout)}
     assert "predictions" in rows["good.png"] and "error" in rows["bad.png"]
+    text = run_cli("predict", demo_run, tmp_path / "bad.png")
+    (line,) = [line for line in text.stderr.splitlines() if "error" in line and "bad.png" in line]
+    assert line.count("bad.png") == 1, line          # was "bad.png: error: bad.png: not an image ..."
 
 
 @pytest.mark.parametrize("k", [0, -3])

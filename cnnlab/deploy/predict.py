@@ -57,8 +57,9 @@ def predict_files(checkpoint_path, paths, top_k=3, as_json=False, invert=False, 
         print(json.dumps(results, indent=2))
     else:
         for r in results:
-            if "error" in r:
-                note(f"{r['path']}: error: {r['error']}")
+            if "error" in r:   # the error names the file itself: said once
+                message = r["error"].removeprefix(f"{r['path']}: ")
+                note(f"{r['path']}: error: {message}")
             else:
                 guesses = ", ".join(f"{p['label']} {p['probability']:.1%}" for p in r["predictions"])
                 print(f"{r['path']}: {guesses}" + (f"  (tta {tta})" if tta != "none" else ""))
