@@ -194,7 +194,8 @@ def cmd_report(args):
     from .evaluation.report import write_report
 
     if not os.path.isdir(args.run):   # the report reads the run's metrics.csv and summary.json too
-        raise UsageError(f"not a run folder: {args.run}")
+        found = f"{args.run} is a file" if os.path.exists(args.run) else f"run folder not found: {args.run}"
+        raise CnnlabError(f"{found}; report takes a run folder (as evaluate and predict find them).")
     model, run_dir = load_trained(args.run)
     data = run_data(model, run_dir, data_dir=args.data_dir)
     write_report(run_dir, data, evaluate_model(model, data, "test", collect=True), model.config, net=model.net)
