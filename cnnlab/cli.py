@@ -67,6 +67,8 @@ HELP = {
 }
 
 
+RUN_DATA_DIR_HELP = ("where the run's data is now: the folder holding torchvision-style datasets, or for a run "
+                     "on a folder, labels file or .npz that data's new location (default: where it was trained)")
 TTA_HELP = ("test-time augmentation: average the probabilities of the image and its mirror image (flip), and of "
             "shifts of both by the training crop's padding (flip+crop)")
 
@@ -382,14 +384,14 @@ def build_parser():
     e = sub.add_parser("evaluate", help="metrics of a run or checkpoint on its test (or val) split")
     e.add_argument("run", metavar="RUN_DIR|CHECKPOINT")
     e.add_argument("--data", help="evaluate on another dataset instead of the run's own")
-    e.add_argument("--data-dir", help="where torchvision-style datasets are (default: the run's own --data-dir)")
+    e.add_argument("--data-dir", help=RUN_DATA_DIR_HELP)
     e.add_argument("--split", default="test", choices=("val", "test"))
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--tta", default="none", choices=TTA_MODES, help=TTA_HELP)
     e.set_defaults(fn=cmd_evaluate)
     r = sub.add_parser("report", help="write the pictures and report.html of a run folder")
     r.add_argument("run", metavar="RUN_DIR")
-    r.add_argument("--data-dir", help="where torchvision-style datasets are (default: the run's own --data-dir)")
+    r.add_argument("--data-dir", help=RUN_DATA_DIR_HELP)
     r.set_defaults(fn=cmd_report)
     c = sub.add_parser("compare", help="compare runs: a table and overlaid validation curves")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR")

@@ -513,9 +513,11 @@ def test_folder_with_train_val_and_test_keeps_all_three(tmp_path, monkeypatch):
     assert len(two.test[1]) == 6 and len(two.train[1]) + len(two.val[1]) == 16
 
 
-def test_data_check_names_leaked_and_conflicting_copies(tmp_path, capsys):
+@pytest.mark.parametrize("side", [12, 160])
+def test_data_check_names_leaked_and_conflicting_copies(tmp_path, capsys, side):
     """`data check` counted exact copies across splits without naming them, and said nothing of the
-    same image filed under two classes."""
+    same image filed under two classes. At 160 px (--resize crop: training rows are stored larger
+    than test rows) a copy across splits was never found."""
     from cnnlab.data.check import check
 
     rng = np.random.default_rng(0)
@@ -523,7 +525,7 @@ def test_data_check_names_leaked_and_conflicting_copies(tmp_path, capsys):
         for cls in ("cat", "dog"):
             os.makedirs(tmp_path / "d" / split / cls)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "d" / split / cls / f"{i}.png")
+                Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(tmp_path / "d" / split / cls / f"{i}.png")
     shutil.copy(tmp_path / "d" / "train" / "cat" / "0.png", tmp_path / "d" / "test" / "cat" / "leak.png")
     shutil.copy(tmp_path / "d" / "train" / "dog" / "1.png", tmp_path / "d" / "train" / "cat" / "mislabelled.png")
     assert check(f"folder:{tmp_path / 'd'}", cache_dir=str(tmp_path / "cache")) == 0
@@ -546,3 +548,20 @@ def test_split_folders_in_any_case_and_a_lone_train_folder_explained(tmp_path, m
     with pytest.raises(CnnlabError, match=f"'train' holds subfolders: if they are the classes, point --data at "
                                           f"{tmp_path / 'lone' / 'train'}"):
         load_data(DataConfig(data=f"folder:{tmp_path / 'lone'}", image_size=12))
+
+
+def test_held_out_folders_may_be_partial_and_val_has_its_usual_names(tmp_path, monkeypatch):
+    """An empty val/ beside train/ and test/ was refused ("found 0 class folder(s)"), and a val/ of
+    one class too: held-out folders need not hold every class. valid/ and validation/ are val/."""
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    make_folder(tmp_path / "d", "train", n=6)
+    make_folder(tmp_path / "d", "test", n=2)
+    os.makedirs(tmp_path / "d" / "val")
+    data = load_data(DataConfig(data=f"folder:{tmp_path / 'd'}", image_size=12))
+    assert len(data.test[1]) == 4 and len(data.train[1]) + len(data.val[1]) == 12    # val cut from train/
+    make_folder(tmp_path / "d", "Validation", n=3)
+    shutil.rmtree(tmp_path / "d" / "Validation" / "dog")
+    os.rmdir(tmp_path / "d" / "val")
+    data = load_data(DataConfig(data=f"folder:{tmp_path / 'd'}", image_size=12))
+    assert (len(data.train[1]), len(data.val[1]), len(data.test[1])) == (12, 3, 4)
+    assert data.val[1].tolist() == [0, 0, 0]

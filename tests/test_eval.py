@@ -190,10 +190,12 @@ def test_compare_leaves_out_an_unfinished_run_with_a_warning(tmp_path):
     a = _fake_run(tmp_path / "runs" / "a")
     b = _fake_run(tmp_path / "runs" / "b", model="mnist_cnn")
     (tmp_path / "runs" / "training").mkdir()
-    result = run_cli("compare", a, tmp_path / "runs" / "training", b)
+    (tmp_path / "runs" / "compare.png").write_bytes(b"")        # what the last compare wrote: no warning
+    result = run_cli("compare", a, tmp_path / "runs" / "training", b, tmp_path / "runs" / "compare.png")
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 3 and "training" not in result.stdout
     assert "warning: left out: " in result.stderr and "training has no summary.json" in result.stderr
+    assert "compare.png has no" not in result.stderr
     alone = run_cli("compare", tmp_path / "runs" / "training")
     assert alone.returncode == 1 and alone.stderr.count("\n") == 1 and "has no summary.json" in alone.stderr
 

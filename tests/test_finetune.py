@@ -108,3 +108,5 @@ def test_the_fine_tune_line_names_the_head_and_a_random_backbone():
     frozen = describe(make_config({"freeze_epochs": 1, "epochs": 2}), "torchvision weights", ["fc.weight"])
     assert "only the head (fc.weight) trains" in frozen and "random" not in frozen
     assert describe(make_config({}), None, ["fc.weight"]) is None
+    assert "--backbone-lr-mult 0.1 ignored: no classifier head" in describe(make_config({"backbone_lr_mult": 0.1}),
+                                                                             "w.pth", [])

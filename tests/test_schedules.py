@@ -189,3 +189,45 @@ def test_cpu_optimizer_state_dicts_move_between_cnnlab_and_torch_optim(kind, mom
     train(nets[2], opts[2], batches[3:])
     for a, b in zip(nets[0].parameters(), nets[2].parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_a_loaded_state_takes_the_parameters_layout(kind):
+    """The fused Adam kernel assumes a parameter, its gradient and its buffers share one memory
+    layout: a channels_last buffer loaded against an NCHW parameter (a run resumed with
+    --channels-last changed) updated the weights wrongly without a word. Loaded buffers now take
+    the parameter's layout, and the continuation equals the one from same-layout buffers."""
+    ours, _ = torch_twin(kind)
+    torch.manual_seed(0)
+    conv = [torch.nn.Conv2d(3, 4, 3) for _ in range(2)]
+    conv[1].load_state_dict(conv[0].state_dict())
+    x = torch.randn(2, 3, 6, 6)
+    opt = ours(list(conv[0].parameters()), lr=0.01, **({"momentum": 0.9} if kind == "sgd" else {}))
+    conv[0](x).square().sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    conv[1].load_state_dict(conv[0].state_dict())
+    twisted = {i: {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.ndim == 4 else v
+                   for k, v in s.items()} for i, s in saved["state"].items()}
+    continued = []
+    for net, state in ((conv[0], saved["state"]), (conv[1], twisted)):
+        fresh = ours(list(net.parameters()), lr=0.01, **({"momentum": 0.9} if kind == "sgd" else {}))
+        fresh.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+        net.zero_grad()
+        net(x).square().sum().backward()
+        fresh.step()
+        continued.append(net.weight.detach().clone())
+    assert torch.equal(continued[0], continued[1])
+
+
+def test_an_adam_state_with_amsgrad_is_refused():
+    """cnnlab's CPU Adam has no amsgrad or maximize: a torch.optim state dict using one is refused,
+    not followed as plain Adam."""
+    from cnnlab.training.cpu_optim import Adam
+
+    p = torch.nn.Parameter(torch.ones(3))
+    theirs = torch.optim.Adam([p], lr=0.1, amsgrad=True)
+    p.grad = torch.ones(3)
+    theirs.step()
+    with pytest.raises(ValueError, match="amsgrad"):
+        Adam([torch.nn.Parameter(torch.ones(3))], lr=0.1).load_state_dict(theirs.state_dict())

@@ -6,6 +6,7 @@ import torch
 
 from ..config import DataConfig
 from . import load_data
+from .images import center_crop
 
 
 def image_modes(files):
@@ -23,11 +24,14 @@ def image_modes(files):
 
 
 def duplicate_groups(data):
-    """[[(split, position), ...]] of the images whose exact pixels occur more than once."""
+    """[[(split, position), ...]] of the images whose exact pixels occur more than once, compared at
+    the input side (under --resize crop the training rows are kept larger: their centres are cut)."""
+    side = min(getattr(data, split)[0].shape[-1] for split in ("train", "val", "test") if len(getattr(data, split)[1]))
     where = {}
     for split in ("train", "val", "test"):
         for i, img in enumerate(getattr(data, split)[0]):
-            where.setdefault(hashlib.sha1(img.numpy().tobytes()).hexdigest(), []).append((split, i))
+            img = center_crop(img[None], side)[0] if img.shape[-1] != side else img
+            where.setdefault(hashlib.sha1(img.contiguous().numpy().tobytes()).hexdigest(), []).append((split, i))
     return [group for group in where.values() if len(group) > 1]
 
 

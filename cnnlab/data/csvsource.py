@@ -142,7 +142,8 @@ def named_val_splits(src, cfg):
     validation split (capped by --val-samples); train, and test when there is no official test
     pool, are cut from the other rows as usual."""
     if cfg.split_ranges:
-        raise UsageError("--split-ranges and a labels file's val rows both choose the validation split; drop one.")
+        raise UsageError("--split-ranges and the data's named validation images (a labels file's val rows, a val/ "
+                         "folder) both choose the validation split; drop one.")
     val = torch.as_tensor(src.val_rows, dtype=torch.int64)
     rest = torch.ones(len(src.train_y), dtype=torch.bool)
     rest[val] = False

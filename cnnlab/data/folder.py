@@ -2,7 +2,8 @@
 (cache.py: memory-mapped, so a collection larger than memory trains too).
 
 Layouts: PATH/<class>/... (cnnlab cuts the splits), or PATH/train/<class>/... with PATH/test/
-(or PATH/val/) beside it as the official held-out split.
+beside it as the official held-out split and PATH/val/ (or valid/, validation/) as the validation
+split; val/ alone beside train/ is the held-out split. The names are matched in any case.
 
 Oddities are said, never passed over in silence (stderr, one line each):
 - a class folder with no images, or none left readable after --on-bad-image skip, is left out;
@@ -59,14 +60,15 @@ def list_files(root):
     return found, other
 
 
-def scan_classes(root, top):
+def scan_classes(root, top, need=2):
     """({class name: [files]}, [image-like files not decoded]) for the class subfolders of `root`
     (`top`: the dataset folder, for the symlink check). Empty classes are dropped with a warning;
-    class names are printable (a folder name's control characters escaped)."""
+    class names are printable (a folder name's control characters escaped). `need`: the classes a
+    training folder must have (a held-out folder may hold fewer)."""
     if not os.path.isdir(root):
         raise UsageError(f"image folder not found: {printable(root)}")
     names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-    classes, other = {}, []
+    classes, other, nested = {}, [], []
     for name in names:
         folder = os.path.join(root, name)
         warn_outside_link(folder, top)
@@ -74,12 +76,12 @@ def scan_classes(root, top):
         other += skipped
         if files:
             classes[printable(name)] = files
+            if any(os.path.isdir(os.path.join(folder, d)) for d in os.listdir(folder)):
+                nested.append(name)
         else:
             note(f"warning: class folder '{printable(folder)}' holds no images; it is left out.")
-    if len(classes) < 2:
-        nested = [name for name in classes if any(os.path.isdir(os.path.join(root, name, d))
-                                                  for d in os.listdir(os.path.join(root, name)))]
-        hint = (f" '{nested[0]}' holds subfolders: if they are the classes, point --data at "
+    if len(classes) < need:
+        hint = (f" '{printable(nested[0])}' holds subfolders: if they are the classes, point --data at "
                 f"{printable(os.path.join(root, nested[0]))}, or put a test/ or val/ folder beside it." if nested else "")
         raise CnnlabError(f"{printable(root)}: found {len(classes)} class folder(s) with images; a classifier needs "
                           f"at least 2 (one subfolder of images per class).{hint}")
@@ -100,9 +102,13 @@ def warn_outside_link(folder, top):
 def split_folders(root):
     """(train root, validation root or None, test root or None): train/ with test/ and/or val/
     are the splits; val/ alone beside train/ is the held-out (test) split, as ImageNet's is."""
-    present = {d.lower(): d for d in sorted(os.listdir(root), reverse=True)} if os.path.isdir(root) else {}
-    train, val, test = (os.path.join(root, present.get(name, name)) for name in ("train", "val", "test"))   # Train/, TEST/
-    has_val = os.path.isdir(val)
+    present = {}   # lower-case name -> the folder: Train/, TEST/, valid/ (train/ before Train/ when both exist)
+    for d in sorted(os.listdir(root), reverse=True) if os.path.isdir(root) else []:
+        if os.path.isdir(os.path.join(root, d)):
+            present[d.lower()] = d
+    train, test = (os.path.join(root, present.get(name, name)) for name in ("train", "test"))
+    val = next((os.path.join(root, present[n]) for n in ("val", "valid", "validation") if n in present), "")
+    has_val = bool(val) and bool(list_files(val)[0])   # an empty val/ is no split
     if os.path.isdir(train) and os.path.isdir(test):
         return train, val if has_val else None, test
     if os.path.isdir(train) and has_val:
@@ -301,7 +307,7 @@ def folder(path, cfg):
     train_root, val_root, test_root = split_folders(path)
     train_classes, not_decoded = scan_classes(train_root, path)
     classes = list(train_classes)
-    held_out = {root: scan_classes(root, path) for root in (val_root, test_root) if root}
+    held_out = {root: scan_classes(root, path, need=1) for root in (val_root, test_root) if root}
     for root, (found, _) in held_out.items():
         extra = sorted(set(found) - set(classes))
         if extra:
@@ -364,7 +370,10 @@ def warn_skipped(bad, not_decoded):
 def drop_unlearnable(src, path):
     """A class with no readable training image left (after --on-bad-image skip) cannot be learnt:
     it is left out, with its test images, and said."""
-    counts = torch.bincount(src.train_y, minlength=len(src.classes)).tolist()
+    training = torch.ones(len(src.train_y), dtype=torch.bool)
+    if src.val_rows is not None:   # a val/ folder's images are in the pool, but train nothing
+        training[torch.as_tensor(src.val_rows, dtype=torch.long)] = False
+    counts = torch.bincount(src.train_y[training], minlength=len(src.classes)).tolist()
     empty = [c for c, n in zip(src.classes, counts) if n == 0]
     if not empty:
         return src

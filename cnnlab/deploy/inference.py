@@ -5,6 +5,7 @@ conversion, resize, optional inversion) then `inputs` (normalisation).
 Two backends behind one interface (Classifier), so predict and serve have one code path: `Model`
 runs the checkpoint's network in PyTorch, `OnnxModel` an exported ONNX file in onnxruntime
 (described by its own metadata, or exported on the fly from a checkpoint)."""
+import numbers
 import os
 import tempfile
 
@@ -18,7 +19,7 @@ BACKENDS = ("torch", "onnx")
 
 def check_top_k(k):
     """--top-k (top_k) must ask for at least one class: 0 printed nothing, a negative k crashed topk."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise UsageError(f"--top-k {k} must be a whole number of at least 1 (how many classes to list per image).")
 
 

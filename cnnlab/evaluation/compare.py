@@ -16,7 +16,10 @@ def compare(run_dirs, out=None):
     validation curves, written to `out` or else to compare.png in the runs' common parent folder
     (beside the runs, not wherever the command happens to run). Returns (rows, picture path)."""
     summaries, problems = {}, []
+    files = [d for d in run_dirs if os.path.isfile(d)]   # `compare runs/*` meets the compare.png it wrote before
     for d in run_dirs:
+        if os.path.isfile(d) and len(files) < len(run_dirs):
+            continue
         try:
             summaries[d] = read_summary(d)
         except CnnlabError as e:

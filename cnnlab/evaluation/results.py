@@ -72,8 +72,9 @@ def run_data(model, run_dir=None, data=None, data_dir=None):
     if data_dir:   # a folder's saved split names its files by their path inside it: it may move
         cfg = make_config({"data": f"{path_source}:{data_dir}"} if path_source else {"data_dir": data_dir}, base=cfg)
     elif path_source and not data and not os.path.exists(cfg.data.partition(":")[2]):
+        kept = " (its saved split is kept)" if run_dir and os.path.exists(os.path.join(run_dir, "splits.json")) else ""
         raise CnnlabError(f"{run_dir or 'the checkpoint'} was trained on {cfg.data}, which is not found from here "
-                          f"({os.getcwd()}): give the data's location with --data-dir PATH (its saved split is kept), "
+                          f"({os.getcwd()}): give the data's location with --data-dir PATH{kept}, "
                           "or run from the folder it was trained in.")
     splits = None
     if data:

@@ -78,8 +78,16 @@ class CpuOptimizer:
         self.state = defaultdict(dict)
         for i, s in saved["state"].items():
             p = params[int(i)]
-            self.state[p] = {k: v.to(p.device, torch.float32 if k == "step" else p.dtype) if torch.is_tensor(v) else v
-                             for k, v in s.items()}
+            self.state[p] = {k: like(p, v, k) if torch.is_tensor(v) else v for k, v in s.items()}
+
+
+def like(p, saved, key):
+    """A loaded buffer on p's device, in p's dtype AND memory layout (Adam's step count: a float32
+    scalar): the fused kernel assumes one layout for a parameter, its gradient and its buffers, and
+    a channels_last buffer against an NCHW parameter gave wrong updates silently."""
+    if key == "step":
+        return saved.to(p.device, torch.float32, copy=True)   # never shared with the dict it came from
+    return torch.empty_like(p).copy_(saved)
 
 
 class SGD(CpuOptimizer):
@@ -109,6 +117,12 @@ class Adam(CpuOptimizer):
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       decoupled_weight_decay=decoupled, **ADAM_DEFAULTS))
+
+    def load_state_dict(self, saved):
+        super().load_state_dict(saved)
+        unsupported = [k for k in ("amsgrad", "maximize") if any(g.get(k) for g in self.param_groups)]
+        if unsupported:   # a torch.optim state dict can carry them; cnnlab has no setting for either
+            raise ValueError(f"this Adam state dict uses {' and '.join(unsupported)}, which cnnlab's CPU Adam does not.")
 
     def update(self, group):
         params = [p for p in group["params"] if p.grad is not None]

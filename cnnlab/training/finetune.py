@@ -81,7 +81,9 @@ def describe(cfg, loaded, head):
         first = "epoch 1" if cfg.freeze_epochs == 1 else f"epochs 1-{cfg.freeze_epochs}"
         parts.append(f"{first}: backbone frozen (batch norm in eval mode), only the head "
                      f"({', '.join(head)}) trains; then all")
-    if cfg.backbone_lr_mult != 1:
+    if cfg.backbone_lr_mult != 1 and not head:   # optim.param_groups then keeps one group at the full lr
+        parts.append(f"--backbone-lr-mult {cfg.backbone_lr_mult:g} ignored: no classifier head was found in this network")
+    elif cfg.backbone_lr_mult != 1:
         parts.append(f"backbone lr = {cfg.backbone_lr_mult:g} x lr" + ("" if cfg.freeze_epochs else
                                                                       f" (the head, {', '.join(head)}, at the full lr)"))
     if not loaded and (cfg.freeze_epochs or cfg.backbone_lr_mult != 1):
