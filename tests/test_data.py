@@ -488,7 +488,7 @@ def test_channel_sums_stay_exact_far_beyond_float32():
         channel_sums(x.float())
 
 
-def test_folder_with_train_val_and_test_keeps_all_three(tmp_path, monkeypatch):
+def test_folder_with_train_val_and_test_keeps_all_three(tmp_path, monkeypatch, capsys):
     """train/ + val/ + test/: val/'s images are the validation split (a user's own held-out set, not
     a fraction of train/), test/'s the test split; --val-samples caps the named split. train/ +
     val/ alone: val/ is the held-out test split, as before."""
@@ -503,6 +503,9 @@ def test_folder_with_train_val_and_test_keeps_all_three(tmp_path, monkeypatch):
     assert not any(os.sep + "val" + os.sep in data.files["train"][i] for i in data.splits["train"])
     capped = load_data(DataConfig(data=f"folder:{tmp_path / 'three'}", image_size=12, val_samples=4))
     assert len(capped.val[1]) == 4 and len(capped.train[1]) == 16
+    assert "is unused" not in capsys.readouterr().err
+    fraction = load_data(DataConfig(data=f"folder:{tmp_path / 'three'}", image_size=12, val_fraction=0.3))
+    assert len(fraction.val[1]) == 6 and "--val-fraction 0.3 is unused" in capsys.readouterr().err
     from cnnlab.data.splits import SavedSplits
     again = load_data(DataConfig(data=f"folder:{tmp_path / 'three'}", image_size=12),
                       splits=SavedSplits(str(tmp_path), json.loads(json.dumps(data.splits))))   # as splits.json

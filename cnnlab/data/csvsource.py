@@ -13,7 +13,8 @@ import os
 
 import torch
 
-from ..errors import CnnlabError, UsageError, printable
+from ..config import DataConfig
+from ..errors import CnnlabError, UsageError, note, printable
 from .cache import file_stamps
 from .folder import decode_files, drop_unlearnable, file_ids, image_format, warn_skipped
 from .photos import file_policy, stored_size
@@ -144,6 +145,9 @@ def named_val_splits(src, cfg):
     if cfg.split_ranges:
         raise UsageError("--split-ranges and the data's named validation images (a labels file's val rows, a val/ "
                          "folder) both choose the validation split; drop one.")
+    if cfg.val_fraction != DataConfig.val_fraction:   # given, and nothing to cut: said, not passed over
+        note(f"note: --val-fraction {cfg.val_fraction:g} is unused: the data names its validation images (a val/ "
+             "folder or a labels file's val rows); --val-samples caps them.")
     val = torch.as_tensor(src.val_rows, dtype=torch.int64)
     rest = torch.ones(len(src.train_y), dtype=torch.bool)
     rest[val] = False
