@@ -6,7 +6,7 @@ of the fastest recipes' whole run on 2 cores.
   single-tensor path, torch's choice for CPU tensors).
 - Adam and AdamW call the fused kernel torch.optim.Adam(fused=True) calls (torch._fused_adam_ and
   torch._fused_adamw_), step for step what that computes: one pass over each parameter instead of
-  the single-tensor path's ten elementwise ops (seed 003's CNN: 0.47 -> 0.1 ms an update).
+  the single-tensor path's ten elementwise ops (seed 003's CNN: 0.48 -> 0.16 ms an update).
 
 The state dicts are torch.optim's own layouts, so a checkpoint loads into either class (a GPU run
 uses torch.optim). These are not torch.optim.Optimizer subclasses: torch's lr schedulers refuse
