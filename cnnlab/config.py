@@ -260,24 +260,21 @@ def ignored_settings(cfg):
     sgd_only = ([f"--momentum {cfg.momentum:g}"] if cfg.momentum != TrainConfig.momentum else []) + (
         ["--nesterov"] if cfg.nesterov else [])
     if cfg.optimizer != "sgd" and sgd_only:
-        notes.append(f"{' and '.join(sgd_only)} {_act(sgd_only)} on --optimizer sgd only; {cfg.optimizer} ignores "
-                     f"{_them(sgd_only)}.")
+        notes.append(acting_only(sgd_only, "--optimizer sgd", cfg.optimizer))
     if cfg.optimizer == "sgd" and cfg.nesterov and cfg.momentum == 0:
         notes.append("--nesterov needs --momentum above 0; this run is plain SGD.")
     step_only = [f"--{k.replace('_', '-')} {getattr(cfg, k):g}" for k in ("step_epochs", "gamma")
                  if getattr(cfg, k) != getattr(TrainConfig, k)]
     if cfg.schedule != "step" and step_only:
-        notes.append(f"{' and '.join(step_only)} {_act(step_only)} on --schedule step only; {cfg.schedule} ignores "
-                     f"{_them(step_only)}.")
+        notes.append(acting_only(step_only, "--schedule step", cfg.schedule))
     return notes
 
 
-def _act(flags):
-    return "act" if len(flags) > 1 else "acts"
-
-
-def _them(flags):
-    return "them" if len(flags) > 1 else "it"
+def acting_only(flags, where, chosen):
+    """'--a 1 and --b act on WHERE only; CHOSEN ignores them.' (one flag: 'acts', 'it')."""
+    many = len(flags) > 1
+    return (f"{' and '.join(flags)} {'act' if many else 'acts'} on {where} only; "
+            f"{chosen} ignores {'them' if many else 'it'}.")
 
 
 def parse_split_ranges(text):

@@ -68,7 +68,7 @@ def scan_classes(root, top, need=2):
     if not os.path.isdir(root):
         raise UsageError(f"image folder not found: {printable(root)}")
     names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
-    classes, other, nested = {}, [], []
+    classes, other = {}, []
     for name in names:
         folder = os.path.join(root, name)
         warn_outside_link(folder, top)
@@ -76,11 +76,11 @@ def scan_classes(root, top, need=2):
         other += skipped
         if files:
             classes[printable(name)] = files
-            if any(os.path.isdir(os.path.join(folder, d)) for d in os.listdir(folder)):
-                nested.append(name)
         else:
             note(f"warning: class folder '{printable(folder)}' holds no images; it is left out.")
-    if len(classes) < need:
+    if len(classes) < need:   # a lone class folder of folders is likely a train/ whose classes are inside
+        nested = [n for n in names if printable(n) in classes
+                  and any(os.path.isdir(os.path.join(root, n, d)) for d in os.listdir(os.path.join(root, n)))]
         hint = (f" '{printable(nested[0])}' holds subfolders: if they are the classes, point --data at "
                 f"{printable(os.path.join(root, nested[0]))}, or put a test/ or val/ folder beside it." if nested else "")
         raise CnnlabError(f"{printable(root)}: found {len(classes)} class folder(s) with images; a classifier needs "

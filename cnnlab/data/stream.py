@@ -96,7 +96,8 @@ def channel_sums(x, mapped=False, elements=2**20):
             dropper.read(part.size)
     if dropper:
         dropper.drop()
-    return torch.tensor(total, dtype=torch.int64), torch.tensor(squares, dtype=torch.int64), len(x) * x.shape[2] * x.shape[3]
+    count = len(x) * x.shape[2] * x.shape[3]
+    return torch.tensor(total, dtype=torch.int64), torch.tensor(squares, dtype=torch.int64), count
 
 
 class StreamLoader(BatchLoader):

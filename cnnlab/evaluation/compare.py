@@ -16,10 +16,8 @@ def compare(run_dirs, out=None):
     validation curves, written to `out` or else to compare.png in the runs' common parent folder
     (beside the runs, not wherever the command happens to run). Returns (rows, picture path)."""
     summaries, problems = {}, []
-    files = [d for d in run_dirs if os.path.isfile(d)]   # `compare runs/*` meets the compare.png it wrote before
-    for d in run_dirs:
-        if os.path.isfile(d) and len(files) < len(run_dirs):
-            continue
+    # `compare runs/*` meets the compare.png it wrote before: files are no runs, unless all are
+    for d in [d for d in run_dirs if not os.path.isfile(d)] or run_dirs:
         try:
             summaries[d] = read_summary(d)
         except CnnlabError as e:

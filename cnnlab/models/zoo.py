@@ -61,7 +61,8 @@ def list_backbones(family, data="mnist-5k", data_dir="data", image_size=0, conta
         try:
             params, flops = measure_on_meta(name, shape, k)
             lines.append(f"{name:<28} {params:>13,} {flops / 1e6:>10.1f}")
-        except (RuntimeError, ValueError, AssertionError, UsageError) as e:   # maxvit's windows: 224-multiples; ViT's patches
+        # e.g. maxvit's windows need 224-multiple sides, ViT's patches an exact tiling
+        except (RuntimeError, ValueError, AssertionError, UsageError) as e:
             lines.append(f"{name:<28} {'-':>13} {'-':>10}  does not fit this input: {str(e).splitlines()[0][:50]}")
     return "\n".join(lines)
 

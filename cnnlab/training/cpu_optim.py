@@ -22,7 +22,9 @@ ADAM_DEFAULTS = dict(amsgrad=False, maximize=False, foreach=None, capturable=Fal
 
 
 class CpuOptimizer:
-    """What both optimizers share: parameter groups, per-parameter state, zero_grad and state dicts."""
+    """What both optimizers share: parameter groups, per-parameter state, zero_grad and state dicts.
+    `unsupported`: torch.optim settings a loaded state dict may carry that this class does not apply."""
+    unsupported = ("maximize",)
 
     def __init__(self, params, defaults):
         params = list(params)
@@ -79,6 +81,10 @@ class CpuOptimizer:
         for i, s in saved["state"].items():
             p = params[int(i)]
             self.state[p] = {k: like(p, v, k) if torch.is_tensor(v) else v for k, v in s.items()}
+        used = [k for k in self.unsupported if any(g.get(k) for g in self.param_groups)]
+        if used:   # followed as if it were off, the run would silently change
+            raise ValueError(f"this state dict uses {' and '.join(used)}, which cnnlab's CPU {type(self).__name__} "
+                             "does not.")
 
 
 def like(p, saved, key):
@@ -113,16 +119,11 @@ class SGD(CpuOptimizer):
 
 class Adam(CpuOptimizer):
     """Adam, or AdamW with `decoupled=True` (weight decay applied to the weights, not the gradient)."""
+    unsupported = ("amsgrad", "maximize")
 
     def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       decoupled_weight_decay=decoupled, **ADAM_DEFAULTS))
-
-    def load_state_dict(self, saved):
-        super().load_state_dict(saved)
-        unsupported = [k for k in ("amsgrad", "maximize") if any(g.get(k) for g in self.param_groups)]
-        if unsupported:   # a torch.optim state dict can carry them; cnnlab has no setting for either
-            raise ValueError(f"this Adam state dict uses {' and '.join(unsupported)}, which cnnlab's CPU Adam does not.")
 
     def update(self, group):
         params = [p for p in group["params"] if p.grad is not None]

@@ -28,9 +28,9 @@ def refuse_changes_to_trained_run(saved, cfg, epochs_done, run_dir):
     changed = [k for k in STEP_ONLY if k in saved and saved[k] != getattr(cfg, k)]
     if changed:
         diffs = ", ".join(f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
-        raise UsageError(f"cannot resume {run_dir} with {diffs}: its training finished at epoch {epochs_done}, so the new "
-                         f"setting would train nothing. Add --epochs N (more than {epochs_done}) to train on with it, "
-                         "or start a new run.")
+        raise UsageError(f"cannot resume {run_dir} with {diffs}: its training finished at epoch {epochs_done}, so "
+                         f"the new setting would train nothing. Add --epochs N (more than {epochs_done}) to train on "
+                         "with it, or start a new run.")
 
 
 def resolve_config(config=None, resume=None, overrides=None):
