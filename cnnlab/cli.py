@@ -36,6 +36,8 @@ HELP = {
     "schedule": "constant, step (x gamma every --step-epochs), cosine, onecycle",
     "calibrate": "after training, fit a temperature on the validation split (calibrated probabilities; stored in best.pt, applied by evaluate, predict, serve and export)",
     "ema": "keep an exponential moving average of the weights with this decay (e.g. 0.999); it is what is evaluated and saved",
+    "lookahead": "airbench's Lookahead: every 5 steps the weights move back toward a slow copy, more and more "
+                 "as training ends (decay 0.95^5 x progress^3), and the run ends on the slow copy",
     "amp": "auto (bf16 on CUDA, off on CPU), off, bf16 (also fast on CPUs with AMX), fp16",
     "patience": "early stopping: stop after this many epochs without a better val accuracy (0 = off)",
     "save_every_steps": "also write last.pt every N steps inside epochs",
@@ -328,7 +330,7 @@ def cmd_lr_find(args):
     # Flags that shape a training run but have no meaning for the range test (one process, its own
     # lr sweep, 100 steps): refused rather than silently ignored. Recipe keys are fine.
     unused = ("resume", "nproc", "epochs", "lr", "schedule", "warmup_epochs", "step_epochs", "gamma", "patience",
-              "ema", "save_every_steps", "log_every", "tensorboard")
+              "ema", "lookahead", "save_every_steps", "log_every", "tensorboard")
     given = [name for name in unused if getattr(args, name, None) not in (None, 0)]
     if given:
         flag = "--" + given[0].replace("_", "-")

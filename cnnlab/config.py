@@ -81,6 +81,7 @@ class TrainConfig(DataConfig):
     label_smoothing: float = 0.0
     grad_clip: float = 0.0
     ema: float = 0.0
+    lookahead: bool = False                       # airbench's Lookahead: the weights pulled back to a slow copy every 5 steps
     patience: int = 0
     # machinery (seed: in DataConfig)
     device: str = "auto"

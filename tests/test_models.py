@@ -28,7 +28,7 @@ def test_forward_backward(name, shape):
     out = model(x)
     assert out.shape == (4, k) and torch.isfinite(out).all()
     F.cross_entropy(out, torch.arange(4) % k).backward()
-    grads = [p.grad for p in model.parameters()]
+    grads = [p.grad for p in model.parameters() if p.requires_grad]   # airbench's BN scales are fixed
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 

@@ -37,7 +37,7 @@ def register(source):
 
 
 def _load_families():
-    from . import resnet
+    from . import airbench, resnet  # noqa: F401
     from . import seeds  # noqa: F401(registration happens on import)
 
 

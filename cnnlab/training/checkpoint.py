@@ -16,7 +16,7 @@ and upgrades it, `build_model` / `preprocess_of` / `restore` turn it back into l
     config                 the resolved TrainConfig as a dict
     metrics                best.pt: {val_acc, epoch}; last.pt: {}
     state_dict             the weights (the EMA average in best.pt when --ema is on)
-    train_state            last.pt only: {optimizer, ema, rng, progress}, what --resume needs
+    train_state            last.pt only: {optimizer, ema, lookahead, rng, progress}, what --resume needs
     temperature            optional, best.pt after --calibrate: logits are divided by it (temperature.py)
 """
 import io
@@ -226,6 +226,7 @@ def payload(weights, meta, config, metrics=None, train_state=None):
 def last_payload(state):
     """last.pt: the current weights and everything a resumed run needs to continue exactly."""
     train_state = {"optimizer": state.optimizer.state_dict(), "ema": state.ema.state_dict() if state.ema else None,
+                   "lookahead": state.lookahead.state_dict() if state.lookahead else None,
                    "rng": rng_state(state.ctx.device), "progress": state.progress.state_dict()}
     return payload(state.model.state_dict(), state.meta, state.cfg, train_state=train_state)
 
@@ -301,6 +302,8 @@ def restore(state, run_dir):
         state.optimizer.load_state_dict(saved["optimizer"])
         if state.ema is not None and saved.get("ema") is not None:
             state.ema.load_state_dict(saved["ema"])
+        if state.lookahead is not None:   # turned on by this --resume: the slow copy starts from the weights
+            state.lookahead.load_state_dict(saved.get("lookahead") or state.model.state_dict())
         set_rng_state(saved["rng"], state.ctx.device)
         state.progress.load_state_dict(saved["progress"])
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:

@@ -54,7 +54,8 @@ def settings_lines(state):
         + f"({meta['num_params']:,} parameters)",
         f"optimizer  {cfg.optimizer} lr {cfg.lr:g}, batch {cfg.batch_size} (global), "
         f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, schedule {cfg.schedule}"
-        + (f", weight decay {cfg.weight_decay:g}" if cfg.weight_decay else "") + (f", l2 {cfg.l2:g}" if cfg.l2 else ""),
+        + (f", weight decay {cfg.weight_decay:g}" if cfg.weight_decay else "") + (f", l2 {cfg.l2:g}" if cfg.l2 else "")
+        + (", lookahead" if cfg.lookahead else ""),
         *([f"fine-tune  {state.fine_tune}"] if state.fine_tune else []),
         f"device     {meta['device']}" + (f" x {meta['world_size']} processes" if meta["world_size"] > 1 else "")
         + f", seed {cfg.seed}, amp {amp_label(cfg.amp, state.ctx)}"

@@ -101,6 +101,8 @@ def train_step(state, xb, yb):
             f"(out of memory at epoch {progress.epoch + 1}, step {progress.step + 1}); try --batch-size "
             f"{max(1, cfg.batch_size // 2)}, or --amp bf16 to halve activation memory.") from None
     progress.add_step(loss_sum, correct, len(yb))
+    if state.lookahead is not None:
+        state.lookahead.after_step(progress.global_step, cfg.epochs * len(state.train_loader))
     check_every = 1 if state.ctx.device.type == "cpu" else 25   # a finiteness check syncs the GPU
     if progress.step % check_every == 0 and not progress.loss_is_finite():
         raise non_finite(state)

@@ -11,6 +11,7 @@ import torch
 
 from . import checkpoint
 from .callbacks import Callback
+from ..data.images import center_crop
 from ..errors import UsageError
 from ..models.backbones import head_names
 from ..models.weights import (WEIGHT_FILES, entry_for_file, fit_weights, resolve_weights, torchvision_entry,
@@ -44,6 +45,24 @@ def load_pretrained(cfg, model, data):
     if normalisation:
         text += use_normalisation(data, normalisation)
     return text
+
+
+def adapt_to_data(model, data, seed, count=5000):
+    """Layers that set themselves from the training images before the first step (an `adapt`
+    method, as Keras's preprocessing layers have: airbench's whitening, models/airbench.py) get a
+    seeded sample of `count` of them, as the network sees them. For a run that starts from random
+    weights: loaded weights bring their own."""
+    layers = [m for m in model.modules() if hasattr(m, "adapt")]
+    if not layers:
+        return
+    images = data.train[0]
+    rows = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    x = images[rows]
+    if data.input_size:   # photos stored larger than the input: the centre, as evaluation crops them
+        x = center_crop(x, data.input_size)
+    x = data.preprocess.normalise(x)
+    for layer in layers:
+        layer.adapt(x)
 
 
 def weights_sizes(cfg):
@@ -98,20 +117,24 @@ class FreezeBackbone(Callback):
     statistics (eval mode); from epoch N+1 everything trains."""
 
     def on_setup(self, state):
+        self.trainable = None   # the parameters that train at all, as the network was built
         if state.cfg.freeze_epochs and state.ctx.world > 1:   # DDP fixes the set of trained parameters when it wraps
             raise UsageError("--freeze-epochs is not supported with --nproc above 1 yet: DDP cannot change which "
                              "parameters train mid-run; train on one process, or drop --freeze-epochs.")
 
     def on_epoch_start(self, state):
         if state.cfg.freeze_epochs:
+            if self.trainable is None:   # a network's own fixed parameters stay fixed
+                self.trainable = {name for name, p in state.model.named_parameters() if p.requires_grad}
             frozen = state.progress.epoch < state.cfg.freeze_epochs
-            set_frozen(state.model, head_names(state.model, len(state.data.classes)), frozen)
+            set_frozen(state.model, head_names(state.model, len(state.data.classes)), frozen, self.trainable)
 
 
-def set_frozen(model, head, frozen):
+def set_frozen(model, head, frozen, trainable):
+    """The backbone frozen or not; `trainable`: the parameters that train at all."""
     head = set(head)
     for name, p in model.named_parameters():
-        p.requires_grad_(not frozen or name in head)
+        p.requires_grad_(name in trainable and (not frozen or name in head))
     # evaluate() puts the model back in train mode after each validation pass, so this runs every epoch
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):

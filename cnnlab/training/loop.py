@@ -16,7 +16,8 @@ from .diagnose import DivergenceWarning, diagnose
 from .distributed import handling_stop_signals, wrap_for_training
 from .engine import (Interrupted, class_weights, depends_on_batch, ema_model, epoch_results, evaluate, make_step, snapshot,
                      train_step)
-from .finetune import FreezeBackbone, check_starting_weights, describe, load_pretrained
+from .finetune import FreezeBackbone, adapt_to_data, check_starting_weights, describe, load_pretrained
+from .lookahead import Lookahead
 from .optim import build_optimizer, resumed_lr_change
 from .progress import Progress
 from .resume import refuse_changes_to_trained_run
@@ -159,10 +160,14 @@ def build(state, splits=None):
                  batch=max(1, cfg.batch_size // ctx.world), device=ctx.device)
     model = create_model(cfg.model, data.shape, len(data.classes), **cfg.model_args)
     head = head_names(model, len(data.classes))
-    state.fine_tune = describe(cfg, load_pretrained(cfg, model, data), head)   # before data.preprocess is read
+    loaded = load_pretrained(cfg, model, data)   # before data.preprocess is read
+    if loaded is None and not state.resumed:
+        adapt_to_data(model, data, cfg.seed)
+    state.fine_tune = describe(cfg, loaded, head)
     model = model.to(ctx.device)
     state.model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
     state.optimizer, state.ema = build_optimizer(cfg, state.model, head), ema_model(state.model, cfg.ema)
+    state.lookahead = Lookahead(state.model) if cfg.lookahead else None
     state.progress = Progress(ctx.device)
     state.forward = wrap_for_training(state.model, cfg, ctx)
     weight = class_weights(cfg.class_weights, data.train[1], data.classes)

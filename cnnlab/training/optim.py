@@ -34,15 +34,22 @@ def build_optimizer(cfg, model, head=()):
 
 
 def param_groups(cfg, model, head):
-    """The parameters to optimise: one group, or with --backbone-lr-mult two, the backbone's with
-    an `lr_mult` that set_lr applies (fastai's discriminative lrs: pretrained features move slower
-    than a new head). The mult is in the optimizer's state_dict, so a resumed run keeps it."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if cfg.backbone_lr_mult == 1 or not head:
-        return [p for _, p in params]
-    head = set(head)
-    return [{"params": [p for n, p in params if n not in head], "lr_mult": cfg.backbone_lr_mult},
-            {"params": [p for n, p in params if n in head], "lr_mult": 1.0}]
+    """The parameters to optimise: one group, or more with an `lr_mult` each that set_lr applies.
+    --backbone-lr-mult gives the backbone's their own (fastai's discriminative lrs: pretrained
+    features move slower than a new head). A network may also ask for a parameter's own `lr_mult`
+    attribute (airbench's batch-norm shifts: models/airbench.py); its weight decay is divided by
+    it, so the decay a step applies (lr x decay, for SGD and AdamW) stays that of the rest. The
+    groups are in the optimizer's state_dict, so a resumed run keeps them."""
+    head = set(head) if cfg.backbone_lr_mult != 1 else set()
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            backbone = cfg.backbone_lr_mult if head and name not in head else 1.0
+            groups.setdefault((backbone, getattr(p, "lr_mult", 1.0)), []).append(p)
+    if list(groups) == [(1.0, 1.0)]:
+        return groups[1.0, 1.0]
+    return [{"params": params, "lr_mult": backbone * own, "weight_decay": cfg.weight_decay / own}
+            for (backbone, own), params in groups.items()]
 
 
 def lr_factor(cfg, step, steps_per_epoch):

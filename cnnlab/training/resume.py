@@ -16,7 +16,7 @@ MUST_MATCH = DEFINING + ("batch_size", "optimizer", "augment", "augment_magnitud
 # Settings that act only on training steps: resumed into a run whose epochs are all trained, a new
 # value would change nothing but what config.yaml says the run was trained with.
 STEP_ONLY = ("lr", "schedule", "warmup_epochs", "step_epochs", "gamma", "momentum", "nesterov", "weight_decay",
-             "l2", "label_smoothing", "grad_clip", "ema", "freeze_epochs", "backbone_lr_mult", "patience",
+             "l2", "label_smoothing", "grad_clip", "ema", "lookahead", "freeze_epochs", "backbone_lr_mult", "patience",
              "save_every_steps")
 
 

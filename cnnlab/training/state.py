@@ -23,6 +23,7 @@ class TrainState:
     forward: Any = None             # the model as training calls it (DDP, torch.compile)
     optimizer: Any = None
     ema: Any = None                 # the AveragedModel with --ema, else None
+    lookahead: Any = None           # lookahead.Lookahead with --lookahead, else None
     step: Callable = None           # engine.make_step: (images, labels, lr) -> (loss sum, correct)
     progress: Any = None            # progress.Progress: where the run is, and the current lr
     augment: str = None

@@ -1,0 +1,203 @@
+"""airbench's network (models/airbench.py) and what it asks of training: a whitening layer set from
+the data before the first step (training/finetune.adapt_to_data), batch-norm shifts with their own
+lr (optim.param_groups), fixed parameters that stay fixed."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn import functional as F
+
+import cnnlab
+from cnnlab.config import make_config
+from cnnlab.data import load_data
+from cnnlab.models import create_model
+from cnnlab.models.airbench import BIAS_LR, Whiten
+from cnnlab.training.finetune import adapt_to_data
+from cnnlab.training.optim import build_optimizer, set_lr
+
+TINY = dict(data="mnist-5k", model="airbench", model_args={"width": 8}, train_samples=200, val_samples=50,
+            test_samples=50, batch_size=50, report=False)
+
+
+@given(channels=st.integers(1, 3), seed=st.integers(0, 2**16), scale=st.floats(0.01, 100))
+@settings(max_examples=25, deadline=None)
+def test_whitened_patches_have_the_covariance_numpy_predicts(channels, seed, scale):
+    """Over correlated random images: the adapted filters turn 2x2 patches into uncorrelated
+    features of variance lambda / (lambda + eps), lambda the patch covariance's eigenvalues (numpy's
+    eigh, largest first); the second half of the filters is the first's negative."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(channels, channels, generator=g, dtype=torch.float64)
+    x = torch.einsum("dc,nchw->ndhw", mix, torch.randn(40, channels, 9, 9, generator=g, dtype=torch.float64)) * scale
+    x = x + F.avg_pool2d(x, 3, 1, 1)                       # neighbouring pixels correlated too
+    layer = Whiten(channels).double()
+    layer.adapt(x)
+    patches = F.unfold(x, 2).transpose(1, 2).reshape(-1, channels * 4).numpy()
+    eigenvalues = np.linalg.eigh(patches.T @ patches / len(patches))[0][::-1]
+    k = channels * 4
+    filters = layer.weight.reshape(2 * k, k).numpy()
+    features = patches @ filters[:k].T
+    covariance = features.T @ features / len(features)
+    np.testing.assert_allclose(covariance, np.diag(eigenvalues / (eigenvalues + layer.eps)), atol=1e-6, rtol=1e-6)
+    np.testing.assert_array_equal(filters[k:], -filters[:k])
+
+
+@given(lr=st.floats(1e-4, 2.0), weight_decay=st.sampled_from([0.0, 1e-3, 0.05]), momentum=st.sampled_from([0.0, 0.85]),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=30, deadline=None)
+def test_a_parameters_own_lr_mult_scales_its_lr_but_not_its_decay(lr, weight_decay, momentum, seed):
+    """build_optimizer on airbench steps exactly as torch.optim.SGD given by hand: batch-norm shifts
+    at lr x BIAS_LR with weight decay / BIAS_LR (airbench's param groups), the rest at lr."""
+    torch.manual_seed(seed)
+    ours = create_model("airbench", (1, 12, 12), 3, width=4)
+    plain = create_model("airbench", (1, 12, 12), 3, width=4)
+    plain.load_state_dict(ours.state_dict())
+    cfg = make_config({"optimizer": "sgd", "lr": lr, "momentum": momentum, "nesterov": momentum > 0,
+                       "weight_decay": weight_decay})
+    ours_opt = build_optimizer(cfg, ours)
+    set_lr(ours_opt, lr)   # as every training step does first
+    shifts = [p for n, p in plain.named_parameters() if p.requires_grad and getattr(p, "lr_mult", 1) != 1]
+    rest = [p for n, p in plain.named_parameters() if p.requires_grad and getattr(p, "lr_mult", 1) == 1]
+    assert len(shifts) == 6 and all(p.dim() == 1 for p in shifts)
+    plain_opt = torch.optim.SGD([{"params": rest}, {"params": shifts, "lr": lr * BIAS_LR,
+                                                   "weight_decay": weight_decay / BIAS_LR}],
+                                lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        x, y = torch.randn(6, 1, 12, 12, generator=g), torch.randint(0, 3, (6,), generator=g)
+        for net, opt in ((ours, ours_opt), (plain, plain_opt)):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+    for a, b in zip(ours.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_models_without_own_lr_mults_keep_one_group():
+    cfg = make_config({"optimizer": "sgd"})
+    assert len(build_optimizer(cfg, create_model("resnet_small", (3, 32, 32), 10)).param_groups) == 1
+
+
+def test_a_new_run_whitens_from_its_seeded_sample_and_init_keeps_the_loaded_filters(tmp_path):
+    """The run's saved filters are adapt_to_data's on the same data and seed (not the random
+    init); a run started from it with --init (another seed) keeps them; the fixed batch-norm scales
+    stay 1 through training, also when --freeze-epochs frees the backbone again."""
+    first = cnnlab.train(**TINY, epochs=1, out=str(tmp_path / "a"), quiet=True)
+    saved = torch.load(tmp_path / "a" / "best.pt", weights_only=True)["state_dict"]
+    data = load_data(make_config({k: v for k, v in TINY.items() if k not in ("model", "model_args", "report",
+                                                                                "batch_size")}).data_config())
+    fresh = create_model("airbench", data.shape, len(data.classes), width=8)
+    before = fresh[0].weight.clone()
+    adapt_to_data(fresh, data, seed=0)
+    assert not torch.equal(fresh[0].weight, before)
+    torch.testing.assert_close(saved["0.weight"], fresh[0].weight, rtol=0, atol=0)
+    assert first.summary["epochs"] == 1
+
+    cnnlab.train(**TINY, epochs=2, freeze_epochs=1, seed=5, init=str(tmp_path / "a"), out=str(tmp_path / "b"),
+                 quiet=True)
+    tuned = torch.load(tmp_path / "b" / "best.pt", weights_only=True)["state_dict"]
+    torch.testing.assert_close(tuned["0.weight"], saved["0.weight"], rtol=0, atol=0)
+    scales = [v for k, v in tuned.items() if k.endswith(".weight") and v.dim() == 1]
+    assert len(scales) == 6 and all(torch.equal(v, torch.ones_like(v)) for v in scales)
+
+
+def test_the_network_starts_as_identity_convolutions_and_takes_any_size():
+    model = create_model("airbench", (3, 64, 48), 5, width=8)
+    for conv in (model[2][0].weight, model[3][4].weight):   # 24 -> 8 channels, 32 -> 32
+        k = min(conv.shape[:2])
+        identity = torch.zeros(k, conv.shape[1], 3, 3)
+        identity[range(k), range(k), 1, 1] = 1
+        assert torch.equal(conv[:k], identity)
+    assert model(torch.randn(2, 3, 64, 48)).shape == (2, 5)
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
+def test_adapting_twice_to_the_same_images_is_the_same(shape):
+    torch.manual_seed(0)
+    layer = Whiten(shape[0])
+    x = torch.randn(20, *shape)
+    layer.adapt(x)
+    once = layer.weight.clone()
+    layer.adapt(x)
+    assert torch.equal(layer.weight, once)
+
+
+class AirbenchLookahead:
+    """The oracle: airbench94's own LookaheadState and alpha schedule (legacy/airbench94.py), as
+    its training loop calls them; the schedule in float64, as cnnlab computes it (airbench's float32
+    decays differ in the 8th digit)."""
+
+    def __init__(self, net, total):
+        self.net_ema = {k: v.clone() for k, v in net.state_dict().items()}
+        self.alpha = 0.95**5 * (torch.arange(total + 1, dtype=torch.float64) / total) ** 3
+        self.total = total
+
+    def update(self, net, decay):
+        for ema_param, net_param in zip(self.net_ema.values(), net.state_dict().values()):
+            if net_param.dtype in (torch.half, torch.float):
+                ema_param.lerp_(net_param, 1 - decay)
+                net_param.copy_(ema_param)
+
+    def after_step(self, net, step):
+        if step % 5 == 0:
+            self.update(net, decay=self.alpha[step].item())
+        if step >= self.total:
+            self.update(net, decay=1.0)
+
+
+@given(total=st.integers(1, 23), seed=st.integers(0, 2**16))
+@settings(max_examples=30, deadline=None)
+def test_lookahead_matches_airbenchs_own_code(total, seed):
+    """Random SGD steps on a net with batch norm (float statistics, an integer step count): after
+    each, cnnlab's Lookahead and airbench's code (above) leave the two copies of the net equal."""
+    from cnnlab.training.lookahead import Lookahead
+
+    torch.manual_seed(seed)
+    ours = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    theirs = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Flatten(), torch.nn.Linear(12, 2))
+    theirs.load_state_dict(ours.state_dict())
+    lookahead, oracle = Lookahead(ours), AirbenchLookahead(theirs, total)
+    optimizers = [torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9) for net in (ours, theirs)]
+    g = torch.Generator().manual_seed(seed)
+    for step in range(1, total + 1):
+        x, y = torch.randn(5, 2, 4, 4, generator=g), torch.randint(0, 2, (5,), generator=g)
+        for net, opt in zip((ours, theirs), optimizers):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+        lookahead.after_step(step, total)
+        oracle.after_step(theirs, step)
+        for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"{name} after step {step}")
+    assert torch.equal(ours.state_dict()["1.num_batches_tracked"], torch.tensor(total))
+
+
+def test_an_airbench_run_with_lookahead_resumes_exactly(tmp_path, monkeypatch):
+    """4 steps an epoch, 3 epochs: cut after step 7 (between two pulls of the slow copy); the resumed
+    run ends with the uninterrupted run's weights and metrics."""
+    from cnnlab.training.engine import Interrupted
+    from cnnlab.training.loop import fit
+
+    from .test_train import assert_same_weights, interrupt_at_step, metric_rows, weights
+
+    settings = {**TINY, "epochs": 3, "optimizer": "sgd", "lr": 0.05, "nesterov": True, "weight_decay": 5e-4,
+                "schedule": "onecycle", "lookahead": True}
+    fit(make_config({**settings, "out": str(tmp_path / "full")}), quiet=True)
+    interrupt_at_step(monkeypatch, 7)
+    with pytest.raises(Interrupted):
+        fit(make_config({**settings, "out": str(tmp_path / "cut")}), quiet=True)
+    monkeypatch.undo()
+    cnnlab.train(resume=str(tmp_path / "cut"), quiet=True)
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
+    assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "cut")
+
+
+@pytest.mark.parametrize("recipe", ["cifar10_fast", "cifar10_cpu"])
+def test_the_cifar_recipes_train_an_epoch(recipe, tmp_path):
+    """Every setting of the recipe works with the others (one step on 300 CIFAR-shaped images)."""
+    from cnnlab.cli import recipe_path
+    from cnnlab.config import load_yaml
+
+    result = cnnlab.train(config=make_config(load_yaml(recipe_path(recipe))), data="synthetic:3x32x32:10:400", epochs=1, out=str(tmp_path / recipe),
+                          report=False, quiet=True)
+    assert result.summary["epochs"] == 1 and 0 <= result.summary["test_acc"] <= 1
