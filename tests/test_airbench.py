@@ -175,21 +175,11 @@ def test_lookahead_matches_airbenchs_own_code(total, seed):
 def test_an_airbench_run_with_lookahead_resumes_exactly(tmp_path, monkeypatch):
     """4 steps an epoch, 3 epochs: cut after step 7 (between two pulls of the slow copy); the resumed
     run ends with the uninterrupted run's weights and metrics."""
-    from cnnlab.training.engine import Interrupted
-    from cnnlab.training.loop import fit
-
-    from .test_train import assert_same_weights, interrupt_at_step, metric_rows, weights
+    from .test_train import assert_resume_is_exact
 
     settings = {**TINY, "epochs": 3, "optimizer": "sgd", "lr": 0.05, "nesterov": True, "weight_decay": 5e-4,
                 "schedule": "onecycle", "lookahead": True}
-    fit(make_config({**settings, "out": str(tmp_path / "full")}), quiet=True)
-    interrupt_at_step(monkeypatch, 7)
-    with pytest.raises(Interrupted):
-        fit(make_config({**settings, "out": str(tmp_path / "cut")}), quiet=True)
-    monkeypatch.undo()
-    cnnlab.train(resume=str(tmp_path / "cut"), quiet=True)
-    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
-    assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "cut")
+    assert_resume_is_exact(settings, tmp_path, monkeypatch, stop_step=7)
 
 
 @pytest.mark.parametrize("recipe", ["cifar10_fast", "cifar10_cpu"])

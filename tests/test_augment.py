@@ -186,20 +186,9 @@ RUN = dict(data="mnist-5k", model="mnist_cnn", train_samples=600, val_samples=20
 
 def test_resume_is_exact_with_mixup_cutmix_randaugment_and_balanced_sampler(tmp_path, monkeypatch):
     """12 steps per epoch; stopped after step 17 (mid-epoch 2), resumed: the same weights and metrics."""
-    import cnnlab
-    from cnnlab.training.engine import Interrupted
-    from cnnlab.training.loop import fit
+    from .test_train import assert_resume_is_exact
 
-    from .test_train import assert_same_weights, interrupt_at_step, metric_rows, weights
-
-    fit(make_config({**RUN, "out": str(tmp_path / "full")}), quiet=True)
-    interrupt_at_step(monkeypatch, 17)
-    with pytest.raises(Interrupted):
-        fit(make_config({**RUN, "out": str(tmp_path / "cut")}), quiet=True)
-    monkeypatch.undo()
-    cnnlab.train(resume=str(tmp_path / "cut"), quiet=True)
-    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
-    assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "cut")
+    assert_resume_is_exact(RUN, tmp_path, monkeypatch, stop_step=17)
 
 
 def test_ddp_matches_single_process_with_every_strong_augmentation(tmp_path):

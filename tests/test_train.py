@@ -70,6 +70,18 @@ def interrupt_at_step(monkeypatch, n):
     monkeypatch.setattr(cnnlab.training.callbacks, "agreed_stop", fake_stop)
 
 
+def assert_resume_is_exact(settings, tmp_path, monkeypatch, stop_step):
+    """A run stopped after `stop_step` and resumed ends with the uninterrupted run's weights and metrics."""
+    fit(make_config({**settings, "out": str(tmp_path / "full")}), quiet=True)
+    interrupt_at_step(monkeypatch, stop_step)
+    with pytest.raises(Interrupted):
+        fit(make_config({**settings, "out": str(tmp_path / "cut")}), quiet=True)
+    monkeypatch.undo()
+    cnnlab.train(resume=str(tmp_path / "cut"), quiet=True)
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
+    assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "cut")
+
+
 @pytest.mark.parametrize("stop_step", [12, 17], ids=["epoch-boundary", "mid-epoch"])
 def test_resume_is_exact(tmp_path, monkeypatch, stop_step):
     """12 steps per epoch: stopping after step 12 is an epoch boundary, after 17 mid-epoch."""
