@@ -1,6 +1,6 @@
 """Issue 21, target 2c: the `cifar10_cpu` recipe on the full CIFAR-10 (the 60,000 JPEGs of
 ../shared/datasets/cifar10_jpg.tar, 45,000 / 5,000 / 10,000) must reach >= 90% test accuracy in
-<= 30 minutes on this machine. One run (about 25 minutes on 2 AMX cores), then its time-to-accuracy,
+<= 30 minutes on this machine. One run (about 12 minutes on 2 AMX cores), then its time-to-accuracy,
 epoch by epoch, from the run's metrics.csv, and its test accuracy with and without flip TTA
 (`cnnlab evaluate --tta flip`: each test image and its mirror image, as airbench measures):
 

@@ -249,7 +249,7 @@ def main():
     print(f"2a without validation (g'): {no_val.split('time(a) / time(c) = ')[-1]}")
     print(f"3b, busy CPU (h): best / {busy.split('best / ')[-1]}")
     print("2b (cifar10_fast >= 94% on the JPEGs): not measurable here, airbench94's own code reaches 90.6% on them "
-          "(benchmarks/README.md); 2c: python benchmarks/cifar_cpu.py (30 minutes); "
+          "(benchmarks/README.md); 2c: python benchmarks/cifar_cpu.py (about 12 minutes); "
           "4: python benchmarks/speed_gpu.py on a CUDA machine" + ("" if torch.cuda.is_available() else " (none here)"))
 
 
