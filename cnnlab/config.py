@@ -201,6 +201,8 @@ def validate(cfg):
         raise UsageError(f"'label_smoothing' must be below 1, got {cfg.label_smoothing}.")
     if not 0 <= cfg.ema < 1:
         raise UsageError(f"'ema' is a decay in [0, 1) (e.g. 0.999), got {cfg.ema}.")
+    if cfg.ema and cfg.lookahead:   # the EMA would be evaluated and saved, and never see lookahead's last pull
+        raise UsageError("'lookahead' and 'ema' both average the weights over steps: give one of them.")
     parse_split_ranges(cfg.split_ranges)
     fixed_normalization(cfg.normalize)
     if cfg.split_ranges and (cfg.train_samples or cfg.val_samples or cfg.test_samples):

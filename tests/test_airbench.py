@@ -86,11 +86,11 @@ def test_a_new_run_whitens_from_its_seeded_sample_and_init_keeps_the_loaded_filt
     saved = torch.load(tmp_path / "a" / "best.pt", weights_only=True)["state_dict"]
     data = load_data(make_config({k: v for k, v in TINY.items() if k not in ("model", "model_args", "report",
                                                                                 "batch_size")}).data_config())
-    fresh = create_model("airbench", data.shape, len(data.classes), width=8)
-    before = fresh[0].weight.clone()
-    adapt_to_data(fresh, data, seed=0)
-    assert not torch.equal(fresh[0].weight, before)
-    torch.testing.assert_close(saved["0.weight"], fresh[0].weight, rtol=0, atol=0)
+    rows = torch.randperm(len(data.train[0]), generator=torch.Generator().manual_seed(0)).sort().values
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (data.mean, data.std))
+    expected = Whiten(1)
+    expected.adapt((data.train[0][rows].float() / 255 - mean) / std)   # all 200 images: fewer than 5,000
+    torch.testing.assert_close(saved["0.weight"], expected.weight, rtol=1e-5, atol=1e-5)
     assert first.summary["epochs"] == 1
 
     cnnlab.train(**TINY, epochs=2, freeze_epochs=1, seed=5, init=str(tmp_path / "a"), out=str(tmp_path / "b"),
@@ -99,6 +99,49 @@ def test_a_new_run_whitens_from_its_seeded_sample_and_init_keeps_the_loaded_filt
     torch.testing.assert_close(tuned["0.weight"], saved["0.weight"], rtol=0, atol=0)
     scales = [v for k, v in tuned.items() if k.endswith(".weight") and v.dim() == 1]
     assert len(scales) == 6 and all(torch.equal(v, torch.ones_like(v)) for v in scales)
+
+
+def test_unfreezing_the_backbone_leaves_a_networks_fixed_parameters_fixed():
+    """--freeze-epochs' FreezeBackbone: in the frozen epoch only the head trains; after it,
+    everything that trained as built, and still not airbench's fixed batch-norm scales."""
+    from types import SimpleNamespace
+
+    from cnnlab.training.finetune import FreezeBackbone
+
+    model = create_model("airbench", (3, 32, 32), 10, width=8)
+    state = SimpleNamespace(cfg=SimpleNamespace(freeze_epochs=1), ctx=SimpleNamespace(world=1), model=model,
+                            progress=SimpleNamespace(epoch=0), data=SimpleNamespace(classes=list(range(10))))
+    hook = FreezeBackbone()
+    hook.on_setup(state)
+    fixed = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert len(fixed) == 6
+    hook.on_epoch_start(state)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"7.weight"}   # the linear head
+    state.progress.epoch = 1
+    hook.on_epoch_start(state)
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == fixed
+
+
+def test_lookahead_with_ema_is_refused():
+    from cnnlab.errors import UsageError
+
+    with pytest.raises(UsageError, match="give one of them"):
+        make_config({"lookahead": True, "ema": 0.999})
+
+
+def test_large_images_are_whitened_from_fewer_of_them():
+    """At 224 px, 5,000 images would be 9 GB of patches: the sample holds at most 5 million pixel
+    positions (100 images), as airbench's 5,000 CIFAR images do."""
+    from types import SimpleNamespace
+
+    seen = []
+    model = torch.nn.Sequential(Whiten(3))
+    model[0].adapt = lambda x: seen.append(x.shape)
+    images = torch.zeros(300, 3, 224, 224, dtype=torch.uint8)
+    data = SimpleNamespace(train=(images, None), shape=(3, 224, 224), input_size=0,
+                           preprocess=SimpleNamespace(normalise=lambda x: x.float()))
+    adapt_to_data(model, data, seed=0)
+    assert seen == [(99, 3, 224, 224)]
 
 
 def test_the_network_starts_as_identity_convolutions_and_takes_any_size():
@@ -191,3 +234,18 @@ def test_the_cifar_recipes_train_an_epoch(recipe, tmp_path):
     result = cnnlab.train(config=make_config(load_yaml(recipe_path(recipe))), data="synthetic:3x32x32:10:400", epochs=1, out=str(tmp_path / recipe),
                           report=False, quiet=True)
     assert result.summary["epochs"] == 1 and 0 <= result.summary["test_acc"] <= 1
+
+
+def test_airbench_learns_digits_on_two_ddp_processes(tmp_path):
+    """Two ranks of 25 digits a batch, with --lookahead: with airbench's BN eps of 1e-12 this run
+    stayed at chance (channels of no variance on a rank scaled by 1e6); it must learn."""
+    from .conftest import run_cli
+
+    result = run_cli("train", "--nproc", "2", "--data", "mnist-5k", "--model", "airbench", "--model-arg", "width=8",
+                     "--train-samples", "400", "--val-samples", "100", "--test-samples", "100", "--batch-size", "50",
+                     "--epochs", "2", "--optimizer", "sgd", "--lr", "0.5", "--momentum", "0.85", "--nesterov",
+                     "--lookahead", "--report", "false", "--out", tmp_path / "ddp")
+    assert result.returncode == 0, result.stderr[-2000:]
+    import json
+    summary = json.load(open(tmp_path / "ddp" / "summary.json"))
+    assert summary["test_acc"] > 0.2, summary   # chance: 0.1

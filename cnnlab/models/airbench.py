@@ -4,7 +4,7 @@ github.com/KellerJordan/cifar10-airbench, legacy/airbench94.py), rebuilt from it
 What sets it apart from resnet_small, each from that code:
 - a first layer that whitens the pixels of every 2x2 patch, set from the training images before
   training (`Whiten.adapt`, which the training loop calls) and never trained itself, bias aside;
-- batch norms that learn a shift but no scale (eps 1e-12, a fast-moving 0.4 momentum);
+- batch norms that learn a shift but no scale (a fast-moving 0.4 momentum);
 - convolutions that start as the identity on their first input channels (Dirac init), GELUs;
 - one conv -> max-pool -> BN -> GELU -> conv -> BN -> GELU group per resolution, no residuals;
 - batch-norm shifts that learn `BIAS_LR` times faster (a parameter's `lr_mult`, which
@@ -12,6 +12,9 @@ What sets it apart from resnet_small, each from that code:
 On 2 Xeon cores (bf16, AMX) cnnlab trains it on the full CIFAR-10 JPEGs to 88.9% test in 10 epochs
 (5.8 min) and 89.6% in 20 (11.5 min), where resnet_small took 40 epochs (24.7 min) for 89.4%;
 airbench's own code, run on the same cores and images, 90.1% in 10 (benchmarks/README.md).
+What cnnlab's recipes still do differently: the whitening bias trains throughout (airbench stops it
+after 3 epochs); crops pad 4 px of zeros (airbench shifts 2 px, reflected), flips are random (airbench
+alternates them by epoch); one-cycle runs the lr 0 -> 1 -> 0 (airbench 0.2 -> 1 -> 0.07).
 """
 import torch
 from torch import nn
@@ -58,8 +61,10 @@ class Whiten(nn.Module):
 
 
 def shift_norm(channels):
-    """Batch norm with a learned shift and a fixed scale of 1."""
-    norm = nn.BatchNorm2d(channels, eps=1e-12, momentum=0.4)
+    """Batch norm with a learned shift and a fixed scale of 1. airbench's eps is 1e-12: on digits
+    (flat black borders) a DDP rank's 25-image batch had channels of no variance, which it scaled by
+    1e6, and training diverged; torch's default 1e-5 trained."""
+    norm = nn.BatchNorm2d(channels, eps=1e-5, momentum=0.4)
     norm.weight.requires_grad_(False)
     norm.bias.lr_mult = BIAS_LR
     return norm

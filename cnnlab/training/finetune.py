@@ -47,15 +47,17 @@ def load_pretrained(cfg, model, data):
     return text
 
 
-def adapt_to_data(model, data, seed, count=5000):
+def adapt_to_data(model, data, seed, count=5000, pixels=5_000_000):
     """Layers that set themselves from the training images before the first step (an `adapt`
     method, as Keras's preprocessing layers have: airbench's whitening, models/airbench.py) get a
-    seeded sample of `count` of them, as the network sees them. For a run that starts from random
-    weights: loaded weights bring their own."""
+    seeded sample of `count` of them, as the network sees them: fewer for large images, at most
+    `pixels` pixel positions in all (airbench's 5,000 CIFAR images; 100 at 224 px, not 5,000
+    holding 9 GB). For a run that starts from random weights: loaded weights bring their own."""
     layers = [m for m in model.modules() if hasattr(m, "adapt")]
     if not layers:
         return
     images = data.train[0]
+    count = max(1, min(count, pixels // (data.shape[1] * data.shape[2])))
     rows = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count].sort().values
     x = images[rows]
     if data.input_size:   # photos stored larger than the input: the centre, as evaluation crops them

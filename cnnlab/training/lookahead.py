@@ -5,7 +5,7 @@ A slow copy of the network's floating-point state (weights and batch-norm statis
 trained one: every EVERY steps it moves toward it by 1 - decay, and training restarts from it. The
 decay grows as DECAY x (step / total steps)^3: 0 at first (plain training), DECAY at the end, so
 the last epochs average the weights over more and more steps (in the spirit of SWA); after the last
-step the network becomes the slow copy. The slow copy is saved in last.pt: resume stays exact.
+step the network becomes the slow copy (not when --patience stops the run early). The slow copy is saved in last.pt: resume stays exact.
 Measured on the full CIFAR-10 JPEGs (benchmarks/README.md, session 13): airbench's own code, 10
 epochs, 90.12% with it and 89.17% without; in cnnlab's pipeline no gain was measured (20 epochs:
 89.36% with, 89.58% without), so the recipes leave it off.
@@ -20,6 +20,7 @@ class Lookahead:
     def __init__(self, model):
         self.model = model
         self.slow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.buffers = [k for k, v in model.named_buffers() if k in self.slow]
 
     @torch.no_grad()
     def after_step(self, step, total):
@@ -31,6 +32,11 @@ class Lookahead:
 
     def pull(self, decay):
         live = self.model.state_dict()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # batch-norm statistics differ between DDP ranks (DDP sends rank 0's at each forward):
+            # rank 0's first, so every rank's slow copy stays the one last.pt saves
+            for name in self.buffers:
+                torch.distributed.broadcast(live[name], 0)
         for name, slow in self.slow.items():
             slow.lerp_(live[name], 1 - decay)
             live[name].copy_(slow)
