@@ -48,7 +48,7 @@ class Whiten(nn.Module):
         k = self.weight.shape[1] * self.size * self.size
         covariance, count = torch.zeros(k, k, dtype=torch.float64, device=x.device), 0
         for part in x.split(chunk):
-            patches = F.unfold(part.float(), self.size).transpose(1, 2).reshape(-1, k).double()   # (patches, C*s*s)
+            patches = F.unfold(part.double(), self.size).transpose(1, 2).reshape(-1, k)   # (patches, C*s*s)
             covariance += patches.T @ patches
             count += len(patches)
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance / count)
