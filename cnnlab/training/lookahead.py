@@ -5,7 +5,8 @@ A slow copy of the network's floating-point state (weights and batch-norm statis
 trained one: every EVERY steps it moves toward it by 1 - decay, and training restarts from it. The
 decay grows as DECAY x (step / total steps)^3: 0 at first (plain training), DECAY at the end, so
 the last epochs average the weights over more and more steps (in the spirit of SWA); after the last
-step the network becomes the slow copy (not when --patience stops the run early). The slow copy is saved in last.pt: resume stays exact.
+step the network becomes the slow copy (not when --patience stops the run early). The slow copy is
+saved in last.pt: resume stays exact.
 Measured on the full CIFAR-10 JPEGs (benchmarks/README.md, session 13): airbench's own code, 10
 epochs, 90.12% with it and 89.17% without; in cnnlab's pipeline no gain was measured (20 epochs:
 89.36% with, 89.58% without), so the recipes leave it off.
