@@ -21,7 +21,11 @@ HELP = {
     "model": "network name (see `cnnlab models`; default mnist_cnn, seed 003's CNN)",
     "batch_size": "GLOBAL batch size: under DDP each of N processes takes batch_size/N",
     "augment": "auto (crop for digits, crop+flip for photos), none, or parts joined by +: crop, flip, randaugment or "
-               "trivialaugment (e.g. crop+flip+randaugment)",
+               "trivialaugment (e.g. crop+flip+randaugment); altflip instead of flip mirrors each image in every other "
+               "epoch (airbench's alternating flip: a fixed random half in even epochs, the other half in odd ones)",
+    "crop_padding": "crop's random shifts go up to this many pixels; 0 = auto: 2 for digits, a side/8 above [default: 0]",
+    "crop_padding_mode": "the border crop's shifts uncover: zeros, or reflect (the image mirrored, as airbench) "
+                         "[default: zeros]",
     "augment_magnitude": "RandAugment's strength, 0-30 [default: 9]",
     "jitter": "colour jitter: brightness, contrast and saturation scaled by U(1-J, 1+J), e.g. 0.4 [default: 0]",
     "erase": "random erasing: probability that an image gets a blanked box, e.g. 0.25 [default: 0]",

@@ -50,7 +50,9 @@ class DataConfig:
 @dataclass
 class TrainConfig(DataConfig):
     # data: DataConfig's fields, then how training varies the images
-    augment: str = "auto"                          # auto, none, or parts joined by +: crop, flip, randaugment|trivialaugment
+    augment: str = "auto"                          # auto, none, or parts joined by +: crop, flip|altflip, randaugment|trivialaugment
+    crop_padding: int = 0                          # crop's shifts: up to this many pixels; 0 = auto (2 for digits, H/8 above)
+    crop_padding_mode: str = "zeros"               # what crop's shifts fill the border with: zeros, or reflect (airbench's)
     augment_magnitude: int = 9                     # RandAugment's strength, 0-30 (torchvision's bins; 9 as in its paper)
     jitter: float = 0.0                            # colour jitter: brightness, contrast, saturation x U(1-J, 1+J)
     erase: float = 0.0                             # random erasing: the probability an image gets a blanked box
@@ -117,12 +119,13 @@ CHOICES = {
     "on_bad_image": ("error", "skip"),
     "in_memory": ("auto", "yes", "no"),
     "resize": ("auto", "squash", "crop", "pad"),
+    "crop_padding_mode": ("zeros", "reflect"),
 }
 POSITIVE = ("epochs", "batch_size", "lr", "eval_batch_size")
 NON_NEGATIVE = ("train_samples", "val_samples", "test_samples", "image_size", "weight_decay", "l2",
                 "step_epochs", "warmup_epochs", "label_smoothing", "grad_clip", "patience",
                 "threads", "save_every_steps", "log_every", "seed", "augment_magnitude",
-                "freeze_epochs", "resize_size")
+                "freeze_epochs", "resize_size", "crop_padding")
 # Upper bounds of whole numbers. Every count fits 32 bits (torch and numpy take larger ones badly:
 # seed 10**20 overflowed torch.manual_seed); seeds are numpy's range. Images larger than 1024 px a
 # side are beyond what cnnlab's in-memory datasets hold (one RGB image is 3 MiB at 1024; an
@@ -328,7 +331,7 @@ def fixed_normalization(text):
     return means, stds
 
 
-AUGMENT_PARTS = ("crop", "flip", "randaugment", "trivialaugment")
+AUGMENT_PARTS = ("crop", "flip", "altflip", "randaugment", "trivialaugment")
 TTA_MODES = ("none", "flip", "flip+crop")   # evaluate/predict/serve --tta (data/augment.py tta_views)
 
 
@@ -340,8 +343,9 @@ def validate_augment(cfg):
         for part in parts:
             if part not in AUGMENT_PARTS:
                 raise unknown("part of 'augment'", part, ("auto", "none") + AUGMENT_PARTS)
-        if "randaugment" in parts and "trivialaugment" in parts:
-            raise UsageError("'augment' takes one of randaugment and trivialaugment, not both.")
+        for pair in (("randaugment", "trivialaugment"), ("flip", "altflip")):
+            if pair[0] in parts and pair[1] in parts:
+                raise UsageError(f"'augment' takes one of {pair[0]} and {pair[1]}, not both.")
     for key in ("jitter", "erase"):
         if not 0 <= getattr(cfg, key) <= 1:
             raise UsageError(f"'{key}' must be in [0, 1], got {getattr(cfg, key)}.")

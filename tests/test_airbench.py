@@ -216,12 +216,12 @@ def test_lookahead_matches_airbenchs_own_code(total, seed):
 
 
 def test_an_airbench_run_with_lookahead_resumes_exactly(tmp_path, monkeypatch):
-    """4 steps an epoch, 3 epochs: cut after step 7 (between two pulls of the slow copy); the resumed
-    run ends with the uninterrupted run's weights and metrics."""
+    """4 steps an epoch, 3 epochs: cut after step 7 (between two pulls of the slow copy, in an odd
+    epoch of altflip's); the resumed run ends with the uninterrupted run's weights and metrics."""
     from .test_train import assert_resume_is_exact
 
     settings = {**TINY, "epochs": 3, "optimizer": "sgd", "lr": 0.05, "nesterov": True, "weight_decay": 5e-4,
-                "schedule": "onecycle", "lookahead": True}
+                "schedule": "onecycle", "lookahead": True, "augment": "crop+altflip", "crop_padding_mode": "reflect"}
     assert_resume_is_exact(settings, tmp_path, monkeypatch, stop_step=7)
 
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cnnlab.config import DataConfig
+from cnnlab.config import DataConfig, make_config
 from cnnlab.data import default_augment, load_data
 from cnnlab.data.loader import BatchLoader
 from cnnlab.data.preprocess import Preprocess
@@ -206,6 +206,60 @@ def test_crop_and_flip_are_shifts_and_mirrors():
     assert any(c <= 3 for c in cols) and any(c >= 4 for c in cols)   # mirrored copies land left of centre
     plain = BatchLoader(x, torch.zeros(1, dtype=torch.long), 1, gray())
     assert torch.allclose(next(plain.batches())[0], x.float() / 255)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), side=st.integers(3, 9), padding=st.integers(1, 8),
+       mode=st.sampled_from(["zeros", "reflect"]), world=st.sampled_from([1, 2]))
+def test_crops_are_windows_of_numpys_padding(seed, side, padding, mode, world):
+    """Every cropped image is a side x side window of numpy's np.pad of its source (constant 0 or
+    reflect), mirrored or not, and a DDP rank's share is what one process makes of those images."""
+    if mode == "reflect":
+        padding = min(padding, side - 1)              # reflect needs padding under the side
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (12, 2, side, side), dtype=torch.uint8, generator=gen)
+    y = torch.arange(12)
+    options = dict(shuffle=True, seed=seed, augment="crop+flip", padding=padding, padding_mode=mode)
+    single = BatchLoader(x, y, 6, gray(1 / 255), **options)
+    ranks = [BatchLoader(x, y, 6, gray(1 / 255), rank=r, world=world, **options) for r in range(world)]
+    for step, (xb, yb) in enumerate(single.batches(epoch=1)):
+        for image, label in zip(xb.round().to(torch.uint8).numpy(), yb.tolist()):
+            padded = np.pad(x[label].numpy(), ((0, 0), (padding, padding), (padding, padding)),
+                            mode="constant" if mode == "zeros" else "reflect")
+            windows = [view[:, dy:dy + side, dx:dx + side] for view in (padded, padded[..., ::-1])
+                       for dy in range(2 * padding + 1) for dx in range(2 * padding + 1)]
+            assert any(np.array_equal(image, w) for w in windows)
+        shares = [list(r.batches(epoch=1, start=step))[0] for r in ranks]
+        assert torch.equal(torch.cat([s[0] for s in shares]), torch.cat([xb[r::world] for r in range(world)]))
+
+
+def test_altflip_mirrors_every_image_in_every_other_epoch():
+    """--augment altflip: a seeded half of the images mirrored in even epochs, the other half in odd ones."""
+    x = torch.randint(0, 256, (200, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(200)
+
+    def mirrored(epoch, seed=0):
+        xb, yb = next(BatchLoader(x, y, 200, gray(1 / 255), shuffle=True, seed=seed, augment="altflip").batches(epoch))
+        changed = (xb.round().to(torch.uint8) != x[yb]).flatten(1).any(1)      # by batch position
+        assert torch.equal(xb[changed].round().to(torch.uint8), x[yb][changed].flip(-1))
+        flipped = torch.zeros(200, dtype=torch.bool)
+        flipped[yb] = changed                                                 # by image
+        return flipped
+
+    epochs = [mirrored(e) for e in range(4)]
+    assert 60 < epochs[0].sum() < 140
+    assert torch.equal(epochs[1], ~epochs[0]) and torch.equal(epochs[2], epochs[0]) and torch.equal(epochs[3], ~epochs[0])
+    assert not torch.equal(mirrored(0, seed=1), epochs[0])
+
+
+def test_crop_padding_settings_are_checked():
+    with pytest.raises(UsageError, match="one of flip and altflip"):
+        make_config({"augment": "crop+flip+altflip"})
+    with pytest.raises(UsageError, match="crop_padding_mode"):
+        make_config({"crop_padding_mode": "mirror"})
+    with pytest.raises(UsageError, match="'crop_padding' 8 with reflect padding must be under the images' 8 px"):
+        BatchLoader(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), 2, gray(),
+                    augment="crop", padding=8, padding_mode="reflect")
 
 
 def test_digits_are_never_flipped_by_default():

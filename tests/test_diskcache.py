@@ -44,14 +44,16 @@ def mapped_pool(root, n=40, shape=(3, 12, 12)):
 STRONG = Strong(policy="randaugment", mixup=0.4, cutmix=1.0, erase=0.5, jitter=0.3, num_classes=3)
 
 
-@pytest.mark.parametrize("augment,strong", [("none", None), ("crop+flip", None), ("crop+flip", STRONG)])
+@pytest.mark.parametrize("augment,strong,padding_mode", [("none", None, "zeros"), ("crop+flip", None, "zeros"),
+                                                        ("crop+flip", STRONG, "zeros"), ("crop+altflip", None, "reflect")])
 @pytest.mark.parametrize("world", [1, 2])
-def test_streamed_batches_equal_in_memory_ones(tmp_path, augment, strong, world):
+def test_streamed_batches_equal_in_memory_ones(tmp_path, augment, strong, padding_mode, world):
     x = mapped_pool(tmp_path)
     y = torch.arange(len(x)) % 3
     pre = Preprocess(channels=3, image_size=12, mean=[0.5] * 3, std=[0.25] * 3)
     for rank in range(world):
-        options = dict(shuffle=True, seed=5, augment=augment, rank=rank, world=world, strong=strong)
+        options = dict(shuffle=True, seed=5, augment=augment, rank=rank, world=world, strong=strong,
+                       padding_mode=padding_mode)
         memory = BatchLoader(x.clone(), y, 8, pre, **options)
         stream = StreamLoader(x, y, 8, pre, **options)
         for epoch, start in ((0, 0), (1, 2)):          # a whole epoch, and one resumed at its third step
@@ -356,7 +358,7 @@ def worker_budget(_):
     return images.DECODING.total
 
 
-@pytest.mark.parametrize("augment", ["crop+flip", "flip"])
+@pytest.mark.parametrize("augment", ["crop+flip", "flip", "crop+altflip"])
 def test_streamed_photos_are_cut_as_in_memory_ones(photos, augment):
     """--resize crop stores photos larger than the input: streamed, the training batches get the same
     random-resized crops and the held-out splits the same centre crops as in memory."""

@@ -10,8 +10,9 @@ import math
 
 import torch
 
+from ..errors import UsageError
 from .images import center_crop
-from .photos import random_resized_crop
+from .photos import draw_flips, random_resized_crop
 
 
 def _generator(*keys):
@@ -26,7 +27,7 @@ class BatchLoader:
 
     def __init__(self, x, y, batch_size, preprocess, device="cpu", shuffle=False, seed=0,
                  augment="none", rank=0, world=1, channels_last=False, sampler="shuffle", strong=None,
-                 mixed=False):
+                 mixed=False, padding=0, padding_mode="zeros"):
         self.x = x.to(device)                       # (N, C, H, W) uint8, moved once
         self.y = y.to(device)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
@@ -35,10 +36,18 @@ class BatchLoader:
         h = x.shape[2]
         # photos (--resize crop) are stored larger than the input: random-resized crops, not shifts
         self.size = preprocess.image_size if h > preprocess.image_size else 0
-        shifts = "crop" in augment and not self.size
-        self.pad = (2 if h <= 28 else h // 8) if shifts else 0   # 2 px for digits, 4 for CIFAR
-        # Zero-padded once here, so a random crop is a plain gather with no per-batch padding.
-        self.padded = torch.nn.functional.pad(self.x, (self.pad,) * 4) if self.pad else self.x
+        parts = augment.split("+")
+        shifts = "crop" in parts and not self.size
+        self.pad = (padding or (2 if h <= 28 else h // 8)) if shifts else 0   # auto: 2 px for digits, 4 for CIFAR
+        if padding_mode == "reflect" and self.pad >= min(x.shape[2:]):
+            raise UsageError(f"'crop_padding' {self.pad} with reflect padding must be under the images' "
+                             f"{min(x.shape[2:])} px: give a smaller one.")
+        self.padding_mode = "constant" if padding_mode == "zeros" else padding_mode
+        # Padded once here, so a random crop is a plain gather with no per-batch padding.
+        self.padded = self.pad_images(self.x)
+        # flip: a coin per image and step; altflip: a coin per image, inverted every odd epoch
+        self.flip = "flip" in parts or "altflip" in parts
+        self.mirrored = (torch.rand(len(y), generator=_generator(seed, 13)) < 0.5) if "altflip" in parts else None
         self.preprocess, self.scale_shift = preprocess, preprocess.scale_shift(device)   # made once, used per batch
         self.sampler, self.strong = sampler, strong   # strong: augment.Strong (RandAugment, mixup, ...) or None
         self.mixed = mixed   # unshuffled, yet in one fixed random order: engine.depends_on_batch says when
@@ -87,24 +96,38 @@ class BatchLoader:
         """uint8 images at `positions` (a slice or CPU index tensor) of global batch `idx`, cropped
         and flipped with the draws of their positions."""
         if self.size:
-            return self.photos(self.x, idx[positions], len(idx), positions, epoch, step)
+            return self.photos(self.x, idx[positions], len(idx), positions, epoch, step, self.flips(idx, positions, epoch))
         if self.augment == "none":
             return self.x[idx[positions]]
-        return augment_gather(self.padded, idx[positions], self.x.shape[2:], self.pad, "flip" in self.augment,
-                              _generator(self.seed, epoch, step, 7), len(idx), positions)
+        return augment_gather(self.padded, idx[positions], self.x.shape[2:], self.pad,
+                              self.flips(idx, positions, epoch), _generator(self.seed, epoch, step, 7), len(idx),
+                              positions)
 
-    def photos(self, x, rows, n, positions, epoch, step):
+    def pad_images(self, x):
+        """x (N, C, H, W) with crop's padding on every side (zeros, or the image mirrored)."""
+        return torch.nn.functional.pad(x, (self.pad,) * 4, mode=self.padding_mode) if self.pad else x
+
+    def flips(self, idx, positions, epoch):
+        """The `flip` argument of the croppers for images idx[positions]: True or False (a fair coin
+        per image, drawn there), or under altflip which of them are mirrored: a fixed coin per image,
+        inverted in odd epochs, so every image is seen both ways in every two epochs (airbench's
+        alternating flip)."""
+        if self.mirrored is None:
+            return self.flip
+        return self.mirrored[idx[positions].cpu()] ^ bool(epoch % 2)
+
+    def photos(self, x, rows, n, positions, epoch, step, flip):
         """Photos stored larger than the input (`rows` of `x`, at `positions` of a global batch of
         `n`): a random-resized crop (and flip) each when training augments with crop, the centre
-        otherwise (evaluation's resize + centre crop), flipped at random under --augment flip."""
-        gen, flip = _generator(self.seed, epoch, step, 7), "flip" in self.augment
-        if "crop" in self.augment:
+        otherwise (evaluation's resize + centre crop); `flip` as `flips` gives it."""
+        gen = _generator(self.seed, epoch, step, 7)
+        if "crop" in self.augment.split("+"):
             return random_resized_crop(x, rows, self.size, flip, gen, n, positions)
         x = center_crop(x[rows], self.size)
-        if not flip:
+        flipped = draw_flips(flip, gen, n, positions)
+        if flipped is None:
             return x
-        flipped = (torch.rand(n, generator=gen) < 0.5)[positions].to(x.device)
-        return torch.where(flipped[:, None, None, None], x.flip(-1), x)
+        return torch.where(flipped.to(x.device)[:, None, None, None], x.flip(-1), x)
 
 
 def balanced_order(y, gen):
@@ -117,7 +140,7 @@ def balanced_order(y, gen):
 
 
 def augment_gather(padded, idx, size, pad, flip, gen, drawn, mine=slice(None)):
-    """Random crops (shifts of up to `pad` pixels with zero fill) and horizontal flips of the images
+    """Random crops (shifts of up to `pad` pixels into the padding) and horizontal flips of the images
     `idx` of `padded` (N, C, H+2p, W+2p), done as ONE gather: every output pixel's flat source index
     is a per-image offset plus a fixed (C, H, W) grid (mirrored for flipped images), and `take`
     reads them all at once. Draws are made for all `drawn` images of the global batch and the
@@ -129,9 +152,9 @@ def augment_gather(padded, idx, size, pad, flip, gen, drawn, mine=slice(None)):
     dx = torch.randint(0, 2 * pad + 1, (drawn,), generator=gen)[mine].to(device)
     offset = idx * (c * hp * wp) + dy * wp + dx                              # (B,)
     grid = _grid(c, h, w, hp, wp, device)                                    # (2, C, H, W)
-    if flip:
-        flipped = (torch.rand(drawn, generator=gen)[mine] < 0.5).to(device).long()
-        flat = grid[flipped] + offset[:, None, None, None]
+    flipped = draw_flips(flip, gen, drawn, mine)
+    if flipped is not None:
+        flat = grid[flipped.to(device).long()] + offset[:, None, None, None]
     else:
         flat = grid[0] + offset[:, None, None, None]
     return padded.reshape(-1).take(flat)                                    # (B, C, H, W)

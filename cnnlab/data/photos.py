@@ -68,6 +68,15 @@ def draw_crops(drawn, gen):
     return boxes.float()
 
 
+def draw_flips(flip, gen, drawn, mine):
+    """Which images of the `mine` share of a global batch of `drawn` are mirrored, as a bool tensor
+    (None for none): a coin per image drawn from `gen` when `flip` is True, `flip` itself when it is
+    already a tensor (altflip's, see BatchLoader.flips)."""
+    if isinstance(flip, torch.Tensor):
+        return flip
+    return (torch.rand(drawn, generator=gen) < 0.5)[mine] if flip else None
+
+
 def random_resized_crop(stored, idx, size, flip, gen, drawn, mine=slice(None)):
     """Random-resized crops (and flips when `flip`) of the images `idx` of `stored` (N, C, L, L)
     uint8, resampled to float (B, C, size, size) in [0, 255]. Draws are made for all `drawn`
@@ -75,7 +84,7 @@ def random_resized_crop(stored, idx, size, flip, gen, drawn, mine=slice(None)):
     from torchvision.ops import roi_align
 
     boxes = draw_crops(drawn, gen)[mine]
-    flipped = (torch.rand(drawn, generator=gen) < 0.5)[mine] if flip else None
+    flipped = draw_flips(flip, gen, drawn, mine)
     x = stored[idx].float()                                                      # (B, C, L, L)
     side = stored.shape[-1]
     top, left, h, w = (boxes * side).unbind(1)

@@ -143,12 +143,12 @@ class StreamLoader(BatchLoader):
         got = ahead[1] if ahead is not None and torch.equal(ahead[0], rows) else self.read(rows)
         local = torch.arange(len(got), device=got.device)
         if self.size:   # photos stored larger than the input: cut as the in-memory loader cuts them
-            return self.photos(got, local, len(idx), positions, epoch, step)
+            return self.photos(got, local, len(idx), positions, epoch, step, self.flips(idx, positions, epoch))
         if self.augment == "none":
             return got
-        padded = torch.nn.functional.pad(got, (self.pad,) * 4) if self.pad else got
-        return augment_gather(padded, local, self.x.shape[2:], self.pad, "flip" in self.augment,
-                              _generator(self.seed, epoch, step, 7), len(idx), positions)
+        return augment_gather(self.pad_images(got), local, self.x.shape[2:], self.pad,
+                              self.flips(idx, positions, epoch), _generator(self.seed, epoch, step, 7), len(idx),
+                              positions)
 
 
 def make_loader(x, y, batch_size, preprocess, device="cpu", streamed=False, **options):

@@ -102,7 +102,7 @@ def train_fold(cfg, x, y, num_classes, preprocess, ctx):
     optimizer = build_optimizer(cfg, model)
     step = make_step(model, optimizer, cfg, ctx)
     loader = BatchLoader(x, y, cfg.batch_size, preprocess, ctx.device, shuffle=True, seed=cfg.seed,
-                         augment=cfg.augment)
+                         augment=cfg.augment, padding=cfg.crop_padding, padding_mode=cfg.crop_padding_mode)
     for epoch in range(cfg.epochs):
         for i, (xb, yb) in enumerate(loader.batches(epoch)):
             step(xb, yb, cfg.lr * lr_factor(cfg, epoch * len(loader) + i, len(loader)))

@@ -175,7 +175,8 @@ def build(state, splits=None):
                            class_weight=None if weight is None else weight.to(ctx.device))
     state.augment = resolve_augment(data, cfg.augment)
     state.train_loader = batch_loader(state, data.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                      augment=state.augment, sampler=cfg.sampler,
+                                      augment=state.augment, sampler=cfg.sampler, padding=cfg.crop_padding,
+                                      padding_mode=cfg.crop_padding_mode,
                                       strong=strong_augment(cfg, state.augment, len(data.classes)))
     state.val_loader = batch_loader(state, data.val, cfg.eval_batch_size * ctx.world, mixed=depends_on_batch(state.model))
 

@@ -9,8 +9,8 @@ from .finetune import weights_sizes
 
 # Settings that define what a run IS; changing them on --resume would silently mix two runs: its
 # data and network (checkpoint.DEFINING) and how it trains.
-MUST_MATCH = DEFINING + ("batch_size", "optimizer", "augment", "augment_magnitude", "jitter", "erase", "mixup",
-                         "cutmix", "class_weights", "sampler")
+MUST_MATCH = DEFINING + ("batch_size", "optimizer", "augment", "crop_padding", "crop_padding_mode",
+                         "augment_magnitude", "jitter", "erase", "mixup", "cutmix", "class_weights", "sampler")
 
 
 # Settings that act only on training steps: resumed into a run whose epochs are all trained, a new
