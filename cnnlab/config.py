@@ -132,7 +132,7 @@ NON_NEGATIVE = ("train_samples", "val_samples", "test_samples", "image_size", "w
 # image_size of 10**6 asked for 10**12 bytes per image).
 MAX_INT = 2**31 - 1
 MAXIMUM = {"seed": 2**32 - 1, "image_size": 1024, "augment_magnitude": 30,   # RandAugment's 31 bins
-           "resize_size": 1024}
+           "resize_size": 1024, "crop_padding": 1023}                      # under the side (data/loader.py)
 FIELD_TYPES = {f.name: typing.get_type_hints(TrainConfig)[f.name] for f in dataclasses.fields(TrainConfig)}
 
 
@@ -261,7 +261,7 @@ def validate_schedule(cfg):
 def ignored_settings(cfg):
     """Notes on settings this run's other choices leave without effect (a run that took them would
     otherwise say nothing): SGD's momentum and Nesterov under Adam, the step schedule's settings
-    under another schedule, Nesterov without momentum."""
+    under another schedule, Nesterov without momentum, crop's padding without crop."""
     notes = []
     sgd_only = ([f"--momentum {cfg.momentum:g}"] if cfg.momentum != TrainConfig.momentum else []) + (
         ["--nesterov"] if cfg.nesterov else [])
@@ -273,6 +273,11 @@ def ignored_settings(cfg):
                  if getattr(cfg, k) != getattr(TrainConfig, k)]
     if cfg.schedule != "step" and step_only:
         notes.append(acting_only(step_only, "--schedule step", cfg.schedule))
+    crop_only = ([f"--crop-padding {cfg.crop_padding}"] if cfg.crop_padding else []) + (
+        [f"--crop-padding-mode {cfg.crop_padding_mode}"] if cfg.crop_padding_mode != "zeros" else [])
+    crops = cfg.augment in ("auto", "randaugment", "trivialaugment") or "crop" in cfg.augment.split("+")
+    if crop_only and not crops:   # (auto and a policy alone take the dataset's crop)
+        notes.append(acting_only(crop_only, "--augment crop", f"--augment {cfg.augment}"))
     return notes
 
 

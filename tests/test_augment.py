@@ -1,8 +1,11 @@
 """Strong augmentation (issue 19): per-image RandAugment/TrivialAugment ops, jitter, erasing, mixup and
 cutmix in the batch loader: oracles for the ops, soft targets with label smoothing by hand, and the
 (seed, epoch, step) rule that makes resume and DDP shards exact."""
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.nn import functional as F
 from torchvision.transforms.v2 import functional as TF
 
@@ -224,6 +227,21 @@ def test_shifted_views_fill_like_training_padding():
     assert len(A.tta_views(x, "flip")) == 2 and len(A.tta_views(x, "flip+crop")) == 10
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), side=st.integers(4, 12), d=st.integers(1, 3), axis=st.sampled_from([0, 1]),
+       sign=st.sampled_from([1, -1]))
+def test_reflect_shifted_views_are_windows_of_numpys_reflect_padding(seed, side, d, axis, sign):
+    """--tta flip+crop after training with --crop-padding-mode reflect: each shifted view is the
+    window of numpy's reflect padding that training's crop would cut for that shift."""
+    x = torch.randint(0, 256, (2, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    dy, dx = (sign * d, 0) if axis == 0 else (0, sign * d)
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (d, d), (d, d)), mode="reflect")
+    want = padded[..., d - dy:d - dy + side, d - dx:d - dx + side]
+    assert np.array_equal(A.shift(x, dy, dx, 0, "reflect").numpy(), want)
+    views = A.tta_views(x, "flip+crop", 0, d, "reflect")
+    assert any(np.array_equal(v.numpy(), want) for v in views) and len(views) == 10
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from cnnlab.training.loop import fit
@@ -253,6 +271,26 @@ def test_tta_averages_probabilities_the_same_in_evaluate_and_predict(tiny_run, m
     assert m["tta"] == mode
     assert m["accuracy"] == pytest.approx(float((probs.argmax(1) == y).float().mean()))
     assert "tta" not in evaluate_model(trained, data)
+
+
+def test_tta_shifts_as_the_run_was_trained_to(tiny_run):
+    """A run trained with --crop-padding 3 --crop-padding-mode reflect is tested (evaluate) and
+    served (predict) on views shifted 3 px into the mirrored border."""
+    import cnnlab
+    from cnnlab.evaluation.results import evaluate_model, load_trained, run_data
+
+    model = cnnlab.load(tiny_run)
+    trained, run_dir = load_trained(str(tiny_run))
+    data = run_data(trained, run_dir)
+    x, y = data.test
+    for m in (model, trained):
+        m.config.update(crop_padding=3, crop_padding_mode="reflect")
+    model.tta = "flip+crop"
+    views = A.tta_views(x, "flip+crop", 0, 3, "reflect")
+    probs = torch.stack([model.view_probabilities(v) for v in views]).mean(0)
+    assert torch.allclose(model.probabilities(x), probs)
+    assert evaluate_model(trained, data, tta="flip+crop")["accuracy"] == pytest.approx(
+        float((probs.argmax(1) == y).float().mean()))
 
 
 def test_tta_is_recorded_in_cli_outputs(tiny_run, tmp_path):

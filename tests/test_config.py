@@ -255,6 +255,9 @@ def test_a_folder_as_config_gets_one_line(tmp_path):
     ({"schedule": "cosine", "step_epochs": 3, "gamma": 0.5},
      ["--step-epochs 3 and --gamma 0.5 act on --schedule step only; cosine ignores them."]),
     ({"optimizer": "sgd", "momentum": 0.5, "nesterov": True, "schedule": "step", "step_epochs": 2}, []),
+    ({"augment": "flip", "crop_padding": 3, "crop_padding_mode": "reflect"},
+     ["--crop-padding 3 and --crop-padding-mode reflect act on --augment crop only; --augment flip ignores them."]),
+    ({"augment": "randaugment", "crop_padding_mode": "reflect"}, []),
     ({}, [])])
 def test_settings_the_run_ignores_are_named(settings, expected):
     """`--optimizer adam --momentum 0.5` trained without a word that the momentum did nothing."""

@@ -210,16 +210,16 @@ def test_crop_and_flip_are_shifts_and_mirrors():
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**16), side=st.integers(3, 9), padding=st.integers(1, 8),
-       mode=st.sampled_from(["zeros", "reflect"]), world=st.sampled_from([1, 2]))
-def test_crops_are_windows_of_numpys_padding(seed, side, padding, mode, world):
+       mode=st.sampled_from(["zeros", "reflect"]), world=st.sampled_from([1, 2]),
+       flip=st.sampled_from(["flip", "altflip"]))
+def test_crops_are_windows_of_numpys_padding(seed, side, padding, mode, world, flip):
     """Every cropped image is a side x side window of numpy's np.pad of its source (constant 0 or
     reflect), mirrored or not, and a DDP rank's share is what one process makes of those images."""
-    if mode == "reflect":
-        padding = min(padding, side - 1)              # reflect needs padding under the side
+    padding = min(padding, side - 1)                  # the padding must be under the side
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (12, 2, side, side), dtype=torch.uint8, generator=gen)
     y = torch.arange(12)
-    options = dict(shuffle=True, seed=seed, augment="crop+flip", padding=padding, padding_mode=mode)
+    options = dict(shuffle=True, seed=seed, augment="crop+" + flip, padding=padding, padding_mode=mode)
     single = BatchLoader(x, y, 6, gray(1 / 255), **options)
     ranks = [BatchLoader(x, y, 6, gray(1 / 255), rank=r, world=world, **options) for r in range(world)]
     for step, (xb, yb) in enumerate(single.batches(epoch=1)):
@@ -257,9 +257,40 @@ def test_crop_padding_settings_are_checked():
         make_config({"augment": "crop+flip+altflip"})
     with pytest.raises(UsageError, match="crop_padding_mode"):
         make_config({"crop_padding_mode": "mirror"})
-    with pytest.raises(UsageError, match="'crop_padding' 8 with reflect padding must be under the images' 8 px"):
-        BatchLoader(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), 2, gray(),
-                    augment="crop", padding=8, padding_mode="reflect")
+    tiny = torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)
+    for mode in ("zeros", "reflect"):
+        with pytest.raises(UsageError, match=r"--crop-padding 8 must be under the images' 8 px: give --crop-padding 7 or less"):
+            BatchLoader(*tiny, 2, gray(), augment="crop", padding=8, padding_mode=mode)
+    with pytest.raises(UsageError, match=r"--crop-padding 2 \(auto\) must be under the images' 2 px"):
+        BatchLoader(tiny[0][..., :2, :2], tiny[1], 2, gray(), augment="crop", padding_mode="reflect")
+    with pytest.raises(UsageError, match="'crop_padding' must be at most 1023"):
+        make_config({"crop_padding": 5000})
+
+
+def test_training_and_the_audit_crop_as_configured(monkeypatch, tmp_path):
+    """--crop-padding and --crop-padding-mode reach the training loader of `cnnlab train` and of the
+    audit's cross-validation folds."""
+    import cnnlab.data.stream
+    from cnnlab.evaluation import audit
+    from cnnlab.runtime import Context
+    from cnnlab.training.loop import fit
+
+    made = []
+
+    class Recording(BatchLoader):
+        def __init__(self, *args, **options):
+            super().__init__(*args, **options)
+            made.append(self)
+
+    monkeypatch.setattr(cnnlab.data.stream, "BatchLoader", Recording)
+    monkeypatch.setattr(audit, "BatchLoader", Recording)
+    settings = {"data": "mnist-5k", "train_samples": 64, "val_samples": 32, "test_samples": 32, "epochs": 1,
+                "augment": "crop", "crop_padding": 3, "crop_padding_mode": "reflect", "report": False}
+    fit(make_config({**settings, "out": str(tmp_path / "run")}), quiet=True)
+    x, y = torch.zeros(8, 1, 28, 28, dtype=torch.uint8), torch.arange(8) % 2
+    audit.train_fold(make_config(settings), x, y, 2, gray(), Context(device=torch.device("cpu")))
+    shuffled = [m for m in made if m.shuffle]
+    assert len(shuffled) == 2 and all(m.pad == 3 and m.padding_mode == "reflect" for m in shuffled)
 
 
 def test_digits_are_never_flipped_by_default():

@@ -369,11 +369,18 @@ def strong_augment(cfg, augment, num_classes):
 
 # ---------- test-time augmentation (evaluate, predict, serve) ----------
 
-def tta_views(x, mode, fill=0.0):
+def training_shifts(config):
+    """(crop_padding, crop_padding_mode) of a checkpoint's config: how its training crop shifted
+    the images (auto and zeros for runs that predate the two settings)."""
+    return config.get("crop_padding", 0), config.get("crop_padding_mode", "zeros")
+
+
+def tta_views(x, mode, fill=0.0, padding=0, padding_mode="zeros"):
     """The views of a batch (B, C, H, W) whose probabilities --tta averages: the images and their
-    mirror images (flip); with crop also each shifted by the training crop's padding (2 px for
-    digits, H/8 for larger images) in the four directions, the uncovered border set to `fill`
-    (0 for uint8, the normalised value of 0 for network inputs: training's zero padding)."""
+    mirror images (flip); with crop also each shifted in the four directions by the training crop's
+    padding (`padding`, or for 0 its auto: 2 px for digits, H/8 above), the uncovered border as
+    training filled it: `fill` for zeros (0 for uint8, the normalised value of 0 for network
+    inputs), the mirrored image for reflect."""
     if mode not in TTA_MODES:
         from ..errors import unknown
 
@@ -382,15 +389,19 @@ def tta_views(x, mode, fill=0.0):
         return [x]
     views = [x, x.flip(-1)]
     if mode == "flip+crop":
-        d = 2 if x.shape[2] <= 28 else x.shape[2] // 8
-        views += [shift(v, dy, dx, fill) for v in (x, x.flip(-1))
+        d = padding or (2 if x.shape[2] <= 28 else x.shape[2] // 8)
+        views += [shift(v, dy, dx, fill, padding_mode) for v in (x, x.flip(-1))
                   for dy, dx in ((d, 0), (-d, 0), (0, d), (0, -d))]
     return views
 
 
-def shift(x, dy, dx, fill):
-    """x moved by (dy, dx) pixels, the uncovered border `fill` (a number or a (1, C, 1, 1) tensor)."""
+def shift(x, dy, dx, fill, padding_mode="zeros"):
+    """x moved by (dy, dx) pixels, the uncovered border `fill` (a number or a (1, C, 1, 1) tensor),
+    or under reflect the image mirrored at its edges (as training's reflect padding gives)."""
     h, w = x.shape[2:]
+    if padding_mode == "reflect":
+        p = max(abs(dy), abs(dx))
+        return torch.nn.functional.pad(x, (p,) * 4, mode="reflect")[..., p - dy:p - dy + h, p - dx:p - dx + w]
     out = torch.empty_like(x).copy_(torch.as_tensor(fill, dtype=x.dtype, device=x.device).expand_as(x))
     out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
         x[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
@@ -400,12 +411,12 @@ def shift(x, dy, dx, fill):
 class TTA(torch.nn.Module):
     """A network whose output is the log of its probabilities averaged over tta_views: argmax,
     softmax and cross-entropy of it are those of the averaged probabilities (engine.evaluate
-    takes it as logits). `fill`: the normalised value of a black pixel."""
+    takes it as logits). `fill`: the normalised value of a black pixel; `shifts`: training_shifts'."""
 
-    def __init__(self, net, mode, fill):
+    def __init__(self, net, mode, fill, shifts=(0, "zeros")):
         super().__init__()
-        self.net, self.mode, self.fill = net, mode, fill
+        self.net, self.mode, self.fill, self.shifts = net, mode, fill, shifts
 
     def forward(self, x):
-        probs = torch.stack([self.net(v).float().softmax(1) for v in tta_views(x, self.mode, self.fill)])
+        probs = torch.stack([self.net(v).float().softmax(1) for v in tta_views(x, self.mode, self.fill, *self.shifts)])
         return probs.mean(0).clamp_min(1e-12).log()

@@ -39,15 +39,16 @@ class BatchLoader:
         parts = augment.split("+")
         shifts = "crop" in parts and not self.size
         self.pad = (padding or (2 if h <= 28 else h // 8)) if shifts else 0   # auto: 2 px for digits, 4 for CIFAR
-        if padding_mode == "reflect" and self.pad >= min(x.shape[2:]):
-            raise UsageError(f"'crop_padding' {self.pad} with reflect padding must be under the images' "
-                             f"{min(x.shape[2:])} px: give a smaller one.")
+        if self.pad >= min(x.shape[2:]):   # reflect cannot, zeros would give blank crops
+            raise UsageError(f"--crop-padding {self.pad}{'' if padding else ' (auto)'} must be under the images' "
+                             f"{min(x.shape[2:])} px: give --crop-padding {min(x.shape[2:]) - 1} or less.")
         self.padding_mode = "constant" if padding_mode == "zeros" else padding_mode
         # Padded once here, so a random crop is a plain gather with no per-batch padding.
         self.padded = self.pad_images(self.x)
         # flip: a coin per image and step; altflip: a coin per image, inverted every odd epoch
         self.flip = "flip" in parts or "altflip" in parts
-        self.mirrored = (torch.rand(len(y), generator=_generator(seed, 13)) < 0.5) if "altflip" in parts else None
+        altflip = _generator(seed, -1, 13)   # a key no epoch's order or step's draws use
+        self.mirrored = (torch.rand(len(y), generator=altflip) < 0.5) if "altflip" in parts else None
         self.preprocess, self.scale_shift = preprocess, preprocess.scale_shift(device)   # made once, used per batch
         self.sampler, self.strong = sampler, strong   # strong: augment.Strong (RandAugment, mixup, ...) or None
         self.mixed = mixed   # unshuffled, yet in one fixed random order: engine.depends_on_batch says when

@@ -33,9 +33,10 @@ class Classifier:
     def probabilities(self, batch_uint8):
         """(B, C, S, S) uint8, as `preprocess.image` gives it -> (B, K) float probabilities,
         averaged over the views of `tta` (data/augment.py; the batch alone without)."""
-        from ..data.augment import tta_views
+        from ..data.augment import training_shifts, tta_views
 
-        return torch.stack([self.view_probabilities(v) for v in tta_views(batch_uint8, self.tta)]).mean(0)
+        views = tta_views(batch_uint8, self.tta, 0, *training_shifts(self.config))
+        return torch.stack([self.view_probabilities(v) for v in views]).mean(0)
 
     def view_probabilities(self, batch_uint8):
         """The backend's probabilities of exactly these images."""

@@ -12,7 +12,7 @@ import torch
 
 from ..config import make_config
 from ..data import load_data, read_splits
-from ..data.augment import TTA
+from ..data.augment import TTA, training_shifts
 from ..data.stream import make_loader
 from ..data.preprocess import Preprocess
 from ..errors import CnnlabError, UsageError, note
@@ -123,7 +123,7 @@ def evaluate_model(model, data, split="test", collect=False, tta="none", say_tta
         note(f"note: --tta {tta} averages in mirrored {data.name} images, which are not valid examples "
              "(a mirrored digit is another shape): it usually lowers accuracy here; --tta none avoids it.")
     if tta != "none":
-        net = TTA(net, tta, model.preprocess.scale_shift(model.device)[1])
+        net = TTA(net, tta, model.preprocess.scale_shift(model.device)[1], training_shifts(model.config))
     raw = evaluate(net, loader, Context(device=model.device), len(model.classes), collect=True)
     out = metrics_of(raw, model.classes, split, labels=y)
     if not collect:

@@ -42,6 +42,13 @@ def photo_note(data):
     return "" if pre.resize == "squash" else f"; --resize {pre.resize}"
 
 
+def shifts_note(cfg, augment):
+    """' (shifts 2 px, reflect)' when crop's padding is not the default auto zeros."""
+    if "crop" not in augment.split("+") or (not cfg.crop_padding and cfg.crop_padding_mode == "zeros"):
+        return ""
+    return f" (shifts {cfg.crop_padding or 'auto'} px, {cfg.crop_padding_mode})"
+
+
 def settings_lines(state):
     """The resolved settings before training, like seed 004's HYPERPARAMETERS block (its title
     line, `banner_title`, is printed before the data is loaded)."""
@@ -49,7 +56,8 @@ def settings_lines(state):
     sizes = " / ".join(f"{len(data.splits[k])}" for k in ("train", "val", "test"))
     return [
         f"data       {cfg.data}: {'x'.join(map(str, data.shape))}, {len(data.classes)} classes, "
-        f"train/val/test {sizes} ({data.residence()}), augment {meta['augment']}" + photo_note(data),
+        f"train/val/test {sizes} ({data.residence()}), augment {meta['augment']}" + shifts_note(cfg, meta['augment'])
+        + photo_note(data),
         f"model      {cfg.model} " + (f"{meta['model_args']} " if meta['model_args'] else "")
         + f"({meta['num_params']:,} parameters)",
         f"optimizer  {cfg.optimizer} lr {cfg.lr:g}, batch {cfg.batch_size} (global), "
