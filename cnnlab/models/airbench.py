@@ -13,9 +13,9 @@ On 2 Xeon cores (bf16, AMX) cnnlab trains it on the full CIFAR-10 JPEGs to 88.5%
 (6 min) and 89.6% in 20 (11.5 min, BN eps 1e-12 then), where resnet_small took 40 epochs (24.7 min)
 for 89.4%; airbench's own code, run on the same cores and images, 90.1% in 10 (benchmarks/README.md).
 The recipes now shift as airbench does (--crop-padding 2 --crop-padding-mode reflect, --augment
-crop+altflip), which took 20 epochs to 90.04% (benchmarks/README.md, session 14). What they still do
-differently: the whitening bias trains throughout (airbench stops it after 3 epochs); one-cycle runs
-the lr 0 -> 1 -> 0 (airbench 0.2 -> 1 -> 0.07; no gain measured with Lookahead at 10 epochs).
+crop+altflip): 90.38% in 20 epochs with Lookahead (11.7 min; benchmarks/README.md, session 14). What
+they still do differently: the whitening bias trains throughout (airbench stops it after 3 epochs);
+one-cycle runs the lr 0 -> 1 -> 0 (airbench 0.2 -> 1 -> 0.07; no gain measured at 10 epochs).
 """
 import torch
 from torch import nn
