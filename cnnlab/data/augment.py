@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TTA_MODES
+from .loader import shift_pixels
 
 BINS = 30   # magnitude index 0..30, as torchvision's num_magnitude_bins=31
 
@@ -378,9 +379,8 @@ def training_shifts(config):
 def tta_views(x, mode, fill=0.0, padding=0, padding_mode="zeros"):
     """The views of a batch (B, C, H, W) whose probabilities --tta averages: the images and their
     mirror images (flip); with crop also each shifted in the four directions by the training crop's
-    padding (`padding`, or for 0 its auto: 2 px for digits, H/8 above), the uncovered border as
-    training filled it: `fill` for zeros (0 for uint8, the normalised value of 0 for network
-    inputs), the mirrored image for reflect."""
+    padding (loader.shift_pixels), the uncovered border as training filled it: `fill` for zeros (0
+    for uint8, the normalised value of 0 for network inputs), the mirrored image for reflect."""
     if mode not in TTA_MODES:
         from ..errors import unknown
 
@@ -389,7 +389,7 @@ def tta_views(x, mode, fill=0.0, padding=0, padding_mode="zeros"):
         return [x]
     views = [x, x.flip(-1)]
     if mode == "flip+crop":
-        d = padding or (2 if x.shape[2] <= 28 else x.shape[2] // 8)
+        d = shift_pixels(x.shape[2], padding)
         views += [shift(v, dy, dx, fill, padding_mode) for v in (x, x.flip(-1))
                   for dy, dx in ((d, 0), (-d, 0), (0, d), (0, -d))]
     return views
@@ -401,7 +401,7 @@ def shift(x, dy, dx, fill, padding_mode="zeros"):
     h, w = x.shape[2:]
     if padding_mode == "reflect":
         p = max(abs(dy), abs(dx))
-        return torch.nn.functional.pad(x, (p,) * 4, mode="reflect")[..., p - dy:p - dy + h, p - dx:p - dx + w]
+        return F.pad(x, (p,) * 4, mode="reflect")[..., p - dy:p - dy + h, p - dx:p - dx + w]
     out = torch.empty_like(x).copy_(torch.as_tensor(fill, dtype=x.dtype, device=x.device).expand_as(x))
     out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
         x[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]

@@ -15,6 +15,12 @@ from .images import center_crop
 from .photos import draw_flips, random_resized_crop
 
 
+def shift_pixels(height, padding=0):
+    """How far crop shifts images of `height` (and --tta flip+crop with them): --crop-padding, or
+    for 0 its auto, 2 px for digits and height/8 above (4 for CIFAR)."""
+    return padding or (2 if height <= 28 else height // 8)
+
+
 def _generator(*keys):
     seed = 0
     for k in keys:
@@ -38,10 +44,11 @@ class BatchLoader:
         self.size = preprocess.image_size if h > preprocess.image_size else 0
         parts = augment.split("+")
         shifts = "crop" in parts and not self.size
-        self.pad = (padding or (2 if h <= 28 else h // 8)) if shifts else 0   # auto: 2 px for digits, 4 for CIFAR
-        if self.pad >= min(x.shape[2:]):   # reflect cannot, zeros would give blank crops
+        self.pad = shift_pixels(h, padding) if shifts else 0
+        side = min(x.shape[2:])
+        if self.pad >= side:   # reflect cannot, zeros would give blank crops
             raise UsageError(f"--crop-padding {self.pad}{'' if padding else ' (auto)'} must be under the images' "
-                             f"{min(x.shape[2:])} px: give --crop-padding {min(x.shape[2:]) - 1} or less.")
+                             f"{side} px: give --crop-padding {side - 1} or less.")
         self.padding_mode = "constant" if padding_mode == "zeros" else padding_mode
         # Padded once here, so a random crop is a plain gather with no per-batch padding.
         self.padded = self.pad_images(self.x)
