@@ -261,7 +261,8 @@ def validate_schedule(cfg):
 def ignored_settings(cfg):
     """Notes on settings this run's other choices leave without effect (a run that took them would
     otherwise say nothing): SGD's momentum and Nesterov under Adam, the step schedule's settings
-    under another schedule, Nesterov without momentum, crop's padding without crop."""
+    under another schedule, Nesterov without momentum, crop's padding without crop or with
+    --resize crop's random-resized crops."""
     notes = []
     sgd_only = ([f"--momentum {cfg.momentum:g}"] if cfg.momentum != TrainConfig.momentum else []) + (
         ["--nesterov"] if cfg.nesterov else [])
@@ -276,7 +277,9 @@ def ignored_settings(cfg):
     crop_only = ([f"--crop-padding {cfg.crop_padding}"] if cfg.crop_padding else []) + (
         [f"--crop-padding-mode {cfg.crop_padding_mode}"] if cfg.crop_padding_mode != "zeros" else [])
     crops = cfg.augment in ("auto", "randaugment", "trivialaugment") or "crop" in cfg.augment.split("+")
-    if crop_only and not crops:   # (auto and a policy alone take the dataset's crop)
+    if crop_only and cfg.resize == "crop":   # photos stored larger than the input (data/photos.py)
+        notes.append(acting_only(crop_only, "the shifts of --augment crop", "--resize crop (random-resized crops)"))
+    elif crop_only and not crops:   # (auto and a policy alone take the dataset's crop)
         notes.append(acting_only(crop_only, "--augment crop", f"--augment {cfg.augment}"))
     return notes
 

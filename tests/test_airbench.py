@@ -154,6 +154,21 @@ def test_the_network_starts_as_identity_convolutions_and_takes_any_size():
     assert model(torch.randn(2, 3, 64, 48)).shape == (2, 5)
 
 
+@given(height=st.integers(2, 20), width=st.integers(2, 20), channels=st.integers(1, 3))
+@settings(max_examples=25, deadline=None)
+def test_images_too_small_for_the_network_get_a_usage_error(height, width, channels):
+    """Sides under 9 px pool away to nothing: refused when the network is built, naming the size to
+    give, instead of a max-pool's RuntimeError at the first step; every other size trains a step."""
+    from cnnlab.errors import UsageError
+
+    if min(height, width) < 9:
+        with pytest.raises(UsageError, match="at least 9 px a side.*--image-size 9"):
+            create_model("airbench", (channels, height, width), 3, width=4)
+        return
+    model = create_model("airbench", (channels, height, width), 3, width=4)
+    F.cross_entropy(model(torch.randn(2, channels, height, width)), torch.tensor([0, 2])).backward()
+
+
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32)])
 def test_adapting_twice_to_the_same_images_is_the_same(shape):
     torch.manual_seed(0)

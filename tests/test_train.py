@@ -116,6 +116,22 @@ def test_resume_refuses_a_change_of_what_the_run_trains_on(tmp_path, setting, va
         resolve_config(resume=str(tmp_path / "r"), overrides={setting: value})
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_resume_trains_on_with_a_changed_momentum_and_weight_decay(tmp_path, optimizer):
+    """--momentum and --weight-decay may change on --resume, and the steps after it use the new
+    values: last.pt's optimizer groups once put the old ones back while config.yaml said the new."""
+    run = str(tmp_path / "r")
+    fit(make_config({**SMALL, "epochs": 1, "optimizer": optimizer, "momentum": 0.9, "weight_decay": 5e-4,
+                     "out": run}), quiet=True)
+    cnnlab.train(resume=run, epochs=2, momentum=0.5, weight_decay=2e-3, quiet=True)
+    groups = load_checkpoint(os.path.join(run, "last.pt"), "last.pt")["train_state"]["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [2e-3]
+    if optimizer == "sgd":
+        assert [g["momentum"] for g in groups] == [0.5]
+    saved = load_checkpoint(os.path.join(run, "last.pt"), "last.pt")["config"]
+    assert (saved["momentum"], saved["weight_decay"]) == (0.5, 2e-3)
+
+
 def test_sigint_leaves_a_resumable_checkpoint(tmp_path):
     out = tmp_path / "sig"
     proc = start_train("--epochs", 30, "--out", out, "--train-samples", 1000, "--report", "false")

@@ -83,10 +83,16 @@ def group(cin, cout):
                          conv(cout, cout), shift_norm(cout), nn.GELU())
 
 
+MIN_SIDE = 9   # 9 -> 8 (whitening) -> 4 -> 2 -> 1 (pools)
+
+
 @register("modern: airbench94's network (Jordan 2024): whitened 2x2 patches, 3 conv groups; the CIFAR "
           "recipes' net")
 def airbench(in_shape, num_classes, width=64):
     """Groups of width, 4x width and 4x width channels (airbench94: 64, 256, 256)."""
+    if min(in_shape[1:]) < MIN_SIDE:   # else the first training step fails deep inside a max-pool
+        raise ValueError(f"airbench needs images of at least {MIN_SIDE} px a side (its 2x2 whitening and three "
+                         f"2x2 poolings); give --image-size {MIN_SIDE} or more")
     whiten = Whiten(in_shape[0])
     w = [whiten.bias.numel(), width, 4 * width, 4 * width]
     return nn.Sequential(whiten, nn.GELU(), *(group(cin, cout) for cin, cout in zip(w, w[1:])),

@@ -299,7 +299,7 @@ def restore(state, run_dir):
     saved = train_state_of(ckpt, path)
     try:
         state.model.load_state_dict(ckpt["state_dict"])
-        state.optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(state.optimizer, saved["optimizer"])
         if state.ema is not None and saved.get("ema") is not None:
             state.ema.load_state_dict(saved["ema"])
         if state.lookahead is not None:   # turned on by this --resume: the slow copy starts from the weights
@@ -311,6 +311,17 @@ def restore(state, run_dir):
                           f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}).") from None
     state.best_weights = best_weights(state, os.path.join(run_dir, "best.pt"))
     return ckpt["config"]
+
+
+def load_optimizer_state(optimizer, saved):
+    """last.pt's optimizer state (moments, step counts) under this run's settings: torch's
+    load_state_dict also puts back the saved groups' momentum, weight decay and lr_mult, which
+    silently undid a --resume that changed --momentum or --weight-decay (config.yaml said the new
+    value, the steps used the old one)."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
 
 
 def best_weights(state, path):
