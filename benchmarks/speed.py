@@ -202,6 +202,9 @@ def main():
         sys.exit(f"full MNIST not found under {args.data_dir}")
     import cnnlab   # before torch, as the `cnnlab` command does: OpenMP's wait policy (cnnlab/threads.py)
     import torch
+    from cnnlab.allocator import reuse_freed_memory
+
+    reuse_freed_memory()   # as cli.main does for every command: (b) and (d) train in this process
 
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"GOMP_SPINCOUNT {os.environ.get('GOMP_SPINCOUNT', 'unset')}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}")

@@ -247,9 +247,11 @@ def cmd_serve(args):
 def cmd_explain(args):
     from .deploy.explain import explain
 
-    explain(args.run, args.images, target=args.target, layer=args.layer, out=args.out, invert=args.invert,
-            quiet=False)
-    return 0
+    from .deploy.predict import expand
+
+    results = explain(args.run, args.images, target=args.target, layer=args.layer, out=args.out,
+                      invert=args.invert, quiet=False)
+    return 1 if len(results) < len(expand(args.images)) else 0   # as predict: some file could not be read
 
 
 def cmd_audit(args):

@@ -21,9 +21,37 @@ def read_model(path):
     return session, meta, json.loads(meta["preprocessing"]), json.loads(meta["classes"])
 
 
+def center(img, size):
+    """The central size x size window, at torchvision CenterCrop's offsets."""
+    w, h = img.size
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    return img.crop((left, top, left + size, top + size)) if (w, h) != (size, size) else img
+
+
+def fit(img, pre):
+    """A PIL image -> the model's square, by the checkpoint's resize policy (cnnlab/data/images.py):
+    squash stretches it; crop resizes the shorter side to resize_size (or the input side) and cuts
+    the centre; pad resizes the longer side to the input side and centres it on black."""
+    size, policy = pre["image_size"], pre.get("resize", "squash")
+    w, h = img.size
+    if policy == "crop":
+        side = pre.get("resize_size") or size
+        shape = (side, int(side * h / w)) if w <= h else (int(side * w / h), side)   # torchvision's Resize rule
+        img = img.resize(shape, Image.BILINEAR) if shape != img.size else img
+        return center(center(img, side), size)   # stored at `side`, then the model's centre
+    if policy == "pad":
+        long = max(w, h)
+        shape = (max(1, round(size * w / long)), max(1, round(size * h / long)))
+        img = img.resize(shape, Image.BILINEAR) if shape != img.size else img
+        square = Image.new(img.mode, (size, size))   # black
+        square.paste(img, ((size - shape[0]) // 2, (size - shape[1]) // 2))
+        return square
+    return img.resize((size, size), Image.BILINEAR) if img.size != (size, size) else img
+
+
 def pixels(path, pre):
     """An image file -> uint8 (H, W, C) at the model's size, as cnnlab converts it: transparency
-    laid on white, then grayscale or RGB, then stretched (bilinear) to a square."""
+    laid on white, then grayscale or RGB, then fitted to the square as the model was trained (`fit`)."""
     img = Image.open(path)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):   # 16-bit grey: scaled to 0..255, not clipped
         a = np.asarray(img, dtype=np.float64)
@@ -31,10 +59,7 @@ def pixels(path, pre):
         img = Image.fromarray(np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
-    img = img.convert("L" if pre["channels"] == 1 else "RGB")
-    size = pre["image_size"]
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
+    img = fit(img.convert("L" if pre["channels"] == 1 else "RGB"), pre)
     a = np.asarray(img, dtype=np.uint8)
     return a[:, :, None] if a.ndim == 2 else a
 

@@ -8,6 +8,8 @@ import re
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cnnlab.evaluation import plots
 from cnnlab.evaluation.compare import compare_table
@@ -286,3 +288,57 @@ def test_report_history_shows_a_dash_for_a_run_without_validation():
     row = {"epoch": 1.0, "train_loss": 0.5, "train_acc": 0.9, "val_loss": float("nan"), "val_acc": float("nan"),
            "lr": 1e-3, "seconds": 2.0}
     assert history_rows([row]) == [["1", "0.5000", "90.0%", "-", "-", "1.00e-03", "2.0 s"]]
+
+
+@given(names=st.lists(st.sampled_from(["cat", "dog", "ship", "bird", "0", "1", "2", "frog"]), min_size=2, max_size=4,
+                      unique=True),
+       others=st.lists(st.sampled_from(["cat", "dog", "ship", "bird", "0", "1", "2", "frog"]), min_size=2,
+                       max_size=4, unique=True),
+       numbered=st.sampled_from(["neither", "data", "model"]))
+@settings(max_examples=60, deadline=None)
+def test_evaluate_refuses_data_whose_class_names_are_not_the_models(names, others, numbered):
+    """A model of cat/dog/ship scored on airplane/bird/frog images said 18% without a word: label i
+    of the data counted as the model's class i. Refused when both sides name their classes and the
+    names (or their order) differ; names that are only label numbers (arrays, .npz) are taken as given."""
+    from types import SimpleNamespace
+
+    from cnnlab.errors import UsageError
+    from cnnlab.evaluation.results import evaluate_model
+
+    data_classes = [str(i) for i in range(len(others))] if numbered == "data" else others
+    model_classes = [str(i) for i in range(len(names))] if numbered == "model" else names
+    data = SimpleNamespace(test=(torch.zeros(1, 1, 4, 4), torch.zeros(1, dtype=torch.long)), classes=data_classes,
+                           name="d")
+    model = SimpleNamespace(classes=model_classes)
+    numbers_only = lambda c: c == [str(i) for i in range(len(c))]
+    if len(data_classes) != len(model_classes) and data_classes != model_classes:
+        expected = "classes, the model"
+    elif data_classes != model_classes and not numbers_only(data_classes) and not numbers_only(model_classes):
+        expected = "evaluate it on data with the model's classes"
+    else:
+        expected = None
+    try:
+        evaluate_model(model, data)
+    except UsageError as e:
+        assert expected is not None and expected in str(e), str(e)
+    except AttributeError:   # past the checks: the bare namespace has no preprocess to build a loader with
+        assert expected is None
+    else:
+        raise AssertionError("evaluate_model ran on a bare namespace")
+
+
+def test_evaluate_goes_on_from_best_pt_when_last_pt_is_damaged(demo_run, tmp_path):
+    """Only last.pt cut short: evaluate gave no metrics at all, and its error stopped mid-word."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run, run)
+    data = (run / "last.pt").read_bytes()
+    (run / "last.pt").write_bytes(data[:3000])
+    result = run_cli("evaluate", run, "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.load(open(os.path.join(demo_run, "summary.json")))
+    assert json.loads(result.stdout)["accuracy"] == pytest.approx(summary["test_acc"])   # best.pt's, as before
+    warning = next(line for line in result.stderr.splitlines() if "last.pt" in line)
+    assert "not a readable checkpoint" in warning and warning.endswith("Going on without the last epoch's results.")
+    assert "(truncated or another kind of file: " in warning and "). Going on" in warning

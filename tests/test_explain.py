@@ -107,6 +107,23 @@ def test_explain_writes_an_overlay_per_image_and_a_contact_sheet(checkpoint_file
     assert "Grad-CAM of b" in result.stdout and "layer 'features'" in result.stdout
 
 
+def test_explain_and_predict_exit_1_naming_each_unreadable_file_once(checkpoint_file, tmp_path):
+    """An unreadable file among readable ones: both commands go on with the rest and exit 1 (explain
+    exited 0), the error line names the file once; an empty folder is a usage error for both."""
+    bad = tmp_path / "notimage.png"
+    bad.write_text("plain text")
+    for command in ("explain", "predict"):
+        result = run_cli(command, checkpoint_file / "m.pt", checkpoint_file / "img0.png", bad,
+                         *(["--out", tmp_path / "out"] if command == "explain" else []))
+        assert result.returncode == 1, (command, result.stderr)
+        line = next(x for x in result.stderr.splitlines() if "notimage" in x)
+        assert line.count("notimage.png") == 1, line
+        assert "1 of 2 file(s) could not be read" in result.stderr
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        empty = run_cli(command, checkpoint_file / "m.pt", tmp_path / "empty")
+        assert empty.returncode == 2 and "no image file in" in empty.stderr and empty.stdout == "", empty.stderr
+
+
 @pytest.mark.parametrize("flags, culprit", [(["--target", "bb"], "unknown class 'bb'. Did you mean 'b'?"),
                                             (["--layer", "feature"], "Did you mean 'features'?")])
 def test_explain_refuses_an_unknown_class_or_layer_in_one_line(checkpoint_file, tmp_path, flags, culprit):

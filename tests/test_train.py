@@ -132,6 +132,44 @@ def test_resume_trains_on_with_a_changed_momentum_and_weight_decay(tmp_path, opt
     assert (saved["momentum"], saved["weight_decay"]) == (0.5, 2e-3)
 
 
+def test_resuming_a_run_still_in_its_first_epoch_names_the_process(tmp_path):
+    """No last.pt yet because another process is training the folder: said with its pid, not
+    'is it a cnnlab run folder?'; once the process is gone, the plain message."""
+    from cnnlab.training.resume import resolve_config
+    from cnnlab.training.run_folder import LOCK, hold_lock
+
+    lock = hold_lock(tmp_path / LOCK)
+    with pytest.raises(UsageError, match=f"another cnnlab process \\(pid {os.getpid()}\\) is training it"):
+        resolve_config(resume=str(tmp_path))
+    lock.close()
+    with pytest.raises(UsageError, match="has no last.pt \\(is it a cnnlab run folder"):
+        resolve_config(resume=str(tmp_path))
+
+
+def test_a_run_on_a_folder_resumes_after_the_folder_moved(tmp_path):
+    """A folder named by a relative path could not be resumed from another working directory, nor
+    after it moved (--data-dir was ignored, --data refused): --data-dir now gives its new place, and
+    the resumed run ends as the uninterrupted one; other data under that name is still refused."""
+    from .test_data import make_folder
+
+    (tmp_path / "work").mkdir()
+    make_folder(tmp_path / "work" / "pets", n=10)
+    flags = ("--data", "folder:pets", "--image-size", 8, "--model", "simple_cnn", "--batch-size", 4, "--report", "false")
+    for name, epochs in (("full", 2), ("cut", 1)):
+        result = run_cli("train", *flags, "--epochs", epochs, "--out", tmp_path / name, cwd=tmp_path / "work")
+        assert result.returncode == 0, result.stderr
+    os.rename(tmp_path / "work" / "pets", tmp_path / "pets2")
+    lost = run_cli("train", "--resume", tmp_path / "cut", "--epochs", 2, cwd=tmp_path)
+    assert lost.returncode == 2 and "its data pets (a path relative" in lost.stderr and "--data-dir PATH" in lost.stderr
+    again = run_cli("train", "--resume", tmp_path / "cut", "--epochs", 2, "--data-dir", tmp_path / "pets2", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
+    assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "cut")
+    make_folder(tmp_path / "other", n=4)   # most of the split's files missing: not the data it was cut from
+    other = run_cli("train", "--resume", tmp_path / "cut", "--epochs", 3, "--data-dir", tmp_path / "other")
+    assert other.returncode in (1, 2) and "Traceback" not in other.stderr and "split" in other.stderr, other.stderr
+
+
 def test_sigint_leaves_a_resumable_checkpoint(tmp_path):
     out = tmp_path / "sig"
     proc = start_train("--epochs", 30, "--out", out, "--train-samples", 1000, "--report", "false")
@@ -223,7 +261,8 @@ def test_tensorboard_and_log_every(tmp_path):
     assert result.returncode == 0, result.stderr
     events = os.listdir(tmp_path / "tb" / "tensorboard")
     assert any(name.startswith("events.out.tfevents") for name in events)
-    assert result.stdout.count("took") == 4     # four timed progress lines in one epoch
+    assert result.stderr.count("took") == 4     # four timed progress lines in one epoch, beside the bar's place
+    assert "took" not in result.stdout and "epoch   1/1" in result.stdout
 
 
 @pytest.mark.parametrize("args,needle", [

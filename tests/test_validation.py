@@ -343,6 +343,21 @@ def test_a_longer_resume_notes_the_stretched_schedule_and_rewrites_config_yaml(r
         assert yaml.safe_load(f)["epochs"] == 2
 
 
+@pytest.mark.parametrize("old, new, word", [(8, 3, "shortened"), (3, 8, "stretched")])
+def test_the_resume_note_says_whether_the_schedule_got_longer_or_shorter(old, new, word):
+    """Resuming an 8-epoch one-cycle run with --epochs 3 said the schedule was 'stretched'."""
+    from cnnlab.config import make_config
+    from cnnlab.training.optim import lr_factor, resumed_lr_change
+
+    cfg = make_config({"schedule": "onecycle", "epochs": new, "lr": 0.1})
+    before = make_config({"schedule": "onecycle", "epochs": old, "lr": 0.1})
+    text = resumed_lr_change(before.to_dict(), cfg, 20, 10)
+    expected = (f"note: resumed with epochs {old} -> {new}: the onecycle schedule is {word} to the new length of "
+                f"{new} epochs, so the lr jumps from {0.1 * lr_factor(before, 20, 10):.3g} to "
+                f"{0.1 * lr_factor(cfg, 20, 10):.3g} at epoch 3 (global step 20).")
+    assert text == expected
+
+
 @pytest.mark.parametrize("setting,value", [("lr", 0.1), ("weight_decay", 0.01), ("schedule", "constant"),
                                            ("label_smoothing", 0.1)])
 def test_a_new_training_setting_on_a_trained_run_is_refused_and_changes_nothing(run, setting, value):

@@ -12,18 +12,19 @@ from .predict import expand
 
 
 def read_images(model, paths, invert=False):
-    """(uint8 batch, the paths read); a file that cannot be read is noted on stderr and skipped."""
-    images, read = [], []
-    for path in expand(paths):
+    """(uint8 batch, the paths read, the count that could not be); a file that cannot be read is
+    noted on stderr and skipped."""
+    images, read, files = [], [], expand(paths)
+    for path in files:
         try:
             images.append(model.preprocess.image(open_image(path, size=model.preprocess.decode_size),
                                                  invert=invert or None))
             read.append(path)
-        except CnnlabError as e:
-            note(f"{path}: error: {e}")
+        except CnnlabError as e:   # the error names the file itself: said once
+            note(f"{path}: error: {str(e).removeprefix(f'{path}: ')}")
     if not images:
         raise UsageError(f"no readable image among {', '.join(map(str, paths))}.")
-    return torch.stack(images), read
+    return torch.stack(images), read, len(files) - len(read)
 
 
 def explain(run, images, target=None, layer=None, out=None, invert=False, quiet=True):
@@ -31,7 +32,7 @@ def explain(run, images, target=None, layer=None, out=None, invert=False, quiet=
     contact_sheet.png into `out` (default RUN/explain) and returns one dict per image (path,
     predicted, probability, target, target_probability, layer, heatmap, png)."""
     model = load(run)
-    batch, read = read_images(model, images if isinstance(images, (list, tuple)) else [images], invert)
+    batch, read, unread = read_images(model, images if isinstance(images, (list, tuple)) else [images], invert)
     results = model.explain(batch, target=target, layer=layer)
     run_dir = run if os.path.isdir(run) else os.path.dirname(os.path.abspath(run))
     out = out or os.path.join(run_dir, "explain")
@@ -43,4 +44,6 @@ def explain(run, images, target=None, layer=None, out=None, invert=False, quiet=
                   f"({r['target_probability']:.1%}) -> {png}")
     if not quiet:
         print(f"layer '{results[0]['layer']}'; contact sheet: {pngs[-1]}")
+    if unread:
+        note(f"cnnlab: {unread} of {unread + len(read)} file(s) could not be read")
     return results

@@ -6,17 +6,20 @@ import os
 import torch
 
 from ..data.folder import list_images
-from ..data.images import open_image
-from ..errors import CnnlabError, note
+from ..data.images import IMAGE_SUFFIXES, open_image
+from ..errors import CnnlabError, UsageError, note
 from .inference import check_top_k, load
 
 
 def expand(paths):
     """Files as given, folders searched recursively for images; a missing path is kept to be
-    reported as an error of its own."""
+    reported as an error of its own. No file at all (empty folders) is a UsageError."""
     files = []
     for p in paths:
         files += list_images(p) if os.path.isdir(p) else [p]
+    if not files:
+        raise UsageError(f"no image file in {', '.join(map(str, paths))}: give image files, or folders holding "
+                         f"them ({', '.join(IMAGE_SUFFIXES)}; subfolders are searched too).")
     return files
 
 

@@ -58,7 +58,11 @@ def last_epoch(path, best):
     last = os.path.join(str(path), "last.pt")
     if not (os.path.isdir(path) and os.path.exists(last)):
         return None
-    model = trained(checkpoint.load(last), last, best.device)
+    try:
+        model = trained(checkpoint.load(last), last, best.device)
+    except CnnlabError as e:   # best.pt's results still stand: only the last epoch's line is lost
+        note(f"warning: {e} Going on without the last epoch's results.")
+        return None
     return None if model.epoch is None or model.epoch == best.epoch else model
 
 
@@ -115,6 +119,10 @@ def evaluate_model(model, data, split="test", collect=False, tta="none", say_tta
         raise UsageError(f"the {split} split is empty.")
     if data.classes != model.classes and len(data.classes) != len(model.classes):
         raise UsageError(f"data has {len(data.classes)} classes, the model {len(model.classes)}.")
+    if names(data.classes) != names(model.classes) and not (unnamed(data.classes) or unnamed(model.classes)):
+        # label i of the data would be scored as the model's class i: a number about nothing
+        raise UsageError(f"data '{data.name}' has the classes {names_text(data.classes)}, the model "
+                         f"{names_text(model.classes)}: evaluate it on data with the model's classes, in its order.")
     # a streamed split stays on disk (read batch by batch), never copied whole to the device
     loader = make_loader(x, y, 256, model.preprocess, model.device, streamed=data.streamed, channels_last=True,
                          mixed=depends_on_batch(model.net))
@@ -129,6 +137,21 @@ def evaluate_model(model, data, split="test", collect=False, tta="none", say_tta
     if not collect:
         del out["_probs"], out["_losses"]
     return {**out, **({"tta": tta} if tta != "none" else {})}
+
+
+def names(classes):
+    return [str(c) for c in classes]
+
+
+def unnamed(classes):
+    """Whether class names are only the label numbers (0, 1, ...: arrays and .npz files without names)."""
+    return names(classes) == [str(i) for i in range(len(classes))]
+
+
+def names_text(classes, most=6):
+    """'cat, dog, ship' (at most `most` names, then '... (N in all)')."""
+    shown = ", ".join(map(str, classes[:most]))
+    return shown + (f", ... ({len(classes)} in all)" if len(classes) > most else "")
 
 
 def metrics_of(raw, classes, split="test", labels=None):

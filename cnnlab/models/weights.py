@@ -30,7 +30,9 @@ def torch_load_safely(path, what="checkpoint"):
         raise CnnlabError(f"{path} was refused: it asks to load a Python object ({refused.group(1)}) that "
                           "could run code. Nothing in it was executed; cnnlab only opens plain tensors and numbers.") from None
     except Exception as e:  # truncated or foreign bytes fail in many ways inside torch.load and zipfile
-        detail = str(e).splitlines()[0][:120] if str(e) else ""
+        detail = str(e).splitlines()[0].split(". ")[0] if str(e) else ""   # its first sentence,
+        if len(detail) > 120:                                               # cut between words
+            detail = detail[:120].rsplit(" ", 1)[0] + " ..."
         if not re.search(r"[A-Za-z]{3}", detail):   # a bare number or key from deep inside the unpickler
             detail = "not a torch.save file, or damaged"
         raise CnnlabError(f"{path} is not a readable {what} (truncated or another kind of file: {detail}).") from None

@@ -292,8 +292,10 @@ def restore(state, run_dir):
     become the best so far. Returns last.pt's config (the settings the run had before this resume)."""
     path = os.path.join(run_dir, "last.pt")
     ckpt = load(path, "last.pt")
-    check_run_config(ckpt["config"], run_dir, state.cfg.to_dict(), path, "put back the run's own last.pt, or "
-                     "start a new run")
+    live = state.cfg.to_dict()
+    if moved(ckpt["config"].get("data"), live["data"]):   # the saved split's fingerprint checked the data
+        live["data"] = ckpt["config"]["data"]
+    check_run_config(ckpt["config"], run_dir, live, path, "put back the run's own last.pt, or start a new run")
     check_same_run(ckpt, state, path)
     check_finite(ckpt["state_dict"], path)
     saved = train_state_of(ckpt, path)
@@ -311,6 +313,15 @@ def restore(state, run_dir):
                           f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}).") from None
     state.best_weights = best_weights(state, os.path.join(run_dir, "best.pt"))
     return ckpt["config"]
+
+
+def moved(before, now):
+    """Whether --data went from one path to another of the same kind (folder:, csv:, npz:), as a
+    --resume with --data-dir makes it (resume.moved_data)."""
+    from .resume import path_source
+
+    return isinstance(before, str) and before != now and path_source(before) is not None and \
+        path_source(before) == path_source(now)
 
 
 def load_optimizer_state(optimizer, saved):

@@ -1,5 +1,6 @@
-"""What a training run prints (stdout, rank 0, nothing when quiet): the settings block, the
-progress bar or --log-every lines, one line per epoch and the test line. Callbacks (callbacks.py)."""
+"""What a training run prints (rank 0, nothing when quiet): on stdout the settings block, one line
+per epoch and the test line; on stderr the progress inside an epoch (a bar on a terminal, else the
+--log-every lines). Callbacks (callbacks.py)."""
 import sys
 
 from ..runtime import amp_label
@@ -103,8 +104,8 @@ class ProgressBar(Callback):
         if self.bar is not None:
             self.bar.update(1)   # tqdm redraws at most 10 times a second
         if self.every and progress.step % self.every == 0:
-            state.log(f"  epoch {progress.epoch + 1} {progress.step / self.total:4.0%}  "
-                      f"train loss {progress.running_loss():.4f}  took {progress.elapsed():.1f}s")
+            state.log(f"  epoch {progress.epoch + 1} {progress.step / self.total:4.0%}  "   # progress, as the bar: stderr
+                      f"train loss {progress.running_loss():.4f}  took {progress.elapsed():.1f}s", file=sys.stderr)
 
     def on_epoch_end(self, state):
         self.close()

@@ -98,7 +98,8 @@ def resumed_lr_change(saved, cfg, step, steps_per_epoch):
         return None
     changed = ", ".join(f"{k} {getattr(before, k)} -> {getattr(cfg, k)}" for k in SCHEDULE_KEYS
                         if getattr(before, k) != getattr(cfg, k))
-    stretched = (f" the {cfg.schedule} schedule is stretched to the new length of {cfg.epochs} epochs, so"
+    stretched = (f" the {cfg.schedule} schedule is {'stretched' if cfg.epochs > before.epochs else 'shortened'} to "
+                 f"the new length of {cfg.epochs} epochs, so"
                  if before.epochs != cfg.epochs and cfg.schedule in ("cosine", "onecycle") else "")
     return (f"note: resumed with {changed}:{stretched} the lr jumps from {old:.3g} to {new:.3g} at epoch "
             f"{step // steps_per_epoch + 1} (global step {step}).")

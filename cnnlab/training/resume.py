@@ -6,6 +6,7 @@ from ..config import load_yaml, make_config
 from ..errors import UsageError
 from .checkpoint import DEFINING
 from .finetune import weights_sizes
+from .run_folder import lock_holder
 
 # Settings that define what a run IS; changing them on --resume would silently mix two runs: its
 # data and network (checkpoint.DEFINING) and how it trains.
@@ -55,6 +56,11 @@ def with_data_name(cfg):
 def resume_config(run_dir, overrides):
     """The saved config with the allowed overrides applied; refuses changes to MUST_MATCH keys."""
     if not os.path.exists(os.path.join(run_dir, "last.pt")):
+        holder = lock_holder(run_dir) if os.path.isdir(run_dir) else None
+        if holder:   # its first epoch is not over yet
+            raise UsageError(f"cannot resume {run_dir}: another cnnlab process (pid {holder}) is training it and has "
+                             "written no last.pt yet; wait for it to finish, or stop it (Ctrl-C writes last.pt) "
+                             "and resume then.")
         raise UsageError(f"cannot resume: {run_dir} has no last.pt (is it a cnnlab run folder?).")
     out = overrides.get("out")
     if out and os.path.realpath(out) != os.path.realpath(run_dir):   # was ignored silently
@@ -66,8 +72,37 @@ def resume_config(run_dir, overrides):
         saved = make_config(values)
     except UsageError as e:   # an edited or damaged config.yaml: say which file the bad setting is in
         raise UsageError(f"{path}: {e}") from None
+    saved, overrides = moved_data(saved, overrides, run_dir)
     changed = [k for k in MUST_MATCH if k in overrides and make_config({k: overrides[k]}).to_dict()[k] != getattr(saved, k)]
     if changed:
         diffs = ", ".join(f"{k}: {getattr(saved, k)!r} -> {overrides[k]!r}" for k in changed)
-        raise UsageError(f"cannot resume {run_dir} with a different {diffs}; start a new run instead.")
+        moved = " (or, for the same data moved, give its new place with --data-dir PATH)" if (
+            "data" in changed and path_source(saved.data)) else ""
+        raise UsageError(f"cannot resume {run_dir} with a different {diffs}; start a new run instead{moved}.")
     return make_config({k: v for k, v in overrides.items() if k != "out"}, base=saved)
+
+
+def path_source(data):
+    """'folder', 'csv' or 'npz' for a --data name that is a path to the data; None for a named set."""
+    from ..data.registry import lookup
+
+    found = lookup(data)
+    return found[0].name if found and found[0].claims else None
+
+
+def moved_data(saved, overrides, run_dir):
+    """(saved config, overrides) for a run trained on a folder, labels file or .npz: with --data-dir,
+    the data's new place (as `cnnlab evaluate` takes it; the saved split's fingerprint still
+    refuses other data); without it, a path not found from here says how to give it."""
+    kind = path_source(saved.data)
+    if not kind:
+        return saved, overrides
+    if overrides.get("data_dir"):
+        rest = {k: v for k, v in overrides.items() if k != "data_dir"}
+        return make_config({"data": f"{kind}:{overrides['data_dir']}"}, base=saved), rest
+    where = saved.data.partition(":")[2]
+    if "data" not in overrides and not os.path.exists(where):
+        relative = "" if os.path.isabs(where) else " (a path relative to the folder the run was trained from)"
+        raise UsageError(f"cannot resume {run_dir}: its data {where}{relative} is not found from here; give the "
+                         "data's place with --data-dir PATH.")
+    return saved, overrides

@@ -140,6 +140,23 @@ def hold_lock(path):
     return f
 
 
+def lock_holder(folder):
+    """The pid text of the cnnlab process training in `folder` now, or None (no lock file, or no
+    process holding it)."""
+    import fcntl
+
+    path = os.path.join(folder, LOCK)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return f.read().strip() or "unknown"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
 def read_json(path):
     try:
         with open(path, encoding="utf-8") as f:
