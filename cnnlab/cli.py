@@ -529,7 +529,18 @@ def build_parser():
         command.add_argument("--plugin", action="append", metavar="FILE_OR_MODULE",
                              help="import your module first: its @cnnlab.register_model / register_dataset entries, "
                                   "and the network of a checkpoint trained with your own class (repeatable)")
+    name_commands(p)
     return p
+
+
+def name_commands(parser):
+    """Each (sub)command's own prog in its parsed args (`command_prog`), the innermost winning, so an
+    unknown flag's error names the help that lists the right flags."""
+    parser.set_defaults(command_prog=parser.prog)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                name_commands(sub)
 
 
 def console():
@@ -560,7 +571,9 @@ def main(argv=None):
     reuse_freed_memory()   # a command's process ends with it; see its docstring
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:   # argparse would name the top parser's help, not the command's
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see `{args.command_prog} --help`)")
         if args.command is None:
             parser.print_help()
             return 0

@@ -179,3 +179,17 @@ def test_python_api_names_a_bare_path_like_the_cli(tmp_path, monkeypatch):
     result = cnnlab.train(data=str(path), model="net_width", epochs=1, report=False, quiet=True)
     assert result.summary["data"] == f"npz:{path}"
     assert os.path.dirname(result.run_dir) == "runs" and os.path.basename(result.run_dir).startswith("net_width-npz-")
+
+
+@pytest.mark.parametrize("argv, help_of", [(["data", "check", "x", "--json"], "cnnlab data check"),
+                                           (["train", "--bogus", "1"], "cnnlab train"), (["--bogus"], "cnnlab")])
+def test_an_unknown_flag_names_the_commands_own_help(argv, help_of):
+    """`cnnlab data check DIR --json` pointed at `cnnlab --help`, which lists no flag of data check."""
+    result = run_cli(*argv)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().endswith(f"(see `{help_of} --help`)"), result.stderr
+
+
+def test_compare_names_a_missing_run_folder(tmp_path):
+    result = run_cli("compare", tmp_path / "nope", tmp_path / "nope2")
+    assert result.returncode == 1 and f"run folder not found: {tmp_path / 'nope'}" in result.stderr, result.stderr

@@ -236,3 +236,20 @@ def test_a_run_on_a_relative_folder_is_found_again_with_data_dir(tmp_path):
     assert found.returncode == 0, found.stderr
     m = json.loads(found.stdout)
     assert m["samples"] == len(saved(tmp_path / "run")["test"]) and m["accuracy"] == pytest.approx(summary["test_acc"])
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_missing_class_warnings_name_the_setting_that_cut_the_splits(ranges, capsys):
+    """Under --split-ranges the warnings told the user to change --val-fraction, which that run ignores."""
+    from cnnlab.data import warn_missing_classes
+
+    data = load_data(DataConfig(data="mnist-5k", split_ranges="train=0:100,val=100:150,test=150:200") if ranges
+                     else DataConfig(data="mnist-5k", train_samples=5, val_samples=3, test_samples=3))
+    capsys.readouterr()
+    warn_missing_classes(data, ranges=ranges)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and all(line.startswith("warning: no ") for line in lines)
+    if ranges:
+        assert all("--split-ranges did that" in line and "--val-fraction" not in line for line in lines)
+    else:
+        assert all("more data or a " in line and "--split-ranges" not in line for line in lines)

@@ -124,7 +124,7 @@ def load_data(cfg, splits=None):
     data = Data(name=cfg.data, classes=list(src.classes), **parts, mean=mean, std=std, flip_ok=src.flip_ok,
                 splits=splits, files=src.files, streamed=streamed, disk_bytes=disk_bytes,
                 resize=policy, input_size=size if stored != size else 0)
-    warn_missing_classes(data)
+    warn_missing_classes(data, ranges=bool(cfg.split_ranges))
     warn_small_splits(data)
     return data
 
@@ -178,14 +178,14 @@ def absent_classes(y, classes):
 HELD_OUT = (("val", "--val-fraction/--val-samples"), ("test", "--test-fraction/--test-samples"))
 
 
-def warn_missing_classes(data):
+def warn_missing_classes(data, ranges=False):
     """A class with no training images cannot be learnt, and one with no validation or test images
     is never measured there; say so (stderr) rather than let a per-class table or a stopping rule
     quietly ignore it."""
     untaught = absent_classes(data.train[1], data.classes)
     if untaught:
         note(f"warning: no training images for class {name_list(untaught)}; the model cannot learn "
-             f"{'it' if len(untaught) == 1 else 'them'} (more data or a smaller --val-fraction/--test-fraction fixes it).")
+             f"{'it' if len(untaught) == 1 else 'them'} ({fixes(ranges, 'a smaller --val-fraction/--test-fraction')}).")
     for split, flag in HELD_OUT:
         y = getattr(data, split)[1]
         if len(y) == 0:
@@ -193,7 +193,14 @@ def warn_missing_classes(data):
         missing = absent_classes(y, data.classes)
         if missing:
             note(f"warning: no {split} images for class {name_list(missing)}; {'its' if len(missing) == 1 else 'their'} "
-                 f"{split} accuracy is not measured (more data or a larger {flag} fixes it).")
+                 f"{split} accuracy is not measured ({fixes(ranges, f'a larger {flag}')}).")
+
+
+def fixes(ranges, flags):
+    """The hint of warn_missing_classes: --split-ranges, when given, decides the splits alone."""
+    if ranges:
+        return "--split-ranges did that: ranges holding every class, or --split-ranges '' with sample sizes, fix it"
+    return f"more data or {flags} fixes it"
 
 
 def name_list(names):

@@ -44,6 +44,8 @@ def compare(run_dirs, out=None):
 def read_summary(run_dir):
     """A run's summary.json, with the keys compare shows; CnnlabError for an unfinished or damaged run."""
     path = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(run_dir):
+        raise CnnlabError(f"run folder not found: {run_dir}")
     if not os.path.exists(path):
         raise CnnlabError(f"{run_dir} has no summary.json; is it a finished cnnlab run folder?")
     s = read_json(path)
