@@ -277,7 +277,7 @@ def ignored_settings(cfg):
     crop_only = ([f"--crop-padding {cfg.crop_padding}"] if cfg.crop_padding else []) + (
         [f"--crop-padding-mode {cfg.crop_padding_mode}"] if cfg.crop_padding_mode != "zeros" else [])
     crops = cfg.augment in ("auto", "randaugment", "trivialaugment") or "crop" in cfg.augment.split("+")
-    if crop_only and cfg.resize == "crop":   # photos stored larger than the input (data/photos.py)
+    if crop_only and cfg.resize == "crop" and cfg.image_size:   # photos stored larger than the input (data/photos.py)
         notes.append(acting_only(crop_only, "the shifts of --augment crop", "--resize crop (random-resized crops)"))
     elif crop_only and not crops:   # (auto and a policy alone take the dataset's crop)
         notes.append(acting_only(crop_only, "--augment crop", f"--augment {cfg.augment}"))

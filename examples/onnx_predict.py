@@ -33,6 +33,8 @@ def fit(img, pre):
     squash stretches it; crop resizes the shorter side to resize_size (or the input side) and cuts
     the centre; pad resizes the longer side to the input side and centres it on black."""
     size, policy = pre["image_size"], pre.get("resize", "squash")
+    if policy not in ("squash", "crop", "pad"):   # fitted another way, the model would get other pixels
+        sys.exit(f"this model resizes its inputs by '{policy}', which this script does not know; use `cnnlab predict`")
     w, h = img.size
     if policy == "crop":
         side = pre.get("resize_size") or size

@@ -260,6 +260,7 @@ def test_a_folder_as_config_gets_one_line(tmp_path):
     ({"augment": "randaugment", "crop_padding_mode": "reflect"}, []),
     ({"resize": "crop", "image_size": 64, "augment": "crop+flip", "crop_padding": 4},
      ["--crop-padding 4 acts on the shifts of --augment crop only; --resize crop (random-resized crops) ignores it."]),
+    ({"resize": "crop", "augment": "crop", "crop_padding": 4}, []),   # no --image-size: nothing stored larger
     ({}, [])])
 def test_settings_the_run_ignores_are_named(settings, expected):
     """`--optimizer adam --momentum 0.5` trained without a word that the momentum did nothing."""

@@ -71,7 +71,7 @@ def test_train_takes_the_fix_list_from_the_cli(audited, tmp_path):
                      "--val-samples", 100, "--test-samples", 100, "--report", "false", "--out", out)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"fix_list: {path}" in (out / "config.yaml").read_text()
-    assert f"note: --fix-list {path}: 1 image(s) left out and 1 relabelled, of " in result.stderr   # never silent
+    assert f"note: fix list {path}: 1 image(s) left out and 1 relabelled, of " in result.stderr   # never silent
     import json
 
     splits = json.loads((out / "splits.json").read_text())

@@ -159,15 +159,25 @@ def test_a_run_on_a_folder_resumes_after_the_folder_moved(tmp_path):
         result = run_cli("train", *flags, "--epochs", epochs, "--out", tmp_path / name, cwd=tmp_path / "work")
         assert result.returncode == 0, result.stderr
     os.rename(tmp_path / "work" / "pets", tmp_path / "pets2")
+    first_best = (tmp_path / "cut" / "best.pt").read_bytes()   # its config says folder:pets
     lost = run_cli("train", "--resume", tmp_path / "cut", "--epochs", 2, cwd=tmp_path)
     assert lost.returncode == 2 and "its data pets (a path relative" in lost.stderr and "--data-dir PATH" in lost.stderr
     again = run_cli("train", "--resume", tmp_path / "cut", "--epochs", 2, "--data-dir", tmp_path / "pets2", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
     assert metric_rows(tmp_path / "full") == metric_rows(tmp_path / "cut")
+    # evaluate reads the data's new place from config.yaml, whichever epoch's best.pt says the old one
+    evaluated = run_cli("evaluate", tmp_path / "cut", "--json", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["accuracy"] == json.loads(
+        (tmp_path / "full" / "summary.json").read_text())["test_acc"]
+    (tmp_path / "cut" / "best.pt").write_bytes(first_best)   # as when the resumed epochs never beat epoch 1
+    evaluated = run_cli("evaluate", tmp_path / "cut", "--json", cwd=tmp_path)
+    assert evaluated.returncode == 0 and "accuracy" in json.loads(evaluated.stdout), evaluated.stderr
     make_folder(tmp_path / "other", n=4)   # most of the split's files missing: not the data it was cut from
     other = run_cli("train", "--resume", tmp_path / "cut", "--epochs", 3, "--data-dir", tmp_path / "other")
-    assert other.returncode in (1, 2) and "Traceback" not in other.stderr and "split" in other.stderr, other.stderr
+    assert other.returncode in (1, 2) and "Traceback" not in other.stderr, other.stderr
+    assert "changed since" in other.stderr or "missing" in other.stderr, other.stderr
 
 
 def test_sigint_leaves_a_resumable_checkpoint(tmp_path):

@@ -185,7 +185,8 @@ def warn_missing_classes(data, ranges=False):
     untaught = absent_classes(data.train[1], data.classes)
     if untaught:
         note(f"warning: no training images for class {name_list(untaught)}; the model cannot learn "
-             f"{'it' if len(untaught) == 1 else 'them'} ({fixes(ranges, 'a smaller --val-fraction/--test-fraction')}).")
+             f"{'it' if len(untaught) == 1 else 'them'} "
+             f"({missing_class_hint(ranges, 'a smaller --val-fraction/--test-fraction')}).")
     for split, flag in HELD_OUT:
         y = getattr(data, split)[1]
         if len(y) == 0:
@@ -193,10 +194,10 @@ def warn_missing_classes(data, ranges=False):
         missing = absent_classes(y, data.classes)
         if missing:
             note(f"warning: no {split} images for class {name_list(missing)}; {'its' if len(missing) == 1 else 'their'} "
-                 f"{split} accuracy is not measured ({fixes(ranges, f'a larger {flag}')}).")
+                 f"{split} accuracy is not measured ({missing_class_hint(ranges, f'a larger {flag}')}).")
 
 
-def fixes(ranges, flags):
+def missing_class_hint(ranges, flags):
     """The hint of warn_missing_classes: --split-ranges, when given, decides the splits alone."""
     if ranges:
         return "--split-ranges did that: ranges holding every class, or --split-ranges '' with sample sizes, fix it"

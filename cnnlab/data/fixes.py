@@ -37,9 +37,9 @@ def apply_fix_list(src, path):
             dropped[pool][i] = True
         elif r["action"] == "relabel":
             labels[pool][i] = class_index(r["suggested"], src.classes, f"{path} line {line}")
-    relabelled = sum(int((y != old).sum()) for y, old in ((labels["train"], src.train_y), (labels["test"], src.test_y))
-                     if y is not None)
-    note(f"note: --fix-list {path}: {sum(int(d.sum()) for d in dropped.values())} image(s) left out and {relabelled} "
+    relabelled = sum(int(((labels[pool] != old) & ~dropped[pool]).sum())   # an excluded image counts once
+                     for pool, old in (("train", src.train_y), ("test", src.test_y)) if old is not None)
+    note(f"note: fix list {path}: {sum(int(d.sum()) for d in dropped.values())} image(s) left out and {relabelled} "
          f"relabelled, of {sum(len(d) for d in dropped.values())}.")
     return keep_rows(src, {pool: ~d for pool, d in dropped.items()}, labels, why="with a fix list")
 

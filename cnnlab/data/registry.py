@@ -92,6 +92,12 @@ def lookup(name):
     return (found, arg) if found and found.accepts(bool(colon)) else None
 
 
+def path_source(name):
+    """'folder', 'csv' or 'npz' for a --data name that is a path to the data; None for a named set."""
+    found = lookup(name)
+    return found[0].name if found and found[0].claims else None
+
+
 def resolve_name(name):
     """`--data` as given -> a registered name: a bare path that a source claims (an existing folder,
     a .npz file) gets its prefix (folder:PATH, npz:PATH). Unknown names raise a UsageError with

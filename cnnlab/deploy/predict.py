@@ -34,10 +34,11 @@ def warn_unlike_training(model, unlike):
 def predict_files(checkpoint_path, paths, top_k=3, as_json=False, invert=False, batch_size=256, backend=None,
                   tta="none"):
     check_top_k(top_k)
+    files = expand(paths)   # an empty folder is refused before the model loads
     model = load(checkpoint_path, backend=backend)
     model.tta = tta
     results, ok_items, unlike = [], [], []
-    for path in expand(paths):
+    for path in files:
         try:
             img = open_image(path, size=model.preprocess.decode_size)
             if what := model.unlike_training(img):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import make_config
+from ..config import load_yaml, make_config
 from ..data import load_data, read_splits
 from ..data.augment import TTA, training_shifts
 from ..data.stream import make_loader
@@ -71,8 +71,14 @@ def run_data(model, run_dir=None, data=None, data_dir=None):
     data changed since); or `data` (a --data name, split afresh) resized to the model's input.
     `data_dir` replaces the run's own --data-dir (relative to where it was trained, or on another
     machine); for a folder, labels file or .npz it is that data's own new location."""
+    from ..data.registry import path_source as source_kind
+
     cfg = make_config(model.config)
-    path_source = path_source_of(cfg.data)
+    now = run_dir and os.path.exists(os.path.join(run_dir, "config.yaml")) and load_yaml(
+        os.path.join(run_dir, "config.yaml")).get("data")
+    if checkpoint.moved(cfg.data, now):   # resumed with --data-dir after its data moved; best.pt may be older
+        cfg = make_config({"data": now}, base=cfg)
+    path_source = source_kind(cfg.data)
     if data_dir:   # a folder's saved split names its files by their path inside it: it may move
         cfg = make_config({"data": f"{path_source}:{data_dir}"} if path_source else {"data_dir": data_dir}, base=cfg)
     elif path_source and not data and not os.path.exists(cfg.data.partition(":")[2]):
@@ -82,7 +88,7 @@ def run_data(model, run_dir=None, data=None, data_dir=None):
                           "or run from the folder it was trained in.")
     splits = None
     if data:
-        cfg = make_config({"data": data, "classes": [], "image_size": model.preprocess.image_size,
+        cfg = make_config({"data": data, "classes": [], "class_names": [], "image_size": model.preprocess.image_size,
                            "resize": model.preprocess.resize}, base=cfg)
     elif run_dir and os.path.exists(os.path.join(run_dir, "config.yaml")):   # a run folder keeps its splits.json
         checkpoint.check_run_config(model.config, run_dir, fix="put back the run's own best.pt, or give --data")
@@ -100,14 +106,6 @@ def run_data(model, run_dir=None, data=None, data_dir=None):
     return loaded
 
 
-def path_source_of(name):
-    """'folder', 'csv' or 'npz' for a --data name that is a path to the data; None for a named set."""
-    from ..data.registry import lookup
-
-    found = lookup(name)
-    return found[0].name if found and found[0].claims else None
-
-
 def evaluate_model(model, data, split="test", collect=False, tta="none", say_tta=True):
     """Metrics of `model` on a split of `data`, normalised with the MODEL's statistics (another
     dataset's own would hide a shift in the inputs), with the checkpoint's temperature. collect=True
@@ -119,8 +117,10 @@ def evaluate_model(model, data, split="test", collect=False, tta="none", say_tta
         raise UsageError(f"the {split} split is empty.")
     if data.classes != model.classes and len(data.classes) != len(model.classes):
         raise UsageError(f"data has {len(data.classes)} classes, the model {len(model.classes)}.")
-    if names(data.classes) != names(model.classes) and not (unnamed(data.classes) or unnamed(model.classes)):
-        # label i of the data would be scored as the model's class i: a number about nothing
+    ours, theirs = names(data.classes), names(model.classes)
+    if ours != theirs and (sorted(ours) == sorted(theirs) or not (unnamed(ours) or unnamed(theirs))):
+        # label i of the data would be scored as the model's class i: a number about nothing (the same
+        # names in another order too: '10' sorts before '2' as text, after it as a number)
         raise UsageError(f"data '{data.name}' has the classes {names_text(data.classes)}, the model "
                          f"{names_text(model.classes)}: evaluate it on data with the model's classes, in its order.")
     # a streamed split stays on disk (read batch by batch), never copied whole to the device

@@ -247,13 +247,16 @@ def check_run_config(ckpt_config, run_dir, run_config=None, name="the checkpoint
                      fix="put back the run's own checkpoint"):
     """Refuse a checkpoint put into a run folder it was not trained in (a 3-class best.pt copied into
     an MNIST run read that run's splits and failed with an IndexError): its config and the run's
-    (`run_config`, else RUN/config.yaml when there is one) must agree on every DEFINING setting."""
+    (`run_config`, else RUN/config.yaml when there is one) must agree on every DEFINING setting; a
+    folder, labels file or .npz may have moved (resumed with --data-dir), the saved split checking
+    that its files are the same."""
     from ..config import load_yaml
 
     if run_config is None:
         path = os.path.join(run_dir, "config.yaml")
         run_config = load_yaml(path) if os.path.exists(path) else {}
-    differ = [k for k in DEFINING if k in ckpt_config and k in run_config and ckpt_config[k] != run_config[k]]
+    differ = [k for k in DEFINING if k in ckpt_config and k in run_config and ckpt_config[k] != run_config[k]
+              and not (k == "data" and moved(ckpt_config[k], run_config[k]))]   # the splits' check guards it
     if differ:
         key = differ[0]
         raise CnnlabError(f"{name} was not trained in run folder {run_dir}: its {key} is {ckpt_config[key]!r}, the "
@@ -292,10 +295,8 @@ def restore(state, run_dir):
     become the best so far. Returns last.pt's config (the settings the run had before this resume)."""
     path = os.path.join(run_dir, "last.pt")
     ckpt = load(path, "last.pt")
-    live = state.cfg.to_dict()
-    if moved(ckpt["config"].get("data"), live["data"]):   # the saved split's fingerprint checked the data
-        live["data"] = ckpt["config"]["data"]
-    check_run_config(ckpt["config"], run_dir, live, path, "put back the run's own last.pt, or start a new run")
+    check_run_config(ckpt["config"], run_dir, state.cfg.to_dict(), path, "put back the run's own last.pt, or "
+                     "start a new run")
     check_same_run(ckpt, state, path)
     check_finite(ckpt["state_dict"], path)
     saved = train_state_of(ckpt, path)
@@ -318,10 +319,15 @@ def restore(state, run_dir):
 def moved(before, now):
     """Whether --data went from one path to another of the same kind (folder:, csv:, npz:), as a
     --resume with --data-dir makes it (resume.moved_data)."""
-    from .resume import path_source
+    from ..data.registry import path_source
 
-    return isinstance(before, str) and before != now and path_source(before) is not None and \
+    return isinstance(before, str) and isinstance(now, str) and before != now and path_source(before) is not None and \
         path_source(before) == path_source(now)
+
+
+# The group settings cnnlab's config decides (optim.build_optimizer, param_groups); torch's own
+# implementation flags (fused, foreach, capturable) stay as the loaded state dict has them.
+GROUP_SETTINGS = ("momentum", "nesterov", "weight_decay", "lr_mult", "decoupled_weight_decay")
 
 
 def load_optimizer_state(optimizer, saved):
@@ -329,7 +335,7 @@ def load_optimizer_state(optimizer, saved):
     load_state_dict also puts back the saved groups' momentum, weight decay and lr_mult, which
     silently undid a --resume that changed --momentum or --weight-decay (config.yaml said the new
     value, the steps used the old one)."""
-    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    settings = [{k: v for k, v in group.items() if k in GROUP_SETTINGS} for group in optimizer.param_groups]
     optimizer.load_state_dict(saved)
     for group, own in zip(optimizer.param_groups, settings):
         group.update(own)

@@ -70,7 +70,8 @@ class CpuOptimizer:
     def load_state_dict(self, saved):
         """A state dict of this class or of the torch.optim class it mirrors: the saved group settings
         replace the live ones (the lr_mult of --backbone-lr-mult among them), buffers go to each
-        parameter's device and dtype, Adam's step count stays float32."""
+        parameter's device and dtype, Adam's step count stays float32. (A --resume then puts back its
+        config's settings: checkpoint.load_optimizer_state.)"""
         if len(saved["param_groups"]) != len(self.param_groups) or any(
                 len(s["params"]) != len(g["params"]) for s, g in zip(saved["param_groups"], self.param_groups)):
             raise ValueError("loaded state dict has a different number of parameter groups or parameters")

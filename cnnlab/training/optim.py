@@ -39,7 +39,8 @@ def param_groups(cfg, model, head):
     features move slower than a new head). A network may also ask for a parameter's own `lr_mult`
     attribute (airbench's batch-norm shifts: models/airbench.py); its weight decay is divided by
     it, so the decay a step applies (lr x decay, for SGD and AdamW) stays that of the rest. The
-    groups are in the optimizer's state_dict, so a resumed run keeps them."""
+    groups are in the optimizer's state_dict; a resumed run takes its config's
+    (checkpoint.load_optimizer_state)."""
     head = set(head) if cfg.backbone_lr_mult != 1 else set()
     groups = {}
     for name, p in model.named_parameters():

@@ -3,6 +3,7 @@ config, with only the settings that do not change what the run IS allowed to dif
 import os
 
 from ..config import load_yaml, make_config
+from ..data.registry import path_source
 from ..errors import UsageError
 from .checkpoint import DEFINING
 from .finetune import weights_sizes
@@ -80,14 +81,6 @@ def resume_config(run_dir, overrides):
             "data" in changed and path_source(saved.data)) else ""
         raise UsageError(f"cannot resume {run_dir} with a different {diffs}; start a new run instead{moved}.")
     return make_config({k: v for k, v in overrides.items() if k != "out"}, base=saved)
-
-
-def path_source(data):
-    """'folder', 'csv' or 'npz' for a --data name that is a path to the data; None for a named set."""
-    from ..data.registry import lookup
-
-    found = lookup(data)
-    return found[0].name if found and found[0].claims else None
 
 
 def moved_data(saved, overrides, run_dir):

@@ -145,15 +145,15 @@ def lock_holder(folder):
     process holding it)."""
     import fcntl
 
-    path = os.path.join(folder, LOCK)
-    if not os.path.exists(path):
+    try:
+        with open(os.path.join(folder, LOCK)) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return f.read().strip() or "unknown"
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:   # no lock file (a finished run removes it), or not ours to read
         return None
-    with open(path) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return f.read().strip() or "unknown"
-        fcntl.flock(f, fcntl.LOCK_UN)
     return None
 
 
