@@ -110,3 +110,47 @@ def test_the_fine_tune_line_names_the_head_and_a_random_backbone():
     assert describe(make_config({}), None, ["fc.weight"]) is None
     assert "--backbone-lr-mult 0.1 ignored: no classifier head" in describe(make_config({"backbone_lr_mult": 0.1}),
                                                                              "w.pth", [])
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("before, after", [(1.0, 0.1), (0.1, 1.0), (0.1, 0.3)])
+def test_a_resume_that_regroups_the_parameters_keeps_each_ones_state(optimizer, before, after):
+    """--backbone-lr-mult from 1 to 0.1 (or back) on --resume changes the optimizer's groups, and the
+    resume failed ("training state does not fit this run"). Oracle: the saved optimizer's own state,
+    parameter by parameter; the groups' settings are the new run's."""
+    from cnnlab.training.checkpoint import load_optimizer_state
+
+    torch.manual_seed(0)
+    model = create_model("digits_fast", (1, 28, 28), 10)
+    head = head_names(model, 10)
+    settings = {"optimizer": optimizer, "momentum": 0.9, "weight_decay": 1e-3, "lr": 0.01}
+    old = build_optimizer(make_config({**settings, "backbone_lr_mult": before}), model, head)
+    for _ in range(3):   # moments that differ per parameter
+        set_lr(old, 0.01)
+        old.zero_grad()
+        torch.nn.functional.cross_entropy(model(torch.randn(8, 1, 28, 28)), torch.arange(8)).backward()
+        old.step()
+    saved = old.state_dict()
+    new = build_optimizer(make_config({**settings, "backbone_lr_mult": after}), model, head)
+    load_optimizer_state(new, saved, lambda: build_optimizer(make_config({**settings, "backbone_lr_mult": before}),
+                                                              model, head))
+    for p in model.parameters():
+        assert old.state[p].keys() == new.state[p].keys()
+        for key, value in old.state[p].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(new.state[p][key])), key
+    if after == 1:   # one group, every parameter at the full lr
+        assert len(new.param_groups) == 1 and new.param_groups[0].get("lr_mult", 1.0) == 1.0
+        return
+    named = {id(p): n for n, p in model.named_parameters()}
+    for group in new.param_groups:
+        in_head = {named[id(p)] in head for p in group["params"]}
+        assert len(in_head) == 1 and group.get("lr_mult", 1.0) == (1.0 if in_head.pop() else after)
+
+
+def test_resume_with_another_backbone_lr_mult_trains_on(pretrained, tmp_path):
+    run = str(tmp_path / "ft")
+    cnnlab.train(**TINY, epochs=1, init=pretrained, optimizer="sgd", momentum=0.9, out=run, quiet=True)
+    result = run_cli("train", "--resume", run, "--epochs", 2, "--backbone-lr-mult", 0.1)
+    assert result.returncode == 0, result.stderr
+    groups = torch.load(f"{run}/last.pt", weights_only=True)["train_state"]["optimizer"]["param_groups"]
+    assert sorted(g["lr_mult"] for g in groups) == [0.1, 1.0]

@@ -302,7 +302,7 @@ def restore(state, run_dir):
     saved = train_state_of(ckpt, path)
     try:
         state.model.load_state_dict(ckpt["state_dict"])
-        load_optimizer_state(state.optimizer, saved["optimizer"])
+        load_optimizer_state(state.optimizer, saved["optimizer"], lambda: optimizer_as_saved(ckpt, state))
         if state.ema is not None and saved.get("ema") is not None:
             state.ema.load_state_dict(saved["ema"])
         if state.lookahead is not None:   # turned on by this --resume: the slow copy starts from the weights
@@ -330,15 +330,39 @@ def moved(before, now):
 GROUP_SETTINGS = ("momentum", "nesterov", "weight_decay", "lr_mult", "decoupled_weight_decay")
 
 
-def load_optimizer_state(optimizer, saved):
+def load_optimizer_state(optimizer, saved, saved_layout):
     """last.pt's optimizer state (moments, step counts) under this run's settings: torch's
     load_state_dict also puts back the saved groups' momentum, weight decay and lr_mult, which
     silently undid a --resume that changed --momentum or --weight-decay (config.yaml said the new
-    value, the steps used the old one)."""
+    value, the steps used the old one). A --resume that regroups the parameters (--backbone-lr-mult
+    from 1 to another value, or back) loads the state into `saved_layout()`, the optimizer as the
+    saved run built it, and takes it over parameter by parameter."""
     settings = [{k: v for k, v in group.items() if k in GROUP_SETTINGS} for group in optimizer.param_groups]
-    optimizer.load_state_dict(saved)
+    sizes = lambda groups: [len(g["params"]) for g in groups]
+    if sizes(saved["param_groups"]) == sizes(optimizer.param_groups):
+        optimizer.load_state_dict(saved)
+    else:
+        before = saved_layout()
+        before.load_state_dict(saved)
+        optimizer.load_state_dict({"state": regrouped(before, optimizer),
+                                   "param_groups": optimizer.state_dict()["param_groups"]})
     for group, own in zip(optimizer.param_groups, settings):
         group.update(own)
+
+
+def optimizer_as_saved(ckpt, state):
+    """The optimizer of state.model as the run in `ckpt` built it (its groups, before this --resume)."""
+    from ..config import make_config
+    from .optim import build_optimizer
+
+    return build_optimizer(make_config(ckpt["config"]), state.model, state.head)
+
+
+def regrouped(before, after):
+    """before's per-parameter state, keyed by the parameters' indices in after's groups (the layout
+    of an optimizer's state_dict)."""
+    where = {id(p): i for i, p in enumerate(p for g in after.param_groups for p in g["params"])}
+    return {where[id(p)]: s for p, s in before.state.items() if id(p) in where}
 
 
 def best_weights(state, path):

@@ -159,7 +159,7 @@ def build(state, splits=None):
     check_memory(cfg.model, data.shape, len(data.classes), model_args(cfg.model, cfg.model_args), "train",
                  batch=max(1, cfg.batch_size // ctx.world), device=ctx.device)
     model = create_model(cfg.model, data.shape, len(data.classes), **cfg.model_args)
-    head = head_names(model, len(data.classes))
+    head = state.head = tuple(head_names(model, len(data.classes)))
     loaded = load_pretrained(cfg, model, data)   # before data.preprocess is read
     if loaded is None and not state.resumed:
         adapt_to_data(model, data, cfg.seed)

@@ -22,6 +22,7 @@ class TrainState:
     model: Any = None
     forward: Any = None             # the model as training calls it (DDP, torch.compile)
     optimizer: Any = None
+    head: tuple = ()                # the classifier's parameter names (--backbone-lr-mult's groups)
     ema: Any = None                 # the AveragedModel with --ema, else None
     lookahead: Any = None           # lookahead.Lookahead with --lookahead, else None
     step: Callable = None           # engine.make_step: (images, labels, lr) -> (loss sum, correct)
