@@ -246,12 +246,12 @@ def cmd_serve(args):
 
 def cmd_explain(args):
     from .deploy.explain import explain
-
     from .deploy.predict import expand
 
-    results = explain(args.run, args.images, target=args.target, layer=args.layer, out=args.out,
-                      invert=args.invert, quiet=False)
-    return 1 if len(results) < len(expand(args.images)) else 0   # as predict: some file could not be read
+    files = expand(args.images)   # folders walked once, here
+    results = explain(args.run, files, target=args.target, layer=args.layer, out=args.out, invert=args.invert,
+                      quiet=False)
+    return 1 if len(results) < len(files) else 0   # as predict: some file could not be read
 
 
 def cmd_audit(args):

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from ..config import load_yaml, make_config
-from ..data import load_data, read_splits
+from ..data import load_data, name_list, read_splits
+from ..data.registry import path_source
 from ..data.augment import TTA, training_shifts
 from ..data.stream import make_loader
 from ..data.preprocess import Preprocess
@@ -71,17 +72,15 @@ def run_data(model, run_dir=None, data=None, data_dir=None):
     data changed since); or `data` (a --data name, split afresh) resized to the model's input.
     `data_dir` replaces the run's own --data-dir (relative to where it was trained, or on another
     machine); for a folder, labels file or .npz it is that data's own new location."""
-    from ..data.registry import path_source as source_kind
-
     cfg = make_config(model.config)
-    now = run_dir and os.path.exists(os.path.join(run_dir, "config.yaml")) and load_yaml(
-        os.path.join(run_dir, "config.yaml")).get("data")
-    if checkpoint.moved(cfg.data, now):   # resumed with --data-dir after its data moved; best.pt may be older
-        cfg = make_config({"data": now}, base=cfg)
-    path_source = source_kind(cfg.data)
+    run_yaml = run_dir and os.path.join(run_dir, "config.yaml")   # a run folder's, unless --data is another
+    run_config = load_yaml(run_yaml) if not data and run_yaml and os.path.exists(run_yaml) else None
+    if run_config and checkpoint.moved(cfg.data, run_config.get("data")):   # resumed with --data-dir; best.pt
+        cfg = make_config({"data": run_config["data"]}, base=cfg)            # may predate the move
+    kind = path_source(cfg.data)
     if data_dir:   # a folder's saved split names its files by their path inside it: it may move
-        cfg = make_config({"data": f"{path_source}:{data_dir}"} if path_source else {"data_dir": data_dir}, base=cfg)
-    elif path_source and not data and not os.path.exists(cfg.data.partition(":")[2]):
+        cfg = make_config({"data": f"{kind}:{data_dir}"} if kind else {"data_dir": data_dir}, base=cfg)
+    elif kind and not data and not os.path.exists(cfg.data.partition(":")[2]):
         kept = " (its saved split is kept)" if run_dir and os.path.exists(os.path.join(run_dir, "splits.json")) else ""
         raise CnnlabError(f"{run_dir or 'the checkpoint'} was trained on {cfg.data}, which is not found from here "
                           f"({os.getcwd()}): give the data's location with --data-dir PATH{kept}, "
@@ -90,8 +89,9 @@ def run_data(model, run_dir=None, data=None, data_dir=None):
     if data:
         cfg = make_config({"data": data, "classes": [], "class_names": [], "image_size": model.preprocess.image_size,
                            "resize": model.preprocess.resize}, base=cfg)
-    elif run_dir and os.path.exists(os.path.join(run_dir, "config.yaml")):   # a run folder keeps its splits.json
-        checkpoint.check_run_config(model.config, run_dir, fix="put back the run's own best.pt, or give --data")
+    elif run_config is not None:   # a run folder keeps its splits.json
+        checkpoint.check_run_config(model.config, run_dir, run_config,
+                                    fix="put back the run's own best.pt, or give --data")
         splits = read_splits(run_dir)
         # a file added since, and unreadable, is in no saved split: said and skipped, not fatal (one of the
         # split's own files gone bad is refused by the split check, by name)
@@ -121,8 +121,8 @@ def evaluate_model(model, data, split="test", collect=False, tta="none", say_tta
     if ours != theirs and (sorted(ours) == sorted(theirs) or not (unnamed(ours) or unnamed(theirs))):
         # label i of the data would be scored as the model's class i: a number about nothing (the same
         # names in another order too: '10' sorts before '2' as text, after it as a number)
-        raise UsageError(f"data '{data.name}' has the classes {names_text(data.classes)}, the model "
-                         f"{names_text(model.classes)}: evaluate it on data with the model's classes, in its order.")
+        raise UsageError(f"data '{data.name}' has the classes {name_list(data.classes)}, the model "
+                         f"{name_list(model.classes)}: evaluate it on data with the model's classes, in its order.")
     # a streamed split stays on disk (read batch by batch), never copied whole to the device
     loader = make_loader(x, y, 256, model.preprocess, model.device, streamed=data.streamed, channels_last=True,
                          mixed=depends_on_batch(model.net))
@@ -146,12 +146,6 @@ def names(classes):
 def unnamed(classes):
     """Whether class names are only the label numbers (0, 1, ...: arrays and .npz files without names)."""
     return names(classes) == [str(i) for i in range(len(classes))]
-
-
-def names_text(classes, most=6):
-    """'cat, dog, ship' (at most `most` names, then '... (N in all)')."""
-    shown = ", ".join(map(str, classes[:most]))
-    return shown + (f", ... ({len(classes)} in all)" if len(classes) > most else "")
 
 
 def metrics_of(raw, classes, split="test", labels=None):

@@ -77,9 +77,9 @@ def resume_config(run_dir, overrides):
     changed = [k for k in MUST_MATCH if k in overrides and make_config({k: overrides[k]}).to_dict()[k] != getattr(saved, k)]
     if changed:
         diffs = ", ".join(f"{k}: {getattr(saved, k)!r} -> {overrides[k]!r}" for k in changed)
-        moved = " (or, for the same data moved, give its new place with --data-dir PATH)" if (
+        hint = " (or, for the same data moved, give its new place with --data-dir PATH)" if (
             "data" in changed and path_source(saved.data)) else ""
-        raise UsageError(f"cannot resume {run_dir} with a different {diffs}; start a new run instead{moved}.")
+        raise UsageError(f"cannot resume {run_dir} with a different {diffs}; start a new run instead{hint}.")
     return make_config({k: v for k, v in overrides.items() if k != "out"}, base=saved)
 
 
