@@ -11,7 +11,7 @@ import types
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import cnnlab
@@ -180,6 +180,8 @@ PLACES = [(), ("model",), ("preprocess",)]
                         "num_classes", "channels", "image_size", "mean", "std", "invert", "resize",
                         "resize_size"]),
        st.sampled_from(PLACES), JUNK)
+@example("channels", ("preprocess",), "\n")   # found by this test: the error quoted the field raw, over two lines
+@example("image_size", ("preprocess",), "a\nb")
 def test_any_damaged_field_loads_or_is_one_clear_error(tmp_path_factory, key, place, value):
     """Random values anywhere in a checkpoint: it loads and predicts, or one CnnlabError; never
     another exception."""

@@ -118,7 +118,8 @@ def preprocess_problem(pre, spec):
     if missing:
         return f"missing 'preprocess.{missing[0]}'"
     if [pre["channels"], pre["image_size"], pre["image_size"]] != list(spec["in_shape"]):
-        return (f"'preprocess' makes {pre['channels']}x{pre['image_size']}x{pre['image_size']} inputs but the model "
+        side = f"{pre['image_size']!r:.20}"   # repr: a damaged field may hold text with a line break
+        return (f"'preprocess' makes {pre['channels']!r:.20}x{side}x{side} inputs but the model "
                 f"takes {'x'.join(map(str, spec['in_shape']))}")
     numbers = lambda v: isinstance(v, list) and len(v) == pre["channels"] and all(
         isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
@@ -321,8 +322,9 @@ def moved(before, now):
     --resume with --data-dir makes it (resume.moved_data)."""
     from ..data.registry import path_source
 
-    return isinstance(before, str) and isinstance(now, str) and before != now and path_source(before) is not None and \
-        path_source(before) == path_source(now)
+    if not (isinstance(before, str) and isinstance(now, str)) or before == now:
+        return False
+    return path_source(before) is not None and path_source(before) == path_source(now)
 
 
 # The group settings cnnlab's config decides (optim.build_optimizer, param_groups); torch's own
