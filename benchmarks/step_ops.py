@@ -105,7 +105,7 @@ def main():
         flops = timed_ops(model, *batches[i % len(batches)], times)
         if i == 19:
             times.clear()   # warm-up
-    step_gflops, rate = training_gflops(args.data_dir, args.batch)
+    step_gflops, rate, _ = training_gflops(args.data_dir, args.batch)
     matmul = matmul_gflops()
     step_ms = args.batch / rate * 1e3
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -119,7 +119,7 @@ def main():
         print(f"{name:22s} {ms:7.3f}  {rate_text}")
     flops_per_step = step_gflops * step_ms * 1e6
     print(f"{'sum of the ops':22s} {total:7.3f}")
-    print(f"real step (make_step, fused Adam): {step_ms:.3f} ms, {step_gflops:.1f} GFLOP/s; fp32 matmul {matmul:.1f} "
+    print(f"real step (make_step, fused Adam; median): {step_ms:.3f} ms, {step_gflops:.1f} GFLOP/s; fp32 matmul {matmul:.1f} "
           f"GFLOP/s; ratio {step_gflops / matmul:.0%}")
     print(f"60% of the matmul leaves {flops_per_step / (0.6 * matmul * 1e9) * 1e3:.3f} ms for the step's "
           f"{flops_per_step / 1e6:.0f} MFLOP")
