@@ -195,6 +195,9 @@ def test_resume_is_exact_with_mixup_cutmix_randaugment_and_balanced_sampler(tmp_
 
 
 def test_ddp_matches_single_process_with_every_strong_augmentation(tmp_path):
+    """Under SGD: Adam turns the rounding of gradients near zero (two shards' sums against one)
+    into lr-sized steps, and on an AMD EPYC the two runs' losses parted by 1.5e-3 in 24 steps
+    (under SGD, 1e-7: the batches are the same)."""
     import csv
 
     from cnnlab.training.loop import fit
@@ -202,10 +205,11 @@ def test_ddp_matches_single_process_with_every_strong_augmentation(tmp_path):
     from .conftest import run_cli
     from .test_ddp import flags
 
+    run = dict(RUN, optimizer="sgd", lr=0.05)
     out = tmp_path / "ddp"
-    result = run_cli("train", "--nproc", 2, "--device", "cpu", *flags(RUN), "--out", out, timeout=300)
+    result = run_cli("train", "--nproc", 2, "--device", "cpu", *flags(run), "--out", out, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    single = fit(make_config({**RUN, "out": str(tmp_path / "single")}), quiet=True)
+    single = fit(make_config({**run, "out": str(tmp_path / "single")}), quiet=True)
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert len(rows) == len(single.history) == 2
     for ddp_row, one in zip(rows, single.history):
