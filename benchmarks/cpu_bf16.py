@@ -1,6 +1,6 @@
 """bf16 autocast against fp32 on this CPU: training-step images/s of the zoo's networks
 (channels_last, one fixed batch in memory, SGD), fp32 and bf16 alternating, median of 3 rounds.
-The measurement behind the settings block's hint on CPUs with AMX (runtime.amp_label): `amp auto`
+The measurement behind the settings block's hint on CPUs with AMX or AVX512-BF16 (runtime.amp_label): `amp auto`
 stays fp32 on the CPU, `--amp bf16` is the flag it names.
 
     python benchmarks/cpu_bf16.py [MODEL ...]
@@ -14,11 +14,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cnnlab.models import create_model  # noqa: E402
-from cnnlab.runtime import cpu_has_amx  # noqa: E402
+from cnnlab.runtime import cpu_bf16_units  # noqa: E402
 
 CASES = [("tv/resnet18", (3, 128, 128), 32), ("resnet_small", (3, 32, 32), 256), ("net_bn", (3, 32, 32), 64),
          ("net", (3, 32, 32), 64), ("simple_cnn", (3, 32, 32), 64), ("mnist_cnn", (1, 28, 28), 64),
-         ("digits_fast", (1, 28, 28), 128)]
+         ("digits_fast", (1, 28, 28), 128), ("airbench", (3, 32, 32), 1024)]
 
 
 def images_per_second(model, x, y, bf16, steps):
@@ -40,7 +40,7 @@ def images_per_second(model, x, y, bf16, steps):
 
 def main():
     only = sys.argv[1:]
-    print(f"CPU: AMX {'yes' if cpu_has_amx() else 'no'}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"CPU: bf16 units {cpu_bf16_units() or 'none'}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     for name, shape, batch in CASES:
         if only and name not in only:
             continue
@@ -48,7 +48,7 @@ def main():
         model = create_model(name, shape, 10).to(memory_format=torch.channels_last)
         x = torch.randn(batch, *shape).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (batch,))
-        steps = 3 if name.startswith("tv/") else 20
+        steps = 3 if name.startswith("tv/") or batch >= 1024 else 20
         rates = {"fp32": [], "bf16": []}
         for _ in range(3):
             for mode in rates:

@@ -39,7 +39,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import cnnlab  # noqa: E402
-from cnnlab.runtime import cpu_has_amx  # noqa: E402
+from cnnlab.runtime import cpu_bf16_units  # noqa: E402
 from cnnlab.training.callbacks import Callback  # noqa: E402
 
 TAR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets", "cifar10_jpg.tar")
@@ -207,7 +207,7 @@ def main():
     rows = {}
     arms = [("tutorial (ImageFolder + DataLoader, 2 workers)", run_tutorial),
             ("cnnlab (--resize crop, decoded once)", run_cnnlab)]
-    if cpu_has_amx():   # what the settings block suggests on such a CPU
+    if cpu_bf16_units():   # what the settings block suggests on such a CPU
         arms.append(("cnnlab --amp bf16", lambda *a: run_cnnlab(*a, amp="bf16")))
     for arm, run in arms:
         first, later, n = run(photos, args.epochs, args.threads)
@@ -222,7 +222,7 @@ def main():
              for layout in ("contiguous", "channels_last", "channels_last bf16")}
     print(f"\nthe training step alone (no input pipeline): {alone['contiguous']:.1f} img/s contiguous fp32 (the "
           f"tutorial's), {alone['channels_last']:.1f} channels_last fp32, {alone['channels_last bf16']:.1f} "
-          f"channels_last bf16 (cnnlab's `--amp bf16`; AMX here: {'yes' if cpu_has_amx() else 'no'}); "
+          f"channels_last bf16 (cnnlab's `--amp bf16`; bf16 units here: {cpu_bf16_units() or 'none'}); "
           f"so no fp32 pipeline can give more than {max(alone['contiguous'], alone['channels_last']) / tut_rate:.2f}x "
           f"the tutorial's {tut_rate:.1f} img/s here")
     print(f"\ncnnlab / tutorial: {our_rate / tut_rate:.2f}x images/s (target >= 2x); first epoch "

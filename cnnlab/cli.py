@@ -42,7 +42,7 @@ HELP = {
     "ema": "keep an exponential moving average of the weights with this decay (e.g. 0.999); it is what is evaluated and saved",
     "lookahead": "airbench's Lookahead: every 5 steps the weights move back toward a slow copy, more and more "
                  "as training ends (decay 0.95^5 x progress^3), and the run ends on the slow copy",
-    "amp": "auto (bf16 on CUDA, off on CPU), off, bf16 (also fast on CPUs with AMX), fp16",
+    "amp": "auto (bf16 on CUDA, off on CPU), off, bf16 (also fast on CPUs with AMX or AVX512-BF16), fp16",
     "patience": "early stopping: stop after this many epochs without a better val accuracy (0 = off)",
     "save_every_steps": "also write last.pt every N steps inside epochs",
     "log_every": "print loss and elapsed time every fraction of an epoch (e.g. 0.25)",

@@ -57,18 +57,24 @@ def pick_device(requested, local_rank=0):
 def amp_dtype(requested, device):
     """auto: bf16 on CUDA (no loss scaling needed), fp32 on the CPU, as Lightning and Keras do: CPU
     results stay exact (DDP matches one process to 1e-4, evaluate matches training). On a CPU with
-    AMX, `--amp bf16` trains 1.1-2.8x faster (benchmarks/cpu_bf16.py): the settings block says so."""
+    bf16 units, `--amp bf16` trains 1.1-2.8x faster (benchmarks/cpu_bf16.py): the settings block says so."""
     if requested == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
 
 
-def cpu_has_amx():
-    """True when this CPU has AMX tiles with bf16 (Intel Sapphire Rapids and later)."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())   # private, so guarded: absent means no
-    except (AttributeError, RuntimeError):
-        return False
+def cpu_bf16_units():
+    """What this CPU computes bf16 with, "" if nothing: "AMX" (Intel Xeon since Sapphire Rapids;
+    bf16 autocast trained 1.1-2.8x faster than fp32 there) or "AVX512-BF16" (e.g. AMD Zen 4:
+    1.3-2.0x). Without either, oneDNN emulates bf16 (not measured here), so nothing is suggested."""
+    probes = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+    for name, probe in probes:
+        try:
+            if getattr(torch.cpu, probe)():   # private, so guarded: absent means no
+                return name
+        except (AttributeError, RuntimeError):
+            pass
+    return ""
 
 
 def amp_label(requested, ctx):
@@ -77,8 +83,9 @@ def amp_label(requested, ctx):
         return requested
     if ctx.amp_dtype is not None:
         return "auto (bf16)"
-    if ctx.device.type == "cpu" and cpu_has_amx():
-        return "auto (fp32; this CPU has AMX: --amp bf16 trains faster)"
+    units = cpu_bf16_units() if ctx.device.type == "cpu" else ""
+    if units:
+        return f"auto (fp32; this CPU has {units}: --amp bf16 trains faster)"
     return "auto (fp32)"
 
 

@@ -310,20 +310,24 @@ def test_a_training_wrapper_is_never_truth_tested():
     assert loss.item() > 0 and 0 <= correct.item() <= 5
 
 
-@pytest.mark.parametrize("amx", [True, False])
-def test_amp_auto_is_fp32_on_any_cpu_and_names_bf16_where_amx_has_it(monkeypatch, amx):
-    """amp auto on the CPU stays fp32 (exact DDP and evaluate); on a CPU with AMX, where bf16 trains
-    1.1-2.8x faster (benchmarks/cpu_bf16.py), the settings block says so; bf16 on request anywhere."""
+@pytest.mark.parametrize("amx, avx512_bf16", [(True, True), (True, False), (False, True), (False, False)])
+def test_amp_auto_is_fp32_on_any_cpu_and_names_bf16_where_the_cpu_has_it(monkeypatch, amx, avx512_bf16):
+    """amp auto on the CPU stays fp32 (exact DDP and evaluate); on a CPU with AMX or AVX512-BF16,
+    where bf16 trains 1.1-2.8x faster (benchmarks/cpu_bf16.py), the settings block says so and names
+    the unit; bf16 on request anywhere."""
     import torch
 
     from cnnlab import runtime
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     cpu = torch.device("cpu")
     ctx = runtime.Context(device=cpu, amp_dtype=runtime.amp_dtype("auto", cpu))
     assert ctx.amp_dtype is None and runtime.amp_dtype("bf16", cpu) == torch.bfloat16
     label = runtime.amp_label("auto", ctx)
-    assert ("--amp bf16" in label) == amx and label.startswith("auto (fp32")
+    assert ("--amp bf16" in label) == (amx or avx512_bf16) and label.startswith("auto (fp32")
+    assert ("AMX" in label) == amx and ("AVX512-BF16" in label) == (avx512_bf16 and not amx)
     assert runtime.amp_label("bf16", runtime.Context(device=cpu, amp_dtype=torch.bfloat16)) == "bf16"
-    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")   # a torch without the private probe
-    assert not runtime.cpu_has_amx()
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")   # a torch without the private probes
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert runtime.cpu_bf16_units() == ""
