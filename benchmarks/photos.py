@@ -19,7 +19,7 @@ CIFAR-10 JPEG folder is extracted from ../shared/datasets/cifar10_jpg.tar when a
 Timed: the first epoch from the start (data loading and decoding included, to the last training
 step), and training images/s of the epochs after it (steps only: no validation in either arm).
 Target (issue 16): cnnlab >= 2x the tutorial's images/s, first epoch not slower. cnnlab runs as a
-user gets it (`amp auto`: fp32 on the CPU) and, on a CPU with AMX, with the `--amp bf16` its
+user gets it (`amp auto`: fp32 on the CPU) and, on a CPU with AMX or AVX512-BF16, with the `--amp bf16` its
 settings block suggests there; the tutorial is fp32 as written. Then the training step alone is timed on one batch held in memory (no
 pipeline; fp32 in both memory layouts, and bf16): the ceiling that no input pipeline can pass here.
 
